@@ -1,0 +1,42 @@
+"""The small shared library: the HTTP plumbing every server here repeats, and nothing else.
+
+The lessons (tokens, sessions, queues, WebSocket frames, rate limits) live in the projects that
+teach them; this package only moves HTTP. Read it in this order — level 01 is the ladder:
+
+    protocol.py         HTTP/1.1 bytes ⇄ objects, pure functions (no sockets)
+    problems.py         errors that carry their status; RFC 9457 problem details
+    request.py          what a handler reads: query, JSON, forms, cookies, If-Match
+    response.py         what a handler returns: JSON, HTML, problems, streams
+    routing.py          path patterns → handlers; 404 / 405 + Allow; OpenAPI and the index
+    middleware.py       the chain: request id → timing → access log → errors → handler
+    trace.py            `--trace`: each request's flow, SQL and timings on stderr
+    storage.py          sqlite: WAL, a connection per thread, transactions, SQL trace
+    app.py              App: routes + middleware + the command line
+    transport.py        what both transports share (timeouts, keep-alive, encoding)
+    asyncio_server.py   the default transport: asyncio streams
+    threaded_server.py  `--server threaded`: http.server's ThreadingHTTPServer
+    runner.py           bind, announce, signals, graceful drain
+
+A project imports what it needs from here:
+
+    from lib import App, NotFound, json_response
+"""
+from lib.app import App
+from lib.problems import (BadRequest, Conflict, ContentTooLarge, Forbidden, Gone, HTTPError,
+                          LengthRequired, MethodNotAllowed, NotFound, PreconditionFailed,
+                          ServiceUnavailable, TooManyRequests, Unauthorized, UnprocessableContent,
+                          UnsupportedMediaType, ValidationFailed)
+from lib.request import Request
+from lib.response import (Response, StreamingResponse, created, html_response, json_response,
+                          no_content, problem_response, redirect, text_response)
+from lib.storage import Database
+from lib.trace import trace_event
+
+__all__ = [
+    "App", "BadRequest", "Conflict", "ContentTooLarge", "Database", "Forbidden", "Gone",
+    "HTTPError", "LengthRequired", "MethodNotAllowed", "NotFound", "PreconditionFailed",
+    "Request", "Response", "ServiceUnavailable", "StreamingResponse", "TooManyRequests",
+    "Unauthorized", "UnprocessableContent", "UnsupportedMediaType", "ValidationFailed",
+    "created", "html_response", "json_response", "no_content", "problem_response", "redirect",
+    "text_response", "trace_event",
+]

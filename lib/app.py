@@ -1,0 +1,240 @@
+"""The application: routes, the middleware chain, the command line, and `run()`.
+
+A project file makes one `App`, declares its routes on it with decorators, and calls
+`app.run(args)` from `main()`:
+
+    app = App("counter", "Named counters whose value the server owns.", port=8002)
+
+    @app.get("/counters/{name}")
+    def read_counter(request, name):
+        return {"name": name, "value": ...}      # a dict is answered as JSON, 200
+
+    def main(argv=None):
+        args = app.parse_args(argv, database=True)
+        ...
+        app.run(args)
+
+`App.handle(request)` is the whole server in one call — request in, response out, no sockets —
+which is what the transports call and what makes the app testable without a network.
+Every app gets `GET /` (its index), `GET /openapi.json`, and `GET /health` unless it declares
+its own.
+"""
+import argparse
+import sys
+import time
+import types
+from pathlib import Path
+
+from lib import middleware, trace
+from lib.problems import HTTPError, MethodNotAllowed
+from lib.protocol import DEFAULT_BODY_LIMIT
+from lib.response import Response, json_response, no_content
+from lib.routing import Route, Router
+from lib.storage import Database, StorageError, default_db_path
+
+
+class App:
+    def __init__(self, name, description, *, port, version="1.0.0"):
+        self.name = name
+        self.description = description
+        self.default_port = port
+        self.version = version
+        self.router = Router()
+        self.middleware = []          # the project's own steps, run after the built-in ones
+        self.state = types.SimpleNamespace()  # what handlers share: stores, settings
+        self.draining = False         # set when shutdown begins: readiness turns 503
+        self.tracing = False
+        self.body_limit = DEFAULT_BODY_LIMIT
+        self.started_at = time.time()
+        self.shutdown_hooks = []      # called once the server has drained (close storage, …)
+        self._chain = None
+        self.get("/", summary="This server's name, description and routes")(self._index)
+        self.get("/openapi.json", summary="OpenAPI 3.1 description of every route")(self._openapi)
+
+    # --- declaring routes and middleware --------------------------------------------------
+
+    def route(self, method, pattern, **options):
+        """Declare a handler: `@app.route("POST", "/counters/{name}/increment")`."""
+
+        def register(handler):
+            self.router.add(Route(method, pattern, handler, **options))
+            return handler
+
+        return register
+
+    def get(self, pattern, **options):
+        return self.route("GET", pattern, **options)
+
+    def post(self, pattern, **options):
+        return self.route("POST", pattern, **options)
+
+    def put(self, pattern, **options):
+        return self.route("PUT", pattern, **options)
+
+    def patch(self, pattern, **options):
+        return self.route("PATCH", pattern, **options)
+
+    def delete(self, pattern, **options):
+        return self.route("DELETE", pattern, **options)
+
+    def use(self, step):
+        """Add a middleware step `(request, call_next) -> Response` after the built-in ones."""
+        self.middleware.append(step)
+        self._chain = None
+        return step
+
+    # --- handling a request ---------------------------------------------------------------
+
+    def _build_chain(self):
+        if not any(r.pattern == "/health" and r.method == "GET" for r in self.router.routes):
+            self.get("/health", summary="Liveness: the server answers")(_health)
+        steps = middleware.BUILT_IN + [match_route] + self.middleware
+        if not self.tracing:
+            return middleware.compose(steps, call_handler)
+        steps = [trace.traced_step(step.__name__, step) for step in steps]
+        return middleware.compose(steps + [traced_handler], call_handler)
+
+    def handle(self, request, failure=None):
+        """Run one request through the chain and return the response. `failure` is an error
+        the transport found while reading the request (a 413, a malformed body): the chain
+        still runs, so it gets a request id, an access log line and a problem answer."""
+        if self._chain is None:
+            self._chain = self._build_chain()
+        if failure is not None:
+            request.context["failure"] = failure
+        if not self.tracing:
+            return self._chain(request)
+        recorded, token = trace.start(f"{request.method} {request.path}")
+        try:
+            return self._chain(request)
+        finally:
+            trace.finish(recorded, token, request.request_id)
+
+    def plan(self, method, path):
+        """What the transport must know before reading the body: its limit, and whether the
+        handler may block (then the asyncio transport runs it off the event loop)."""
+        try:
+            route, _ = self.router.match(method, path)
+        except HTTPError:
+            return self.body_limit, False
+        limit = route.body_limit if route.body_limit is not None else self.body_limit
+        return limit, route.blocking
+
+    # --- built-in routes --------------------------------------------------------------------
+
+    def _index(self, request):
+        return {"name": self.name, "description": self.description, "version": self.version,
+                "routes": self.router.index()}
+
+    def _openapi(self, request):
+        return self.router.openapi(self.name, self.description, self.version)
+
+    # --- command line and running -------------------------------------------------------------
+
+    def arg_parser(self, *, database=False):
+        """The flags every server takes (common.md "Running"); a project adds its own."""
+        script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else f"{self.name}.py"
+        parser = argparse.ArgumentParser(prog=script, description=self.description)
+        parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+        parser.add_argument("--port", type=port_number, default=self.default_port,
+                            help=f"port to listen on, 0 for any free one (default {self.default_port})")
+        if database:
+            parser.add_argument("--db", default=default_db_path(self.name),
+                                help="sqlite file, or :memory: (default data/%(prog)s.sqlite3 under the repository)"
+                                .replace("%(prog)s", self.name))
+        parser.add_argument("--trace", action="store_true",
+                            help="print each request's flow (middleware, handler, SQL, timings) to stderr")
+        parser.add_argument("--server", choices=("asyncio", "threaded"), default="asyncio",
+                            help="transport: asyncio streams (default) or threaded http.server")
+        parser.add_argument("--idle-timeout", type=seconds, default=15.0,
+                            help="close a keep-alive connection idle this long (default 15 s)")
+        parser.add_argument("--shutdown-delay", type=seconds, default=0.0,
+                            help="on SIGTERM, answer not-ready but keep serving this long before "
+                                 "stopping (lets a load balancer notice; default 0)")
+        parser.add_argument("--drain-timeout", type=seconds, default=10.0,
+                            help="on SIGTERM, wait at most this long for in-flight requests (default 10 s)")
+        return parser
+
+    def parse_args(self, argv=None, *, database=False):
+        return self.arg_parser(database=database).parse_args(argv)
+
+    def open_database(self, args, schema):
+        """Open `args.db` with `schema`, closed at shutdown. An unusable path exits with 2."""
+        try:
+            db = Database(args.db, schema, trace=getattr(args, "trace", False))
+        except StorageError as err:
+            exit_usage_error(str(err))
+        self.shutdown_hooks.append(db.close)
+        return db
+
+    def run(self, args):
+        from lib.runner import serve  # the runner imports both transports; only run() needs them
+        self.tracing = args.trace
+        self._chain = self._build_chain()
+        serve(self, args)
+
+
+def match_route(request, call_next):
+    """Find the route (404 / 405 / the handler) before the project's middleware runs, so that
+    middleware can read the route's metadata (a permission, an auth requirement)."""
+    failure = request.context.get("failure")
+    if failure is not None:
+        raise failure
+    try:
+        request.route, request.path_params = request.app.router.match(request.method, request.path)
+    except MethodNotAllowed as error:
+        if request.method == "OPTIONS":  # RFC 9110 §9.3.7: which methods this path takes
+            return Response(b"", 204, error.headers)
+        raise
+    return call_next(request)
+
+
+def call_handler(request):
+    """The innermost link: call the handler and turn what it returns into a Response. Errors
+    become their answers here, so the project's middleware sees a response either way."""
+    route = request.route
+    try:
+        result = route.handler(request, **request.path_params)
+    except Exception as error:
+        return middleware.error_response(request, error)
+    if isinstance(result, Response):
+        return result
+    if result is None:
+        return no_content()
+    return json_response(result)
+
+
+def traced_handler(request, call_next):
+    """With --trace: the handler's own line, named after its function."""
+    return trace.traced_step(f"handler {request.route.handler.__name__}", lambda r, c: c(r))(request, call_next)
+
+
+def _health(request):
+    return {"status": "ok"}
+
+
+def port_number(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0–65535)")
+    return value
+
+
+def seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 10**6:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration in seconds")
+    return value
+
+
+def exit_usage_error(message):
+    """common.md: an unusable flag, port or path is a short error on stderr and exit status 2."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(2)

@@ -1,0 +1,108 @@
+"""The middleware chain: small functions that every request passes through, in order.
+
+A middleware is a function `(request, call_next) -> Response`. It may look at the request,
+call `call_next(request)` to pass it on (once), and look at or change the answer on the way
+back — the same shape as Express's `(req, res, next)`, Starlette's `BaseHTTPMiddleware` or a
+WSGI wrapper. The chain is composed once, at start-up, into nested closures, so a request costs
+one function call per step:
+
+    assign_request_id → time_request → log_access → render_errors → [the project's own] → handler
+
+`render_errors` is the one place where exceptions become answers: an `HTTPError` becomes its
+problem+json, anything else is logged with its traceback on stderr and answered with a 500 that
+says nothing about the code.
+"""
+import re
+import secrets
+import sys
+import time
+import traceback
+
+from lib.problems import HTTPError
+from lib.response import json_body, problem_response, PROBLEM_JSON, Response
+
+# common.md: a client's own id is kept if it is sane: 1–128 visible ASCII characters.
+_SANE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}\Z")
+
+
+def compose(steps, endpoint):
+    """Nest `steps` around `endpoint`: the first step is the outermost."""
+    call = endpoint
+    for step in reversed(steps):
+        call = _link(step, call)
+    return call
+
+
+def _link(step, call_next):
+    return lambda request: step(request, call_next)
+
+
+def assign_request_id(request, call_next):
+    """Keep the client's `X-Request-Id` if sane, else make one; echo it on the answer."""
+    given = request.headers.get("x-request-id")
+    request.request_id = given if given and _SANE_REQUEST_ID.match(given) else secrets.token_hex(8)
+    response = call_next(request)
+    response.headers.append(("X-Request-Id", request.request_id))
+    return response
+
+
+def time_request(request, call_next):
+    """Measure the time spent in the server and report it as `Server-Timing` (W3C), which
+    browsers' developer tools show next to each request."""
+    started = time.perf_counter()
+    response = call_next(request)
+    elapsed = (time.perf_counter() - started) * 1000
+    request.context["duration_ms"] = elapsed
+    response.headers.append(("Server-Timing", f"app;dur={elapsed:.2f}"))
+    return response
+
+
+_clock = [0, ""]
+
+
+def utc_now_text():
+    """Now as RFC 3339 UTC to the second, formatted once a second (the access log's hot path)."""
+    now = int(time.time())
+    if now != _clock[0]:
+        _clock[0], _clock[1] = now, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+    return _clock[1]
+
+
+def log_access(request, call_next):
+    """One line per request on stderr: time, client, method, path, status, bytes, duration,
+    request id. The query string is left out: it may carry tokens (a reset link's `?token=`)."""
+    started = time.perf_counter()
+    response = call_next(request)
+    if response.streaming:  # logged when the stream ends, with the bytes really sent
+        response.on_close = lambda: write_access_line(request, response, started)
+    else:
+        write_access_line(request, response, started)
+    return response
+
+
+def write_access_line(request, response, started):
+    elapsed = (time.perf_counter() - started) * 1000
+    sys.stderr.write(f"{utc_now_text()} {request.client[0]} {request.method} {request.path} "
+                     f"{response.status} {response.size}B {elapsed:.2f}ms id={request.request_id}\n")
+
+
+def render_errors(request, call_next):
+    try:
+        return call_next(request)
+    except Exception as error:
+        return error_response(request, error)
+
+
+def error_response(request, error):
+    """The answer for an exception: its problem details, or a bare 500 whose traceback goes
+    to the log only."""
+    if isinstance(error, HTTPError):
+        return problem_response(error)
+    sys.stderr.write(f"error in {request.method} {request.path} id={request.request_id}\n"
+                     f"{''.join(traceback.format_exception(error))}")
+    body = {"type": "about:blank", "title": "Internal Server Error", "status": 500,
+            "detail": f"unexpected error; quote request id {request.request_id} when reporting it"}
+    return Response(json_body(body), 500, None, PROBLEM_JSON)
+
+
+BUILT_IN = [assign_request_id, time_request, log_access, render_errors]

@@ -1,0 +1,181 @@
+"""The request a handler sees: method, path, headers, query, body, and typed readers for them.
+
+Readers raise the right 4xx themselves, so a handler reads `request.json()` and never parses or
+checks a content type by hand: a wrong `Content-Type` is a 415, malformed JSON a 400, a missing
+body where one is required a 411 (no length at all) or 422 (empty), a body that is not a JSON
+object a 422 (common.md's table).
+"""
+import json
+from urllib.parse import parse_qsl, unquote
+
+from lib.problems import (BadRequest, LengthRequired, PreconditionFailed, UnprocessableContent,
+                          UnsupportedMediaType)
+
+
+class Request:
+    __slots__ = ("method", "path", "query_string", "headers", "body", "has_body", "client",
+                 "path_params", "route", "request_id", "app", "context", "_query")
+
+    def __init__(self, method, path, query_string="", headers=None, body=b"", *, has_body=False,
+                 client=("", 0), app=None):
+        self.method = method
+        self.path = path
+        self.query_string = query_string
+        self.headers = headers or {}   # lower-cased names
+        self.body = body
+        self.has_body = has_body       # the request framed a body (Content-Length or chunked)
+        self.client = client           # (ip, port) of the peer
+        self.path_params = {}
+        self.route = None              # the matched Route, for middleware that reads its metadata
+        self.request_id = ""
+        self.app = app
+        self.context = {}              # what middleware learns about the request (e.g. the user)
+        self._query = None
+
+    @classmethod
+    def from_head(cls, head, body, has_body, client, app):
+        return cls(head.method, unquote(head.path), head.query_string, head.headers, body,
+                   has_body=has_body, client=client, app=app)
+
+    def header(self, name, default=None):
+        return self.headers.get(name.lower(), default)
+
+    # --- query string -------------------------------------------------------------------
+
+    @property
+    def query(self):
+        """Query parameters as a dict of lists (`?tag=a&tag=b` → {"tag": ["a", "b"]})."""
+        if self._query is None:
+            query = {}
+            try:
+                pairs = parse_qsl(self.query_string, keep_blank_values=True, max_num_fields=200,
+                                  errors="strict")
+            except (ValueError, UnicodeDecodeError):
+                raise BadRequest("malformed query string") from None
+            for name, value in pairs:
+                query.setdefault(name, []).append(value)
+            self._query = query
+        return self._query
+
+    def query_param(self, name, default=None):
+        """The last value of one query parameter, or `default`."""
+        values = self.query.get(name)
+        return values[-1] if values else default
+
+    def query_int(self, name, default, *, low, high):
+        """An integer query parameter within [low, high]; anything else is a 400 naming it."""
+        text = self.query_param(name)
+        if text is None or text == "":
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise BadRequest(f"query parameter '{name}' must be an integer from {low} to {high}",
+                             errors=[{"field": name, "message": f"must be an integer from {low} to {high}"}])
+        return value
+
+    def query_choice(self, name, choices, default=None):
+        """A query parameter that must be one of `choices` (e.g. a `sort`): else a 400."""
+        value = self.query_param(name)
+        if value is None or value == "":
+            return default
+        if value not in choices:
+            allowed = ", ".join(choices)
+            raise BadRequest(f"query parameter '{name}' must be one of: {allowed}",
+                             errors=[{"field": name, "message": f"must be one of: {allowed}"}])
+        return value
+
+    # --- body ---------------------------------------------------------------------------
+
+    @property
+    def content_type(self):
+        """The media type without parameters, lower-cased (`application/json`)."""
+        return self.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+    def _require_body(self, required):
+        if self.body:
+            return True
+        if not required:
+            return False
+        if not self.has_body:
+            raise LengthRequired("this request needs a body with Content-Length or chunked encoding")
+        raise UnprocessableContent("the request body is empty")
+
+    def json(self, *, required=True):
+        """The body as JSON. With `required=False` an absent or empty body gives None."""
+        if not self._require_body(required):
+            return None
+        media = self.content_type
+        if media != "application/json" and not media.endswith("+json"):
+            raise UnsupportedMediaType("send the body as Content-Type: application/json")
+        try:
+            return json.loads(self.body)
+        except UnicodeDecodeError:
+            raise BadRequest("the body is not valid UTF-8") from None
+        except RecursionError:
+            raise BadRequest("the JSON body is nested too deeply") from None
+        except ValueError as err:  # JSONDecodeError, and ints past the digit limit
+            raise BadRequest(f"malformed JSON: {err}") from None
+
+    def json_object(self, *, required=True):
+        """The body as a JSON object (dict): an array or a scalar is a 422."""
+        data = self.json(required=required)
+        if data is None:
+            return {} if not required else data
+        if not isinstance(data, dict):
+            raise UnprocessableContent("the JSON body must be an object")
+        return data
+
+    def form(self):
+        """An `application/x-www-form-urlencoded` body as a dict (last value wins)."""
+        if self.content_type != "application/x-www-form-urlencoded":
+            raise UnsupportedMediaType("send the form as application/x-www-form-urlencoded")
+        try:
+            text = self.body.decode("utf-8")
+            return dict(parse_qsl(text, keep_blank_values=True, max_num_fields=200, errors="strict"))
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest("malformed form body") from None
+
+    def fields(self):
+        """The body as a dict, from JSON or from an HTML form: for endpoints that browsers post
+        to directly as well as API clients."""
+        if self.content_type == "application/x-www-form-urlencoded":
+            return self.form()
+        return self.json_object()
+
+    @property
+    def cookies(self):
+        """The `Cookie` header as a dict (RFC 6265 §5.4: `name=value; name2=value2`)."""
+        cookies = {}
+        for pair in self.headers.get("cookie", "").split(";"):
+            name, eq, value = pair.strip().partition("=")
+            if eq and name and name not in cookies:  # the first one is the most specific path
+                cookies[name] = value.strip().strip('"')
+        return cookies
+
+    # --- conditional requests (RFC 9110 §13) ----------------------------------------------
+
+    def require_if_match(self, current_etag):
+        """Optimistic concurrency: with `If-Match`, go on only if the client saw the current
+        version; a stale tag is a 412 and nothing changes. Without `If-Match`, go on."""
+        header = self.headers.get("if-match")
+        if header is None:
+            return
+        if header.strip() == "*" and current_etag is not None:
+            return
+        tags = [tag.strip() for tag in header.split(",")]
+        # Strong comparison (§8.8.3.2): weak tags (W/"…") never match.
+        if current_etag is None or current_etag not in tags:
+            raise PreconditionFailed(f"the resource has changed; its current ETag is {current_etag}")
+
+    def if_none_match(self, current_etag):
+        """True when the client's cached copy is current (answer 304). Weak comparison."""
+        header = self.headers.get("if-none-match")
+        if header is None or current_etag is None:
+            return False
+        if header.strip() == "*":
+            return True
+        bare = current_etag.removeprefix("W/")
+        return any(tag.strip().removeprefix("W/") == bare for tag in header.split(","))

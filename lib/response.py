@@ -1,0 +1,101 @@
+"""Responses: a status, header fields and a body of bytes — or an iterator of chunks.
+
+Handlers return one of these (or a plain dict/list, which becomes JSON with status 200). The
+transport encodes it with `lib.protocol`; `Content-Length` is always computed there, never
+written by hand, so it cannot be wrong.
+"""
+import json
+
+JSON = "application/json"
+PROBLEM_JSON = "application/problem+json"
+
+
+class Response:
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, body=b"", status=200, headers=None, content_type=None):
+        self.status = status
+        self.body = body
+        self.headers = list(headers.items()) if isinstance(headers, dict) else list(headers or ())
+        if content_type:
+            self.headers.append(("Content-Type", content_type))
+
+    def header(self, name):
+        lower = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lower:
+                return value
+        return None
+
+    def set_header(self, name, value):
+        lower = name.lower()
+        self.headers = [(k, v) for k, v in self.headers if k.lower() != lower]
+        self.headers.append((name, value))
+
+    @property
+    def streaming(self):
+        return False
+
+    @property
+    def size(self):
+        return len(self.body)
+
+
+class StreamingResponse(Response):
+    """A body produced piece by piece (a download, Server-Sent Events). `chunks` is an iterator
+    of bytes, or an async iterator on the asyncio transport; it is sent with chunked transfer
+    coding, each piece as soon as it is produced.
+
+    On the asyncio transport a plain (blocking) iterator is advanced in the worker pool, so a
+    generator that waits for events does not stall the event loop."""
+
+    __slots__ = ("chunks", "sent", "on_close")
+
+    def __init__(self, chunks, status=200, headers=None, content_type="application/octet-stream"):
+        super().__init__(b"", status, headers, content_type)
+        self.chunks = chunks
+        self.sent = 0         # bytes written so far, for the access log
+        self.on_close = None  # called by the transport when the stream has ended
+
+    @property
+    def streaming(self):
+        return True
+
+    @property
+    def size(self):
+        return self.sent
+
+
+def json_body(data):
+    return json.dumps(data, ensure_ascii=False).encode("utf-8")
+
+
+def json_response(data, status=200, headers=None):
+    return Response(json_body(data), status, headers, JSON)
+
+
+def problem_response(error):
+    """RFC 9457: the problem object of an `HTTPError`, with its extra headers."""
+    response = Response(json_body(error.to_problem()), error.status, error.headers, PROBLEM_JSON)
+    return response
+
+
+def html_response(text, status=200, headers=None):
+    return Response(text.encode("utf-8"), status, headers, "text/html; charset=utf-8")
+
+
+def text_response(text, status=200, headers=None, content_type="text/plain; charset=utf-8"):
+    return Response(text.encode("utf-8"), status, headers, content_type)
+
+
+def no_content(headers=None):
+    return Response(b"", 204, headers)
+
+
+def created(data, location, headers=None):
+    """201 with the new object and where it lives (RFC 9110 §15.3.2)."""
+    return json_response(data, 201, {"Location": location, **(headers or {})})
+
+
+def redirect(location, status=302, headers=None):
+    return Response(b"", status, {"Location": location, **(headers or {})})

@@ -1,0 +1,166 @@
+"""Routes: which handler answers a method and a path.
+
+A route is declared once, next to its handler (as bottle does), and that one declaration feeds
+three things: the router, the `GET /` index and the `GET /openapi.json` document, so the docs
+cannot drift from the code.
+
+Matching a request gives one of three answers (as in Starlette and werkzeug):
+
+- none     — no route has this path: 404;
+- partial  — the path exists, but not for this method: 405 with `Allow` listing the methods;
+- full     — the handler and its converted path parameters.
+
+Path parameters are written `{name}` (one segment), `{name:int}` or `{name:path}` (the rest of
+the path, slashes included). A parameter that fails its conversion is a 400 naming it, not a 404:
+the route exists, the value is bad (common.md's table). HEAD is answered by the GET handler, and
+OPTIONS by the router itself (204 with `Allow`).
+"""
+import re
+
+from lib.problems import BadRequest, MethodNotAllowed, NotFound
+
+_PARAM = re.compile(r"{([A-Za-z_][A-Za-z0-9_]*)(?::(int|str|path))?}")
+_CONVERTERS = {  # name: (segment regex, conversion, OpenAPI schema)
+    "str": (r"[^/]+", str, {"type": "string"}),
+    "int": (r"[^/]+", int, {"type": "integer"}),
+    "path": (r".+", str, {"type": "string"}),
+}
+
+
+class Route:
+    """One method + path pattern + handler, with what the docs and middleware need to know.
+
+    `blocking` marks a handler that may block for a while (a password hash, an SMTP exchange,
+    a sleep): the asyncio transport runs it in the worker pool instead of on the event loop.
+    `body_limit` caps the request body in bytes. `meta` carries whatever a project's middleware
+    reads from the route (a permission, an auth requirement)."""
+
+    def __init__(self, method, pattern, handler, *, summary=None, blocking=False,
+                 body_limit=None, request_schema=None, query=None, responses=None, tags=None,
+                 **meta):
+        self.method = method.upper()
+        self.pattern = pattern
+        self.handler = handler
+        doc = (handler.__doc__ or "").strip()
+        self.summary = summary or (doc.splitlines()[0] if doc else handler.__name__.replace("_", " "))
+        self.blocking = blocking
+        self.body_limit = body_limit
+        self.request_schema = request_schema
+        self.query = query or {}
+        self.responses = responses or {}
+        self.tags = tags
+        self.meta = meta
+        self.params = [(m.group(1), m.group(2) or "str") for m in _PARAM.finditer(pattern)]
+        self.regex = None
+        if self.params:
+            parts, last = [], 0
+            for m in _PARAM.finditer(pattern):
+                parts.append(re.escape(pattern[last:m.start()]))
+                parts.append(f"(?P<{m.group(1)}>{_CONVERTERS[m.group(2) or 'str'][0]})")
+                last = m.end()
+            parts.append(re.escape(pattern[last:]))
+            self.regex = re.compile("".join(parts) + r"\Z")
+
+    def convert(self, raw):
+        params = {}
+        for name, kind in self.params:
+            try:
+                params[name] = _CONVERTERS[kind][1](raw[name])
+            except ValueError:
+                raise BadRequest(f"path parameter '{name}' must be an integer",
+                                 errors=[{"field": name, "message": "must be an integer"}]) from None
+        return params
+
+
+class Router:
+    def __init__(self):
+        self.routes = []
+        self._static = {}    # path → {method: route}
+        self._dynamic = {}   # pattern → (regex, {method: route}), in declaration order
+
+    def add(self, route):
+        table = self._static.setdefault(route.pattern, {}) if route.regex is None else \
+            self._dynamic.setdefault(route.pattern, (route.regex, {}))[1]
+        if route.method in table:
+            raise ValueError(f"duplicate route {route.method} {route.pattern}")
+        table[route.method] = route
+        self.routes.append(route)
+
+    def match(self, method, path):
+        """Return (route, params) or raise NotFound / MethodNotAllowed."""
+        methods = self._static.get(path)
+        if methods is not None:
+            route = methods.get(method) or (methods.get("GET") if method == "HEAD" else None)
+            if route is not None:
+                return route, {}
+            allowed = set(methods)
+        else:
+            allowed = set()
+        for regex, methods in self._dynamic.values():
+            found = regex.match(path)
+            if found is None:
+                continue
+            route = methods.get(method) or (methods.get("GET") if method == "HEAD" else None)
+            if route is not None:
+                return route, route.convert(found.groupdict())
+            allowed |= set(methods)
+        if not allowed:
+            raise NotFound(f"no route for {path}")
+        raise MethodNotAllowed(allowed_methods(allowed), f"{method} is not allowed on {path}")
+
+    def body_limit(self, method, path, default):
+        """The body limit of the route a request will reach, read before its body is."""
+        try:
+            route, _ = self.match(method, path)
+        except (NotFound, MethodNotAllowed, BadRequest):
+            return default
+        return route.body_limit if route.body_limit is not None else default
+
+    # --- documentation generated from the routes --------------------------------------------
+
+    def index(self):
+        return [{"method": r.method, "path": r.pattern, "summary": r.summary} for r in self.routes]
+
+    def openapi(self, title, description, version):
+        """An OpenAPI 3.1 document of every route (https://spec.openapis.org/oas/v3.1.0)."""
+        paths = {}
+        for route in self.routes:
+            operation = {"summary": route.summary, "operationId": route.handler.__name__}
+            if route.tags:
+                operation["tags"] = route.tags
+            parameters = [{"name": name, "in": "path", "required": True, "schema": _CONVERTERS[kind][2]}
+                          for name, kind in route.params]
+            for name, description in route.query.items():
+                parameters.append({"name": name, "in": "query", "required": False,
+                                   "description": description, "schema": {"type": "string"}})
+            if parameters:
+                operation["parameters"] = parameters
+            if route.request_schema is not None:
+                operation["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": route.request_schema}}}
+            responses = {str(status): {"description": text} for status, text in route.responses.items()}
+            responses.setdefault("200" if route.method != "POST" else "201", {"description": "Success"})
+            responses["default"] = {"description": "Problem details (RFC 9457)",
+                                    "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+            operation["responses"] = responses
+            paths.setdefault(route.pattern, {})[route.method.lower()] = operation
+        return {
+            "openapi": "3.1.0",
+            "info": {"title": title, "description": description, "version": version},
+            "paths": paths,
+            "components": {"schemas": {"Problem": {
+                "type": "object",
+                "properties": {"type": {"type": "string"}, "title": {"type": "string"},
+                               "status": {"type": "integer"}, "detail": {"type": "string"},
+                               "errors": {"type": "array", "items": {"type": "object"}}},
+                "required": ["type", "title", "status"]}}},
+        }
+
+
+def allowed_methods(methods):
+    allowed = set(methods)
+    if "GET" in allowed:
+        allowed.add("HEAD")
+    allowed.add("OPTIONS")
+    return sorted(allowed)

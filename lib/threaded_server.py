@@ -1,0 +1,243 @@
+"""The threaded transport: `http.server.ThreadingHTTPServer`, one thread per connection.
+
+This is the classic model (CPython's `http.server`, Flask's dev server, most blocking WSGI
+servers): simple to reason about, since each connection's code runs top to bottom and may block,
+at the price of a thread per open connection and the GIL. Choose it with `--server threaded`.
+
+It keeps `socketserver`'s accept loop and thread per connection, and replaces
+`BaseHTTPRequestHandler`'s parsing with `lib.protocol`, so both transports parse alike. The
+stock server's traps (PERFORMANCE.md) are avoided here:
+
+1. Nagle + delayed ACK: each answer goes out in one `sendall`, and `TCP_NODELAY` is set.
+2. Listen backlog 5: the socket listens with `BACKLOG` (128).
+3. Tracebacks on disconnect: a client that goes away ends its connection quietly.
+
+Shared state under threads: handlers run in many threads at once, so whatever they share needs
+its own locking — the sqlite layer gives each thread its own connection for that reason.
+"""
+import socket
+import socketserver
+import threading
+import time
+from http.server import ThreadingHTTPServer
+
+from lib import transport
+from lib.problems import HTTPError
+from lib.protocol import (CHUNKED, CONTINUE, MAX_HEAD, MAX_REQUEST_LINE, ChunkedDecoder, ProtocolError,
+                          body_length, parse_head, wants_continue)
+
+
+class ClientGone(Exception):
+    """The peer closed the connection, or a deadline passed."""
+
+
+class SocketReader:
+    """Buffered reads from a blocking socket, each bounded by a deadline."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = b""
+
+    def _fill(self, deadline):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ClientGone("timed out")
+        self.sock.settimeout(remaining)
+        try:
+            data = self.sock.recv(65536)
+        except (socket.timeout, OSError):
+            raise ClientGone("timed out or reset") from None
+        if not data:
+            raise ClientGone("closed")
+        self.buffer += data
+
+    def read_head(self, deadline):
+        """Bytes up to and including the blank line that ends a request head."""
+        start = 0
+        while True:
+            end = self.buffer.find(b"\r\n\r\n", start)
+            if end >= 0:
+                head, self.buffer = self.buffer[:end + 4], self.buffer[end + 4:]
+                return head
+            if len(self.buffer) > MAX_HEAD:
+                status = 431 if b"\r\n" in self.buffer[:MAX_REQUEST_LINE + 2] else 414
+                raise ProtocolError("request head too large", status=status)
+            start = max(0, len(self.buffer) - 3)
+            self._fill(deadline)
+
+    def read_exactly(self, n, idle_timeout):
+        while len(self.buffer) < n:
+            self._fill(time.monotonic() + idle_timeout)
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def read_chunked(self, limit, idle_timeout):
+        decoder = ChunkedDecoder(limit)
+        data, self.buffer = self.buffer, b""
+        decoder.feed(data)
+        while not decoder.done:
+            self._fill(time.monotonic() + idle_timeout)
+            data, self.buffer = self.buffer, b""
+            decoder.feed(data)
+        self.buffer = decoder.unused
+        return decoder.body
+
+
+class ConnectionHandler(socketserver.BaseRequestHandler):
+    """Serves every request of one connection, in its own thread."""
+
+    def handle(self):
+        server = self.server
+        sock = self.request
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = SocketReader(sock)
+        state = {"idle": True}
+        server.track(sock, state)
+        first = True
+        try:
+            while True:
+                state["idle"] = True
+                if server.app.draining and not first:
+                    return
+                deadline = time.monotonic() + transport.head_timeout(first, server.idle_timeout)
+                try:
+                    data = reader.read_head(deadline)
+                except ProtocolError as error:
+                    self._answer_failure(sock, reader, None, b"", False, error)
+                    return
+                state["idle"] = False
+                first = False
+                if not self._exchange(sock, reader, data):
+                    return
+        except (ClientGone, ConnectionError, OSError):
+            pass  # PERFORMANCE.md trap 3: a client that leaves is not an error
+        finally:
+            server.untrack(sock)
+
+    def _exchange(self, sock, reader, data):
+        server = self.server
+        app = server.app
+        head = None
+        body, has_body = b"", False
+        try:
+            head = parse_head(data)
+            limit, _ = app.plan(head.method, head.path)
+            length = body_length(head)
+            transport.check_body_length(length, limit)
+            if length is not None:
+                has_body = True
+                if wants_continue(head):
+                    sock.sendall(CONTINUE)
+                if length == CHUNKED:
+                    body = reader.read_chunked(limit, server.idle_timeout)
+                else:
+                    body = reader.read_exactly(length, server.idle_timeout)
+        except HTTPError as error:
+            self._answer_failure(sock, reader, head, body, has_body, error)
+            return False
+        request = transport.build_request(app, head, body, has_body, self.client_address)
+        response = app.handle(request)
+        keep_alive = transport.keeps_alive(app, head, response, None)
+        sock.settimeout(server.idle_timeout)  # a client that does not read cannot hold us forever
+        if response.streaming and head.method != "HEAD":
+            self._stream(sock, head, response, keep_alive)
+        else:
+            sock.sendall(transport.encode_whole(response, head, keep_alive))
+        return keep_alive
+
+    def _answer_failure(self, sock, reader, head, body, has_body, error):
+        app = self.server.app
+        if head is None:
+            request = transport.unparsed_request(app, self.client_address)
+        else:
+            request = transport.build_request(app, head, body, has_body, self.client_address)
+        response = app.handle(request, error)
+        sock.settimeout(self.server.idle_timeout)
+        sock.sendall(transport.encode_whole(response, head, False))
+        self._linger(sock)
+
+    def _stream(self, sock, head, response, keep_alive):
+        sock.sendall(transport.encode_stream_head(response, head, keep_alive))
+        chunks = response.chunks
+        try:
+            for piece in chunks:
+                if piece:
+                    sock.sendall(transport.frame_chunk(head, piece))
+                    response.sent += len(piece)
+            sock.sendall(transport.frame_chunk(head, b""))
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+            if response.on_close:
+                response.on_close()
+
+    @staticmethod
+    def _linger(sock):
+        """See `AsyncioServer._linger`: half-close, drop what still arrives, then close."""
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + transport.LINGER_SECONDS
+            while (remaining := deadline - time.monotonic()) > 0:
+                sock.settimeout(remaining)
+                if not sock.recv(65536):
+                    break
+        except OSError:
+            pass
+
+
+class ThreadedServer(ThreadingHTTPServer):
+    daemon_threads = True     # a stuck connection never keeps the process alive
+    request_queue_size = transport.BACKLOG
+
+    def __init__(self, app, sock, args):
+        # The socket is made and bound by the runner; skip TCPServer's bind and its
+        # getfqdn() lookup, which can stall on a machine without DNS.
+        super().__init__(sock.getsockname()[:2], ConnectionHandler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.app = app
+        self.idle_timeout = args.idle_timeout
+        self.shutdown_delay = args.shutdown_delay
+        self.drain_timeout = args.drain_timeout
+        self._connections = {}
+        self._lock = threading.Lock()
+
+    def track(self, sock, state):
+        with self._lock:
+            self._connections[sock] = state
+
+    def untrack(self, sock):
+        with self._lock:
+            self._connections.pop(sock, None)
+
+    def handle_error(self, request, client_address):
+        pass  # errors are answered and logged inside the handler; never print a traceback here
+
+    def run(self, announce):
+        stop = threading.Event()
+        transport.on_stop_signals(stop.set)
+        worker = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
+                                  name="accept", daemon=True)
+        worker.start()
+        announce()
+        while not stop.wait(0.5):
+            pass
+        self.app.draining = True
+        if self.shutdown_delay:
+            time.sleep(self.shutdown_delay)
+        self.shutdown()  # stop accepting
+        deadline = time.monotonic() + self.drain_timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                connections = list(self._connections.items())
+            if not connections:
+                break
+            for sock, state in connections:
+                if state["idle"]:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)  # wakes its thread out of recv()
+                    except OSError:
+                        pass
+            time.sleep(0.02)
+        self.server_close()
