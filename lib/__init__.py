@@ -6,6 +6,8 @@ teach them; this package only moves HTTP. Read it in this order — level 01 is 
     protocol.py         HTTP/1.1 bytes ⇄ objects, pure functions (no sockets)
     problems.py         errors that carry their status; RFC 9457 problem details
     request.py          what a handler reads: query, JSON, forms, cookies, If-Match
+    validation.py       declared body fields → cleaned values, or one 422 naming every bad field
+    listing.py          the list contract: limit, opaque keyset cursors, {"items", "next_cursor"}
     response.py         what a handler returns: JSON, HTML, problems, streams
     routing.py          path patterns → handlers; 404 / 405 + Allow; OpenAPI and the index
     middleware.py       the chain: request id → timing → access log → errors → handler
