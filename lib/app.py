@@ -17,7 +17,10 @@ A project file makes one `App`, declares its routes on it with decorators, and c
 `App.handle(request)` is the whole server in one call — request in, response out, no sockets —
 which is what the transports call and what makes the app testable without a network.
 Every app gets `GET /` (its index), `GET /openapi.json`, and `GET /health` unless it declares
-its own.
+its own. These built-ins are declared `public=True` (in `route.meta`): the convention by which a
+route says "no credentials needed", so that auth middleware can deny by default and still let
+them through (level03/jwt_auth.py, level03/rbac.py). A project marks its own open routes the
+same way: `@app.post("/auth/login", public=True)`.
 """
 import argparse
 import sys
@@ -41,6 +44,7 @@ class App:
         self.version = version
         self.router = Router()
         self.middleware = []          # the project's own steps, run after the built-in ones
+        self.middleware_before_routing = []  # … or before the route match (see `use`)
         self.state = types.SimpleNamespace()  # what handlers share: stores, settings
         self.draining = False         # set when shutdown begins: readiness turns 503
         self.tracing = False
@@ -48,8 +52,10 @@ class App:
         self.started_at = time.time()
         self.shutdown_hooks = []      # called once the server has drained (close storage, …)
         self._chain = None
-        self.get("/", summary="This server's name, description and routes")(self._index)
-        self.get("/openapi.json", summary="OpenAPI 3.1 description of every route")(self._openapi)
+        # The built-ins are `public=True`: auth middleware lets them through without credentials.
+        self.get("/", summary="This server's name, description and routes", public=True)(self._index)
+        self.get("/openapi.json", summary="OpenAPI 3.1 description of every route",
+                 public=True)(self._openapi)
 
     # --- declaring routes and middleware --------------------------------------------------
 
@@ -77,9 +83,15 @@ class App:
     def delete(self, pattern, **options):
         return self.route("DELETE", pattern, **options)
 
-    def use(self, step):
-        """Add a middleware step `(request, call_next) -> Response` after the built-in ones."""
-        self.middleware.append(step)
+    def use(self, step, *, before_routing=False):
+        """Add a middleware step `(request, call_next) -> Response` after the built-in ones.
+
+        By default it runs after the route match, so it sees only requests that found a route
+        and may read `request.route`. With `before_routing=True` it runs before the match, so
+        it also sees the requests answered 404 / 405 or refused by the transport (400, 413…):
+        for those, `call_next` raises the `HTTPError` (a request logger renders it with
+        `lib.middleware.error_response` to learn the status)."""
+        (self.middleware_before_routing if before_routing else self.middleware).append(step)
         self._chain = None
         return step
 
@@ -87,8 +99,8 @@ class App:
 
     def _build_chain(self):
         if not any(r.pattern == "/health" and r.method == "GET" for r in self.router.routes):
-            self.get("/health", summary="Liveness: the server answers")(_health)
-        steps = middleware.BUILT_IN + [match_route] + self.middleware
+            self.get("/health", summary="Liveness: the server answers", public=True)(_health)
+        steps = middleware.BUILT_IN + self.middleware_before_routing + [match_route] + self.middleware
         if not self.tracing:
             return middleware.compose(steps, call_handler)
         steps = [trace.traced_step(step.__name__, step) for step in steps]
@@ -110,15 +122,18 @@ class App:
         finally:
             trace.finish(recorded, token, request.request_id)
 
-    def plan(self, method, path):
-        """What the transport must know before reading the body: its limit, and whether the
-        handler may block (then the asyncio transport runs it off the event loop)."""
+    def plan(self, request):
+        """Match the route once, as soon as the head is read, and tell the transport what it
+        must know before reading the body: the body's limit, and whether the handler may block
+        (then the asyncio transport runs the request off the event loop). A routing error
+        (404, 405, a bad path parameter) is kept and answered later, inside the chain."""
         try:
-            route, _ = self.router.match(method, path)
-        except HTTPError:
+            request.route, request.path_params = self.router.match(request.method, request.path)
+        except HTTPError as error:
+            request.context["routing_error"] = error
             return self.body_limit, False
-        limit = route.body_limit if route.body_limit is not None else self.body_limit
-        return limit, route.blocking
+        route = request.route
+        return (route.body_limit if route.body_limit is not None else self.body_limit), route.blocking
 
     # --- built-in routes --------------------------------------------------------------------
 
@@ -176,16 +191,19 @@ class App:
 
 def match_route(request, call_next):
     """Find the route (404 / 405 / the handler) before the project's middleware runs, so that
-    middleware can read the route's metadata (a permission, an auth requirement)."""
-    failure = request.context.get("failure")
-    if failure is not None:
-        raise failure
-    try:
-        request.route, request.path_params = request.app.router.match(request.method, request.path)
-    except MethodNotAllowed as error:
-        if request.method == "OPTIONS":  # RFC 9110 §9.3.7: which methods this path takes
-            return Response(b"", 204, error.headers)
-        raise
+    middleware can read the route's metadata (a permission, an auth requirement). The
+    transport has usually matched it already (`App.plan`); this step answers the outcome."""
+    context = request.context
+    error = context.get("failure") or context.get("routing_error")
+    if error is None and request.route is None:
+        try:
+            request.route, request.path_params = request.app.router.match(request.method, request.path)
+        except HTTPError as routing_error:
+            error = routing_error
+    if error is not None:
+        if request.method == "OPTIONS" and isinstance(error, MethodNotAllowed):
+            return Response(b"", 204, error.headers)  # RFC 9110 §9.3.7: which methods it takes
+        raise error
     return call_next(request)
 
 

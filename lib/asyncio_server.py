@@ -140,25 +140,24 @@ class AsyncioServer:
         """One request and its answer. Returns whether the connection stays open."""
         app = self.app
         head = failure = None
-        body, has_body, blocking = b"", False, False
+        blocking = False
         try:
             head = parse_head(data)
-            limit, blocking = app.plan(head.method, head.path)
+            request = transport.build_request(app, head, client)
+            limit, blocking = app.plan(request)
             length = body_length(head)
-            transport.check_body_length(length, limit)
             if length is not None:
-                has_body = True
+                transport.check_body_length(length, limit)
+                request.has_body = True
                 if wants_continue(head):
                     writer.write(CONTINUE)
-                body = await self._read_body(reader, conn, length, limit)
+                request.body = await self._read_body(reader, conn, length, limit)
         except HTTPError as error:
             failure = error
+            if head is None:
+                request = transport.unparsed_request(app, client)
         except asyncio.IncompleteReadError:
             return False  # the client closed before sending the whole body
-        if head is None:
-            request = transport.unparsed_request(app, client)
-        else:
-            request = transport.build_request(app, head, body, has_body, client)
         if blocking and failure is None:
             response = await self.loop.run_in_executor(self.pool, app.handle, request)
         else:
@@ -168,7 +167,8 @@ class AsyncioServer:
             await self._stream(writer, conn, head, response, keep_alive)
         else:
             writer.write(transport.encode_whole(response, head, keep_alive))
-            await self._drain(writer, conn)
+            if writer.transport.get_write_buffer_size() > HIGH_WATER:
+                await self._drain(writer, conn)
         if failure is not None:
             await self._linger(reader, writer)
         return keep_alive
@@ -191,9 +191,9 @@ class AsyncioServer:
         return decoder.body
 
     async def _drain(self, writer, conn):
-        if writer.transport.get_write_buffer_size() > HIGH_WATER:
-            conn.deadline = time.monotonic() + self.idle_timeout
-            await writer.drain()
+        """Wait until the client has read what was queued for it, within the idle timeout."""
+        conn.deadline = time.monotonic() + self.idle_timeout
+        await writer.drain()
 
     async def _stream(self, writer, conn, head, response, keep_alive):
         writer.write(transport.encode_stream_head(response, head, keep_alive))
@@ -208,6 +208,7 @@ class AsyncioServer:
                     await self._send_chunk(writer, conn, head, response, piece)
             writer.write(transport.frame_chunk(head, b""))
             await self._drain(writer, conn)
+            conn.deadline = None
         finally:
             close = getattr(chunks, "aclose", None) or getattr(chunks, "close", None)
             if close is not None:

@@ -8,12 +8,18 @@ logged and answered with a bare 500.
 Like h11's `ProtocolError.error_status_hint`, each error carries its status, so the code that
 finds the problem also decides which 4xx it is.
 """
+import math
 from http import HTTPStatus
 
 
 def reason_phrase(status):
     """RFC 9110 §15's names, where Python's `HTTPStatus` still has RFC 2616's."""
-    return _MODERN_PHRASES.get(status) or HTTPStatus(status).phrase
+    if status in _MODERN_PHRASES:
+        return _MODERN_PHRASES[status]
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:  # a code without a registered name (299, 599): as lib.protocol's status line
+        return f"Status {status}"
 
 
 _MODERN_PHRASES = {413: "Content Too Large", 414: "URI Too Long", 416: "Range Not Satisfiable",
@@ -61,8 +67,8 @@ class Unauthorized(HTTPError):
 
     status = 401
 
-    def __init__(self, detail=None, *, www_authenticate, **kw):
-        headers = {"WWW-Authenticate": www_authenticate, **kw.pop("headers", {})}
+    def __init__(self, detail=None, *, www_authenticate, headers=None, **kw):
+        headers = {"WWW-Authenticate": www_authenticate, **(headers or {})}
         super().__init__(detail, headers=headers, **kw)
 
 
@@ -121,12 +127,14 @@ class ValidationFailed(UnprocessableContent):
 class TooManyRequests(HTTPError):
     status = 429
 
-    def __init__(self, detail=None, *, retry_after, **kw):
-        super().__init__(detail, headers={"Retry-After": str(max(1, int(retry_after + 0.999)))}, **kw)
+    def __init__(self, detail=None, *, retry_after, headers=None, **kw):
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after))), **(headers or {})}
+        super().__init__(detail, headers=headers, **kw)
 
 
 class ServiceUnavailable(HTTPError):
     status = 503
 
-    def __init__(self, detail=None, *, retry_after=1, **kw):
-        super().__init__(detail, headers={"Retry-After": str(retry_after)}, **kw)
+    def __init__(self, detail=None, *, retry_after=1, headers=None, **kw):
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after))), **(headers or {})}
+        super().__init__(detail, headers=headers, **kw)

@@ -31,9 +31,19 @@ DEFAULT_BODY_LIMIT = 1024 * 1024
 CHUNKED = -1  # body_length() result for a chunked body
 
 # RFC 9110 §5.6.2: token = 1*tchar
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-# RFC 9110 §5.5: field values are visible characters, spaces and tabs (obs-text allowed)
-_BAD_FIELD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_TCHAR = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+# RFC 9112 §3: request-line = method SP request-target SP HTTP-version. The target is visible
+# ASCII only (RFC 3986: anything else must be percent-encoded).
+_REQUEST_LINE = re.compile(rf"({_TCHAR}+) ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])\r\n")
+# RFC 9112 §5: field-line = field-name ":" OWS field-value OWS, no space before the colon. A
+# value holds visible characters, obs-text, spaces and tabs (RFC 9110 §5.5): no other control
+# character, no CR or LF, and no line may start with white space (obsolete line folding, §5.2).
+# Trailing OWS is stripped after the match.
+# The value must start with a visible character, so the leading OWS and the value cannot both
+# claim a space: with overlapping classes, a long run of spaces makes the match backtrack
+# quadratically (a request head that takes seconds to refuse).
+_FIELD_LINE = re.compile(rf"^({_TCHAR}+):[ \t]*((?:[\x21-\x7e\x80-\xff][\t\x20-\x7e\x80-\xff]*)?)\r\n",
+                         re.MULTILINE)
 _DIGITS = re.compile(rb"[0-9]+\Z")
 _HEX = re.compile(rb"[0-9A-Fa-f]+\Z")
 
@@ -70,56 +80,58 @@ class ProtocolError(HTTPError):
 
 
 def parse_head(data):
-    """Parse the request line and header fields: `data` is the head up to (and maybe
-    including) the blank line that ends it."""
-    lines = data.split(b"\r\n")
-    request_line = lines[0]
-    if len(request_line) > MAX_REQUEST_LINE:
+    """Parse the request line and header fields: `data` is the head up to and including the
+    blank line (CRLF CRLF) that ends it.
+
+    Two regular expressions check the whole head in C — one the request line, one every field
+    line at once — so the loop in Python only collects the fields: this runs for every request,
+    and is most of what a request costs before the handler."""
+    text = data.decode("latin-1")
+    request_line = _REQUEST_LINE.match(text)
+    if request_line is None:
+        line_end = text.find("\r\n")
+        if line_end > MAX_REQUEST_LINE or (line_end < 0 and len(text) > MAX_REQUEST_LINE):
+            raise ProtocolError("request line too long", status=414)
+        raise ProtocolError("malformed request line")
+    if request_line.end() - 2 > MAX_REQUEST_LINE:
         raise ProtocolError("request line too long", status=414)
-    # RFC 9112 §3: method SP request-target SP HTTP-version
-    parts = request_line.split(b" ")
-    if len(parts) != 3:
-        raise ProtocolError("malformed request line")
-    method, target, version = parts
-    if not _TOKEN.match(method) or not target or target[0:1] not in b"/*h":
-        raise ProtocolError("malformed request line")
-    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-        if version.startswith(b"HTTP/") and len(version) == 8:
-            raise ProtocolError("only HTTP/1.0 and HTTP/1.1 are supported", status=505)
-        raise ProtocolError("malformed request line")
-    if _BAD_FIELD_VALUE.search(target) or b"\t" in target:
-        raise ProtocolError("control characters in the request target")
+    method, target, version = request_line.groups()
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise ProtocolError("only HTTP/1.0 and HTTP/1.1 are supported", status=505)
+    # RFC 9112 §3.2: origin-form (/path), asterisk-form (*), absolute-form (http://host/path)
+    if target[0] not in "/*" and not target.startswith(("http://", "https://")):
+        raise ProtocolError("malformed request target")
+    start = request_line.end()
+    fields = _FIELD_LINE.findall(text, start)
+    lines = text.count("\r\n", start) - 1  # the last CRLF ends the head
+    # Every line must be a well-formed field: as many matches as lines, and no LF outside a
+    # CRLF (a bare LF would start a line the count does not see: a smuggled header field).
+    too_long = len(text) > MAX_HEADER_LINE and any(
+        len(line) > MAX_HEADER_LINE for line in text[start:].split("\r\n"))
+    if too_long or len(fields) != lines or text.count("\n", start) != lines + 1:
+        if lines > MAX_HEADER_COUNT:
+            raise ProtocolError(f"more than {MAX_HEADER_COUNT} header fields", status=431)
+        if too_long:
+            raise ProtocolError("header field too large", status=431)
+        raise ProtocolError("malformed header field")
+    if lines > MAX_HEADER_COUNT:
+        raise ProtocolError(f"more than {MAX_HEADER_COUNT} header fields", status=431)
 
     headers = {}
-    count = 0
-    for line in lines[1:]:
-        if not line:
-            continue  # the terminating blank line(s)
-        count += 1
-        if count > MAX_HEADER_COUNT:
-            raise ProtocolError(f"more than {MAX_HEADER_COUNT} header fields", status=431)
-        if len(line) > MAX_HEADER_LINE:
-            raise ProtocolError("header field too large", status=431)
-        if line[0] in b" \t":  # RFC 9112 §5.2: obsolete line folding
-            raise ProtocolError("obsolete line folding in header field")
-        name, colon, value = line.partition(b":")
-        # RFC 9112 §5.1: no white space between field name and colon
-        if not colon or not _TOKEN.match(name):
-            raise ProtocolError("malformed header field")
-        value = value.strip(b" \t")
-        if _BAD_FIELD_VALUE.search(value):
-            raise ProtocolError("control characters in a header field")
-        key = name.decode("ascii").lower()
-        text = value.decode("latin-1")
-        if key in headers:
-            headers[key] += ("; " if key == "cookie" else ", ") + text
+    for name, value in fields:
+        key = name.lower()
+        value = value.rstrip(" \t")
+        if key in headers:  # RFC 9110 §5.3: repeated fields join with commas; Cookie with ";"
+            if key == "host":  # RFC 9112 §3.2: more than one Host is a 400
+                raise ProtocolError("more than one Host header")
+            headers[key] += ("; " if key == "cookie" else ", ") + value
         else:
-            headers[key] = text
-    if version == b"HTTP/1.1" and "host" not in headers:
+            headers[key] = value
+    if version == "HTTP/1.1" and "host" not in headers:
         # RFC 9112 §3.2: a 1.1 request without Host is a 400. curl, browsers and every
         # library send one; only hand-typed requests miss it, and those get a clear answer.
         raise ProtocolError("HTTP/1.1 requests need a Host header")
-    return RequestHead(method.decode("ascii"), target.decode("latin-1"), version.decode("ascii"), headers)
+    return RequestHead(method, target, version, headers)
 
 
 def body_length(head):
@@ -211,9 +223,11 @@ class ChunkedDecoder:
                 self.state = self.SIZE
                 continue
             line_end = self.buffer.find(b"\r\n")
+            line_limit = MAX_CHUNK_LINE if self.state == self.SIZE else MAX_HEADER_LINE
+            if line_end > line_limit or (line_end < 0 and len(self.buffer) > line_limit):
+                raise ProtocolError("chunk line too long" if self.state == self.SIZE else
+                                    "trailer field too large", status=400 if self.state == self.SIZE else 431)
             if line_end < 0:
-                if len(self.buffer) > MAX_CHUNK_LINE:
-                    raise ProtocolError("chunk line too long")
                 return
             line, self.buffer = self.buffer[:line_end], self.buffer[line_end + 2:]
             if self.state == self.SIZE:
@@ -239,10 +253,10 @@ class ChunkedDecoder:
 
 # --- responses ---------------------------------------------------------------------------
 
-_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {reason_phrase(s.value)}\r\n".encode() for s in HTTPStatus}
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {reason_phrase(s.value)}\r\n" for s in HTTPStatus}
 _NO_BODY = frozenset({204, 304}) | frozenset(range(100, 200))  # RFC 9110 §6.4.1, §8.6
 
-_date_cache = [0, b""]
+_date_cache = [0, ""]
 
 
 def http_date():
@@ -250,31 +264,27 @@ def http_date():
     now = int(time.time())
     if now != _date_cache[0]:
         _date_cache[0] = now
-        _date_cache[1] = time.strftime("Date: %a, %d %b %Y %H:%M:%S GMT\r\n", time.gmtime(now)).encode()
+        _date_cache[1] = time.strftime("Date: %a, %d %b %Y %H:%M:%S GMT\r\n", time.gmtime(now))
     return _date_cache[1]
 
 
 def status_line(status):
-    line = _STATUS_LINES.get(status)
-    return line if line else f"HTTP/1.1 {status} Status {status}\r\n".encode()
+    return _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Status {status}\r\n"
 
 
 def encode_head(status, headers, content_length, *, keep_alive=True):
-    """The status line and header fields. `content_length` None means the caller frames the
-    body itself (chunked, or close-delimited)."""
-    parts = [status_line(status), http_date()]
-    for name, value in headers:
-        # A CR or LF in a value would let the value write extra header lines (response
-        # splitting); values come from code, but some carry user input (Location, filenames).
-        if "\n" in value or "\r" in value:
-            raise ValueError(f"line break in response header {name}")
-        parts.append(f"{name}: {value}\r\n".encode("latin-1"))
+    """The status line and header fields, as bytes. `content_length` None means the caller
+    frames the body itself (chunked, or close-delimited)."""
+    fields = "".join([f"{name}: {value}\r\n" for name, value in headers])
+    # A CR, LF or NUL inside a value would let it write extra header lines (response
+    # splitting); values come from code, but some carry user input (Location, filenames).
+    if fields.count("\n") != len(headers) or fields.count("\r") != len(headers) or "\0" in fields:
+        raise ValueError("line break or NUL in a response header value")
     if content_length is not None and status not in _NO_BODY:
-        parts.append(b"Content-Length: %d\r\n" % content_length)
+        fields = f"{fields}Content-Length: {content_length}\r\n"
     if not keep_alive:
-        parts.append(b"Connection: close\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+        fields += "Connection: close\r\n"
+    return f"{status_line(status)}{http_date()}{fields}\r\n".encode("latin-1")
 
 
 def encode_response(status, headers, body, *, head_only=False, keep_alive=True):

@@ -5,11 +5,27 @@ checks a content type by hand: a wrong `Content-Type` is a 415, malformed JSON a
 body where one is required a 411 (no length at all) or 422 (empty), a body that is not a JSON
 object a 422 (common.md's table).
 """
+import datetime
 import json
+import re
 from urllib.parse import parse_qsl, unquote
 
 from lib.problems import (BadRequest, LengthRequired, PreconditionFailed, UnprocessableContent,
                           UnsupportedMediaType)
+
+_FULL_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")  # RFC 3339 full-date: exactly this shape
+
+
+def _is_plain_integer(text):
+    """ASCII digits with an optional minus: what `int()` takes besides (`+5`, `1_0`, ` 5`,
+    Arabic-Indic digits) would give one value several spellings."""
+    digits = text[1:] if text.startswith("-") else text
+    return digits.isascii() and digits.isdigit()
+
+
+def _refuse_constant(name):
+    # NaN and Infinity are not JSON (RFC 8259 §6), though Python's parser takes them.
+    raise ValueError(f"{name} is not a JSON value")
 
 
 class Request:
@@ -68,10 +84,10 @@ class Request:
         if text is None or text == "":
             return default
         try:
-            value = int(text)
+            value = int(text) if _is_plain_integer(text) else None
         except ValueError:
             value = None
-        if value is None or not low <= value <= high:
+        if value is None or not _is_plain_integer(text) or not low <= value <= high:
             raise BadRequest(f"query parameter '{name}' must be an integer from {low} to {high}",
                              errors=[{"field": name, "message": f"must be an integer from {low} to {high}"}])
         return value
@@ -86,6 +102,33 @@ class Request:
             raise BadRequest(f"query parameter '{name}' must be one of: {allowed}",
                              errors=[{"field": name, "message": f"must be one of: {allowed}"}])
         return value
+
+    def query_bool(self, name, default=None):
+        """A boolean query parameter, written `true` or `false` as in JSON: else a 400 naming it
+        (`1`, `yes` and `True` are refused, not guessed at)."""
+        value = self.query_param(name)
+        if value is None or value == "":
+            return default
+        if value not in ("true", "false"):
+            raise BadRequest(f"query parameter '{name}' must be true or false",
+                             errors=[{"field": name, "message": "must be true or false"}])
+        return value == "true"
+
+    def query_date(self, name, default=None):
+        """A calendar date query parameter written YYYY-MM-DD (RFC 3339 full-date), as a
+        `datetime.date`. A malformed or impossible date (2026-02-30) is a 400 naming it."""
+        value = self.query_param(name)
+        if value is None or value == "":
+            return default
+        try:  # fromisoformat alone would also take 20260101 and 2026-W01-1
+            date = datetime.date.fromisoformat(value) if _FULL_DATE.fullmatch(value) else None
+        except ValueError:
+            date = None
+        if date is None:
+            message = "must be a real date written YYYY-MM-DD"
+            raise BadRequest(f"query parameter '{name}' {message}",
+                             errors=[{"field": name, "message": message}])
+        return date
 
     # --- body ---------------------------------------------------------------------------
 
@@ -111,7 +154,10 @@ class Request:
         if media != "application/json" and not media.endswith("+json"):
             raise UnsupportedMediaType("send the body as Content-Type: application/json")
         try:
-            return json.loads(self.body)
+            # RFC 8259 §8.1: JSON between systems is UTF-8. Decoding first refuses UTF-16/32
+            # (which json.loads would guess at) and encoded surrogates.
+            # A leading byte order mark may be ignored (§8.1), so "utf-8-sig".
+            return json.loads(self.body.decode("utf-8-sig"), parse_constant=_refuse_constant)
         except UnicodeDecodeError:
             raise BadRequest("the body is not valid UTF-8") from None
         except RecursionError:
@@ -120,10 +166,11 @@ class Request:
             raise BadRequest(f"malformed JSON: {err}") from None
 
     def json_object(self, *, required=True):
-        """The body as a JSON object (dict): an array or a scalar is a 422."""
+        """The body as a JSON object (dict): an array, a scalar or `null` is a 422. An absent
+        optional body reads as {}."""
         data = self.json(required=required)
-        if data is None:
-            return {} if not required else data
+        if data is None and not self.body:
+            return {}
         if not isinstance(data, dict):
             raise UnprocessableContent("the JSON body must be an object")
         return data
@@ -150,7 +197,8 @@ class Request:
         """The `Cookie` header as a dict (RFC 6265 §5.4: `name=value; name2=value2`)."""
         cookies = {}
         for pair in self.headers.get("cookie", "").split(";"):
-            name, eq, value = pair.strip().partition("=")
+            name, eq, value = pair.partition("=")
+            name = name.strip()
             if eq and name and name not in cookies:  # the first one is the most specific path
                 cookies[name] = value.strip().strip('"')
         return cookies

@@ -5,6 +5,7 @@ transport encodes it with `lib.protocol`; `Content-Length` is always computed th
 written by hand, so it cannot be wrong.
 """
 import json
+import json.encoder
 
 JSON = "application/json"
 PROBLEM_JSON = "application/problem+json"
@@ -66,8 +67,23 @@ class StreamingResponse(Response):
         return self.sent
 
 
+def _json_encoder():
+    """One encoder, made once. `json.dumps` builds a new C encoder on every call (inside
+    `JSONEncoder.iterencode`), which costs more than encoding a small answer; this keeps the one
+    it would build. NaN and Infinity are refused: they are not JSON (RFC 8259 §6)."""
+    make_encoder = json.encoder.c_make_encoder
+    if make_encoder is None:  # a Python built without the C accelerator
+        return json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+    encode = make_encoder(None, json.JSONEncoder().default, json.encoder.c_encode_basestring,
+                          None, ": ", ", ", False, False, False)
+    return lambda data: "".join(encode(data, 0))
+
+
+_encode_json = _json_encoder()
+
+
 def json_body(data):
-    return json.dumps(data, ensure_ascii=False).encode("utf-8")
+    return _encode_json(data).encode("utf-8")
 
 
 def json_response(data, status=200, headers=None):

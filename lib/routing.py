@@ -20,9 +20,28 @@ import re
 from lib.problems import BadRequest, MethodNotAllowed, NotFound
 
 _PARAM = re.compile(r"{([A-Za-z_][A-Za-z0-9_]*)(?::(int|str|path))?}")
+SQLITE_INTEGER_RANGE = range(-2**63, 2**63)
+
+
+class _OutOfRange(Exception):
+    """A well-formed integer no stored row can have: the answer is 404, not 400."""
+
+
+def _path_int(text):
+    """A path integer written plainly: ASCII digits, an optional minus. `int()` alone would
+    also take `+5`, `1_0`, ` 5` and non-ASCII digits: several URLs for one resource."""
+    digits = text[1:] if text.startswith("-") else text
+    if not (digits.isascii() and digits.isdigit()):
+        raise ValueError(text)
+    value = int(text)
+    if value not in SQLITE_INTEGER_RANGE:
+        raise _OutOfRange(text)
+    return value
+
+
 _CONVERTERS = {  # name: (segment regex, conversion, OpenAPI schema)
     "str": (r"[^/]+", str, {"type": "string"}),
-    "int": (r"[^/]+", int, {"type": "integer"}),
+    "int": (r"[^/]+", _path_int, {"type": "integer"}),
     "path": (r".+", str, {"type": "string"}),
 }
 
@@ -33,7 +52,8 @@ class Route:
     `blocking` marks a handler that may block for a while (a password hash, an SMTP exchange,
     a sleep): the asyncio transport runs it in the worker pool instead of on the event loop.
     `body_limit` caps the request body in bytes. `meta` carries whatever a project's middleware
-    reads from the route (a permission, an auth requirement)."""
+    reads from the route (a permission, an auth requirement); by convention `public=True` says
+    the route needs no credentials (lib's built-in `/`, `/openapi.json` and `/health` carry it)."""
 
     def __init__(self, method, pattern, handler, *, summary=None, blocking=False,
                  body_limit=None, request_schema=None, query=None, responses=None, tags=None,
@@ -66,6 +86,8 @@ class Route:
         for name, kind in self.params:
             try:
                 params[name] = _CONVERTERS[kind][1](raw[name])
+            except _OutOfRange:
+                raise NotFound(f"no resource has {name} {raw[name]}") from None
             except ValueError:
                 raise BadRequest(f"path parameter '{name}' must be an integer",
                                  errors=[{"field": name, "message": "must be an integer"}]) from None
@@ -90,12 +112,13 @@ class Router:
         """Return (route, params) or raise NotFound / MethodNotAllowed."""
         methods = self._static.get(path)
         if methods is not None:
+            # A path written out in full shadows the patterns: `POST /todos/bulk` exists, so
+            # `GET /todos/bulk` is a 405, not a request for the todo with id "bulk".
             route = methods.get(method) or (methods.get("GET") if method == "HEAD" else None)
             if route is not None:
                 return route, {}
-            allowed = set(methods)
-        else:
-            allowed = set()
+            raise MethodNotAllowed(allowed_methods(methods), f"{method} is not allowed on {path}")
+        allowed = set()
         for regex, methods in self._dynamic.values():
             found = regex.match(path)
             if found is None:
@@ -130,9 +153,9 @@ class Router:
                 operation["tags"] = route.tags
             parameters = [{"name": name, "in": "path", "required": True, "schema": _CONVERTERS[kind][2]}
                           for name, kind in route.params]
-            for name, description in route.query.items():
+            for name, text in route.query.items():  # not `description`: that names the document's
                 parameters.append({"name": name, "in": "query", "required": False,
-                                   "description": description, "schema": {"type": "string"}})
+                                   "description": text, "schema": {"type": "string"}})
             if parameters:
                 operation["parameters"] = parameters
             if route.request_schema is not None:
@@ -140,11 +163,14 @@ class Router:
                     "required": True,
                     "content": {"application/json": {"schema": route.request_schema}}}
             responses = {str(status): {"description": text} for status, text in route.responses.items()}
-            responses.setdefault("200" if route.method != "POST" else "201", {"description": "Success"})
+            if not any(code.startswith("2") for code in responses):  # a declared 200/204 stands
+                responses["200" if route.method != "POST" else "201"] = {"description": "Success"}
             responses["default"] = {"description": "Problem details (RFC 9457)",
                                     "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
             operation["responses"] = responses
-            paths.setdefault(route.pattern, {})[route.method.lower()] = operation
+            # OpenAPI names a parameter `{id}`: the converter (`{id:int}`) is ours alone.
+            path = _PARAM.sub(lambda m: "{" + m.group(1) + "}", route.pattern)
+            paths.setdefault(path, {})[route.method.lower()] = operation
         return {
             "openapi": "3.1.0",
             "info": {"title": title, "description": description, "version": version},

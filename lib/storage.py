@@ -45,13 +45,13 @@ class Database:
 
     `query` and `query_one` read; `execute` runs one statement in its own transaction;
     `with db.transaction() as conn:` groups statements atomically (commit on success, rollback
-    on any exception)."""
+    on any exception); `with db.reading() as conn:` lends the connection for plain reads."""
 
     def __init__(self, path, schema="", *, trace=False):
         self.path = path
         self.trace = trace
         self._local = threading.local()
-        self._all = []                 # every connection opened, to close them at shutdown
+        self._all = []                 # (thread, connection) of every open one, closed at shutdown
         self._all_lock = threading.Lock()
         self._shared_lock = threading.RLock() if path == ":memory:" else None
         self._shared = None
@@ -78,7 +78,17 @@ class Database:
         if self.trace:
             conn.set_trace_callback(lambda statement: trace_event(masked_sql(statement)))
         with self._all_lock:
-            self._all.append(conn)
+            # A thread per client (--server threaded) would otherwise leave one open connection,
+            # two file descriptors, behind each client that has gone: close those of dead threads.
+            alive = []
+            for thread, other in self._all:
+                if thread.is_alive() or other is self._shared:
+                    alive.append((thread, other))
+                else:
+                    with contextlib.suppress(sqlite3.Error):
+                        other.close()
+            alive.append((threading.current_thread(), conn))
+            self._all = alive
         return conn
 
     def connection(self):
@@ -126,13 +136,21 @@ class Database:
                 raise
             conn.execute("COMMIT")
 
+    @contextlib.contextmanager
+    def reading(self):
+        """This thread's connection for reads outside a transaction (each statement stands
+        alone), held safely (`:memory:` shares one behind the lock). For code written against
+        a connection, which then runs the same inside `transaction()` and out of it."""
+        with self._locked() as conn:
+            yield conn
+
     def ping(self):
         """A real round trip to the file, for readiness checks."""
         self.query_one("SELECT count(*) FROM sqlite_master")
 
     def close(self):
         with self._all_lock:
-            for conn in self._all:
+            for _, conn in self._all:
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
             self._all.clear()

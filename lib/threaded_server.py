@@ -103,7 +103,8 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 try:
                     data = reader.read_head(deadline)
                 except ProtocolError as error:
-                    self._answer_failure(sock, reader, None, b"", False, error)
+                    request = transport.unparsed_request(server.app, self.client_address)
+                    self._answer_failure(sock, None, request, error)
                     return
                 state["idle"] = False
                 first = False
@@ -118,24 +119,25 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         server = self.server
         app = server.app
         head = None
-        body, has_body = b"", False
         try:
             head = parse_head(data)
-            limit, _ = app.plan(head.method, head.path)
+            request = transport.build_request(app, head, self.client_address)
+            limit, _ = app.plan(request)
             length = body_length(head)
-            transport.check_body_length(length, limit)
             if length is not None:
-                has_body = True
+                transport.check_body_length(length, limit)
+                request.has_body = True
                 if wants_continue(head):
                     sock.sendall(CONTINUE)
                 if length == CHUNKED:
-                    body = reader.read_chunked(limit, server.idle_timeout)
+                    request.body = reader.read_chunked(limit, server.idle_timeout)
                 else:
-                    body = reader.read_exactly(length, server.idle_timeout)
+                    request.body = reader.read_exactly(length, server.idle_timeout)
         except HTTPError as error:
-            self._answer_failure(sock, reader, head, body, has_body, error)
+            if head is None:
+                request = transport.unparsed_request(app, self.client_address)
+            self._answer_failure(sock, head, request, error)
             return False
-        request = transport.build_request(app, head, body, has_body, self.client_address)
         response = app.handle(request)
         keep_alive = transport.keeps_alive(app, head, response, None)
         sock.settimeout(server.idle_timeout)  # a client that does not read cannot hold us forever
@@ -145,13 +147,8 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             sock.sendall(transport.encode_whole(response, head, keep_alive))
         return keep_alive
 
-    def _answer_failure(self, sock, reader, head, body, has_body, error):
-        app = self.server.app
-        if head is None:
-            request = transport.unparsed_request(app, self.client_address)
-        else:
-            request = transport.build_request(app, head, body, has_body, self.client_address)
-        response = app.handle(request, error)
+    def _answer_failure(self, sock, head, request, error):
+        response = self.server.app.handle(request, error)
         sock.settimeout(self.server.idle_timeout)
         sock.sendall(transport.encode_whole(response, head, False))
         self._linger(sock)

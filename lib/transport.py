@@ -38,8 +38,9 @@ def unparsed_request(app, client):
     return Request("-", "-", client=client, app=app)
 
 
-def build_request(app, head, body, has_body, client):
-    return Request.from_head(head, body, has_body, client, app)
+def build_request(app, head, client):
+    """The request for a parsed head; the transport fills in the body once it is read."""
+    return Request.from_head(head, b"", False, client, app)
 
 
 def keeps_alive(app, head, response, failure):
@@ -55,8 +56,16 @@ def keeps_alive(app, head, response, failure):
 
 def encode_whole(response, head, keep_alive):
     head_only = head is not None and head.method == "HEAD"
-    return encode_response(response.status, response.headers, response.body, head_only=head_only,
-                           keep_alive=keep_alive)
+    try:
+        return encode_response(response.status, response.headers, response.body,
+                               head_only=head_only, keep_alive=keep_alive)
+    except (ValueError, UnicodeEncodeError) as error:
+        # A handler put a line break or a non-Latin-1 character in a header value: answer
+        # 500 (logged), never send the broken head or drop the connection without an answer.
+        sys.stderr.write(f"error: cannot encode the response head: {error!r}\n")
+        body = b'{"type": "about:blank", "title": "Internal Server Error", "status": 500}'
+        return encode_response(500, [("Content-Type", "application/problem+json")], body,
+                               head_only=head_only, keep_alive=False)
 
 
 def encode_stream_head(response, head, keep_alive):

@@ -46,6 +46,17 @@ class Field:
         return value
 
 
+def is_unicode_text(text):
+    """False for a string holding a lone UTF-16 surrogate: JSON can spell one (`"\\ud800"`) and
+    Python decodes it, but it is no character, cannot be written as UTF-8, and sqlite refuses
+    to store it (an exception, so a 500, unless it is caught here)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Text(Field):
     def __init__(self, min_length=0, max_length=1000, *, strip=True, pattern=None, lower=False,
                  pattern_text=None, **kw):
@@ -60,6 +71,8 @@ class Text(Field):
     def clean(self, value):
         if not isinstance(value, str):
             raise Invalid("must be a string")
+        if not is_unicode_text(value):
+            raise Invalid("must be Unicode text (a lone surrogate such as \\ud800 is not)")
         if self.strip:
             value = value.strip()
         if self.lower:
@@ -102,7 +115,8 @@ class Choice(Field):
         self.choices = tuple(choices)
 
     def clean(self, value):
-        if value not in self.choices:
+        # Exact: `True == 1` and `1.0 == 1` in Python, but not in a JSON contract.
+        if not any(type(value) is type(choice) and value == choice for choice in self.choices):
             raise Invalid("must be one of: " + ", ".join(map(str, self.choices)))
         return value
 
@@ -120,6 +134,44 @@ class Date(Field):
         return value
 
 
+class Email(Field):
+    """An email address of sane syntax, trimmed, its domain lower-cased; returned normalised.
+
+    "Sane" is the everyday `local@domain.tld` (RFC 5321 §4.1.2's dot-atom, plus non-ASCII
+    letters for internationalised addresses, RFC 6531), at most 254 characters: quoted local
+    parts, comments and IP-literal domains are valid by the RFC but refused here, as most
+    services do. Only the domain is lower-cased: RFC 5321 §2.4 lets the mailbox server treat
+    `Ann` and `ann` as different people, so deciding that they are one account (a unique index
+    on the case-folded address) is the caller's choice, not the validator's."""
+
+    _LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010ffff-]+"
+                        r"(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010ffff-]+)*")
+    _LABEL = re.compile(r"[a-z0-9\u0080-\U0010ffff](?:[a-z0-9\u0080-\U0010ffff-]{0,61}"
+                        r"[a-z0-9\u0080-\U0010ffff])?")
+
+    def clean(self, value):
+        if not isinstance(value, str):
+            raise Invalid("must be a string")
+        normalised = self.normalise(value)
+        if normalised is None:
+            raise Invalid("must be an email address like name@example.com")
+        return normalised
+
+    @classmethod
+    def normalise(cls, text):
+        """`text` as a normalised address, or None when it is not a sane one."""
+        text = text.strip()
+        local, at, domain = text.rpartition("@")
+        domain = domain.lower()
+        labels = domain.split(".")
+        if (not at or len(text) > 254 or len(local) > 64 or not text.isprintable()
+                or not cls._LOCAL.fullmatch(local)
+                or len(labels) < 2 or labels[-1].isdigit()
+                or not all(cls._LABEL.fullmatch(label) for label in labels)):
+            return None
+        return f"{local}@{domain}"
+
+
 class TextList(Field):
     """A list of short strings, trimmed; optionally lower-cased and de-duplicated in order."""
 
@@ -132,16 +184,18 @@ class TextList(Field):
     def clean(self, value):
         if not isinstance(value, list):
             raise Invalid("must be a list of strings")
-        items = []
+        items, seen = [], set()
         for index, item in enumerate(value):
             try:
                 item = self.item.clean(item)
             except Invalid as err:
                 raise Invalid(f"item {index} {err}") from None
-            if not (self.unique and item in items):
-                items.append(item)
-        if len(items) > self.max_items:
-            raise Invalid(f"must have at most {self.max_items} items")
+            if self.unique and item in seen:
+                continue
+            seen.add(item)
+            items.append(item)
+            if len(items) > self.max_items:  # stop at once: a huge list costs no more than this
+                raise Invalid(f"must have at most {self.max_items} items")
         return items
 
 

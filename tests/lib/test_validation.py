@@ -1,0 +1,311 @@
+"""lib/validation.py: each field type's accept / refuse cases, and `validate`, which reports every
+bad field in one 422 (unknown and server-owned fields included) or returns cleaned values."""
+import pytest
+
+from lib.problems import ValidationFailed
+from lib.validation import (Boolean, Choice, Date, Email, Integer, Invalid, Text, TextList,
+                            validate)
+
+
+def refusal(field, value):
+    """The message `field` refuses `value` with."""
+    with pytest.raises(Invalid) as caught:
+        field.check(value)
+    return str(caught.value)
+
+
+def errors_of(data, fields, **kw):
+    """`validate`'s errors as {field: message}."""
+    with pytest.raises(ValidationFailed) as caught:
+        validate(data, fields, **kw)
+    assert caught.value.status == 422
+    return {e["field"]: e["message"] for e in caught.value.errors}
+
+
+# --- Text ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value, cleaned", [
+    (Text(), "hello", "hello"),
+    (Text(), "  padded \t\n", "padded"),
+    (Text(), "", ""),
+    (Text(strip=False), "  kept  ", "  kept  "),
+    (Text(lower=True), "MiXeD", "mixed"),
+    (Text(1, 5), "héllo", "héllo"),                       # characters, not bytes
+    (Text(1, 3), "  abc  ", "abc"),                       # length after trimming
+    (Text(pattern=r"[a-z]+"), "abc", "abc"),
+    (Text(), "emoji 🎉", "emoji 🎉"),
+])
+def test_text_accepts(field, value, cleaned):
+    assert field.check(value) == cleaned
+
+
+@pytest.mark.parametrize("field, value, message", [
+    (Text(), 5, "must be a string"),
+    (Text(), ["a"], "must be a string"),
+    (Text(), True, "must be a string"),
+    (Text(1), "", "must not be empty"),
+    (Text(1), "   ", "must not be empty"),                # blank after trimming
+    (Text(3), "ab", "must be at least 3 characters"),
+    (Text(0, 3), "abcd", "must be at most 3 characters"),
+    (Text(pattern=r"[a-z]+"), "abc1", "must match [a-z]+"),
+    (Text(pattern=r"[a-z]+", pattern_text="lower-case letters only"), "A", "lower-case letters only"),
+    (Text(), "\ud800", "must be Unicode text (a lone surrogate such as \\ud800 is not)"),
+    (Text(), None, "must not be null"),
+])
+def test_text_refuses(field, value, message):
+    assert refusal(field, value) == message
+
+
+def test_pattern_must_match_the_whole_value():
+    assert refusal(Text(pattern=r"[a-z]+"), "abc def") == "must match [a-z]+"
+
+
+def test_nullable_field_takes_null():
+    assert Text(nullable=True).check(None) is None
+    assert Integer(nullable=True).check(None) is None
+
+
+# --- Integer, Boolean, Choice, Date ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value", [
+    (Integer(), 0), (Integer(), -5), (Integer(), 10**30),
+    (Integer(1, 10), 1), (Integer(1, 10), 10), (Integer(minimum=0), 7), (Integer(maximum=0), -7),
+])
+def test_integer_accepts(field, value):
+    assert field.check(value) == value
+
+
+@pytest.mark.parametrize("field, value, message", [
+    (Integer(), "5", "must be an integer"),
+    (Integer(), 5.0, "must be an integer"),
+    (Integer(), 5.5, "must be an integer"),
+    (Integer(), True, "must be an integer"),              # bool is an int in Python, not in JSON
+    (Integer(), False, "must be an integer"),
+    (Integer(), [1], "must be an integer"),
+    (Integer(1, 10), 0, "must be an integer from 1 to 10"),
+    (Integer(1, 10), 11, "must be an integer from 1 to 10"),
+])
+def test_integer_refuses(field, value, message):
+    assert refusal(field, value) == message
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_boolean_accepts(value):
+    assert Boolean().check(value) is value
+
+
+@pytest.mark.parametrize("value", [1, 0, "true", "false", "", [], {}])
+def test_boolean_refuses_lookalikes(value):
+    assert refusal(Boolean(), value) == "must be true or false"
+
+
+@pytest.mark.parametrize("value", ["low", "high"])
+def test_choice_accepts(value):
+    assert Choice(("low", "high")).check(value) == value
+
+
+@pytest.mark.parametrize("value", ["LOW", " low", "lo", "", 1, ["low"], {"low": 1}])
+def test_choice_is_exact(value):
+    assert refusal(Choice(("low", "high")), value) == "must be one of: low, high"
+
+
+def test_choice_from_a_dict_uses_its_keys():
+    assert Choice({"low": 0, "high": 1}).check("high") == "high"
+
+
+@pytest.mark.parametrize("value", [True, 1.0])
+def test_choice_of_numbers_is_exact(value):
+    refusal(Choice((1, 2, 3)), value)
+
+
+@pytest.mark.parametrize("value", ["2026-03-01", "2024-02-29", "0001-01-01", "9999-12-31"])
+def test_date_accepts(value):
+    assert Date().check(value) == value
+
+
+@pytest.mark.parametrize("value, message", [
+    ("2026-02-30", "is not a real calendar date"),
+    ("2025-02-29", "is not a real calendar date"),
+    ("2026-13-01", "is not a real calendar date"),
+    ("0000-01-01", "is not a real calendar date"),
+    ("20260301", "must be a date written YYYY-MM-DD"),
+    ("2026-3-1", "must be a date written YYYY-MM-DD"),
+    ("2026-03-01T10:00:00Z", "must be a date written YYYY-MM-DD"),
+    (" 2026-03-01", "must be a date written YYYY-MM-DD"),
+    (20260301, "must be a date written YYYY-MM-DD"),
+])
+def test_date_refuses(value, message):
+    assert refusal(Date(), value) == message
+
+
+def test_date_refuses_non_ascii_digits():
+    refusal(Date(), "\u0662\u0660\u0662\u0666-\u0660\u0661-\u0660\u0661")
+
+
+# --- Email ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, cleaned", [
+    ("ann@example.com", "ann@example.com"),
+    ("Ann.Lee@Example.COM", "Ann.Lee@example.com"),      # only the domain is lower-cased
+    ("  ann@example.com\n", "ann@example.com"),
+    ("a+tag@sub.example.co.uk", "a+tag@sub.example.co.uk"),
+    ("o'neil!#$%&*/=?^_`{|}~-@x.io", "o'neil!#$%&*/=?^_`{|}~-@x.io"),
+    ("josé@bücher.DE", "josé@bücher.de"),                 # RFC 6531: non-ASCII letters
+    ("a@b-c.d", "a@b-c.d"),
+    ("a" * 64 + "@example.com", "a" * 64 + "@example.com"),
+    ("a@" + "b" * 63 + ".com", "a@" + "b" * 63 + ".com"),
+])
+def test_email_accepts_and_normalises(value, cleaned):
+    assert Email().check(value) == cleaned
+
+
+@pytest.mark.parametrize("value", [
+    "", "ann", "ann@", "@example.com", "ann@example", "ann@localhost",
+    "a b@example.com", "ann@exa mple.com", "a..b@example.com", ".ann@example.com",
+    "ann.@example.com", "ann@@example.com", "ann@example..com", "ann@.example.com",
+    "ann@example.com.", "ann@-example.com", "ann@example-.com", "ann@exa_mple.com",
+    "ann@example.123", '"ann"@example.com', "ann@[192.0.2.1]", "ann(comment)@example.com",
+    "ann@example.com\x00", "a\u00a0b@example.com", "\ud800@example.com",
+    "a" * 65 + "@example.com",                            # local part over 64
+    "a@" + "b" * 64 + ".com",                             # label over 63
+    "a@" + ".".join(["b" * 60] * 5) + ".com",             # over 254 in all
+])
+def test_email_refuses(value):
+    assert refusal(Email(), value) == "must be an email address like name@example.com"
+
+
+def test_email_refuses_a_non_string():
+    assert refusal(Email(), 5) == "must be a string"
+
+
+# --- TextList ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value, cleaned", [
+    (TextList(), [], []),
+    (TextList(), [" a ", "b"], ["a", "b"]),
+    (TextList(), ["a", "b", "a"], ["a", "b"]),             # de-duplicated, first order kept
+    (TextList(unique=False), ["a", "a"], ["a", "a"]),
+    (TextList(lower=True), ["Work", "WORK", "home"], ["work", "home"]),
+    (TextList(max_items=2), ["a", "a", "b", "b"], ["a", "b"]),   # counted after de-duplication
+])
+def test_text_list_accepts(field, value, cleaned):
+    assert field.check(value) == cleaned
+
+
+@pytest.mark.parametrize("field, value, message", [
+    (TextList(), "a", "must be a list of strings"),
+    (TextList(), {"a": 1}, "must be a list of strings"),
+    (TextList(), ["a", 5], "item 1 must be a string"),
+    (TextList(), ["a", " "], "item 1 must not be empty"),
+    (TextList(item_max=3), ["abcd"], "item 0 must be at most 3 characters"),
+    (TextList(max_items=2), ["a", "b", "c"], "must have at most 2 items"),
+])
+def test_text_list_refuses(field, value, message):
+    assert refusal(field, value) == message
+
+
+def test_text_list_stops_at_the_first_item_over_the_limit():
+    field = TextList(max_items=10)
+    cleaned = []
+    original = field.item.clean
+    field.item.clean = lambda value: cleaned.append(value) or original(value)
+    assert refusal(field, [f"tag{i}" for i in range(3000)]) == "must have at most 10 items"
+    assert len(cleaned) <= 11
+
+
+# --- validate ------------------------------------------------------------------------------
+
+NOTE = {
+    "title": Text(1, 20, required=True),
+    "body": Text(0, 100, default=""),
+    "pinned": Boolean(default=False),
+    "tags": TextList(default=list),
+    "due": Date(nullable=True),
+}
+SERVER_OWNED = {"id", "owner", "created_at"}
+
+
+def test_valid_body_is_cleaned_and_defaults_filled():
+    assert validate({"title": "  Shop  ", "due": "2026-03-01"}, NOTE) == {
+        "title": "Shop", "body": "", "pinned": False, "tags": [], "due": "2026-03-01"}
+
+
+def test_optional_field_without_default_is_left_out():
+    assert "due" not in validate({"title": "t"}, NOTE)
+
+
+def test_callable_default_is_called_each_time():
+    first, second = validate({"title": "a"}, NOTE), validate({"title": "b"}, NOTE)
+    assert first["tags"] == [] and first["tags"] is not second["tags"]
+
+
+def test_given_value_wins_over_default():
+    assert validate({"title": "t", "pinned": True}, NOTE)["pinned"] is True
+
+
+def test_null_for_a_nullable_field_is_kept():
+    assert validate({"title": "t", "due": None}, NOTE)["due"] is None
+
+
+def test_missing_required_field():
+    assert errors_of({}, NOTE) == {"title": "is required"}
+
+
+def test_every_bad_field_is_reported_at_once():
+    data = {"title": "", "pinned": "yes", "tags": "x", "due": "2026-02-30", "colour": "red",
+            "id": 5}
+    assert errors_of(data, NOTE, read_only=SERVER_OWNED) == {
+        "title": "must not be empty",
+        "pinned": "must be true or false",
+        "tags": "must be a list of strings",
+        "due": "is not a real calendar date",
+        "colour": "is not a known field",
+        "id": "is set by the server and cannot be changed",
+    }
+
+
+def test_error_detail_names_the_fields():
+    with pytest.raises(ValidationFailed) as caught:
+        validate({"pinned": 1}, NOTE)
+    assert caught.value.detail.startswith("invalid fields: ")
+    assert sorted(caught.value.detail.removeprefix("invalid fields: ").split(", ")) == ["pinned", "title"]
+    problem = caught.value.to_problem()
+    assert problem["status"] == 422 and problem["title"] == "Unprocessable Content"
+    assert sorted(problem["errors"], key=lambda e: e["field"]) == [
+        {"field": "pinned", "message": "must be true or false"},
+        {"field": "title", "message": "is required"}]
+
+
+@pytest.mark.parametrize("name", ["owner", "created_at", "id"])
+def test_read_only_field_is_422_even_with_a_plausible_value(name):
+    # Mass assignment: a client must not set what the server owns.
+    assert errors_of({"title": "t", name: "someone-else"}, NOTE, read_only=SERVER_OWNED) == \
+        {name: "is set by the server and cannot be changed"}
+
+
+def test_unknown_field_is_422_not_ignored():
+    assert errors_of({"title": "t", "Title": "x"}, NOTE) == {"Title": "is not a known field"}
+
+
+def test_null_for_a_non_nullable_field():
+    assert errors_of({"title": None}, NOTE) == {"title": "must not be null"}
+
+
+def test_partial_checks_only_the_given_fields():
+    assert validate({"pinned": True}, NOTE, partial=True) == {"pinned": True}
+
+
+def test_partial_empty_body_is_valid_and_empty():
+    assert validate({}, NOTE, partial=True) == {}
+
+
+def test_partial_still_checks_given_values_unknown_and_read_only():
+    assert errors_of({"title": "", "x": 1, "owner": "b"}, NOTE, partial=True,
+                     read_only=SERVER_OWNED) == {
+        "title": "must not be empty",
+        "x": "is not a known field",
+        "owner": "is set by the server and cannot be changed"}
