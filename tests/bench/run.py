@@ -1,0 +1,443 @@
+"""The project's benchmark: what its servers cost, next to the standard library at its best.
+
+Each scenario starts a project server as a subprocess, drives it from a separate load-generating
+process (wrk when installed, else tests/bench/loadgen.py) with keep-alive connections, and
+measures requests per second and p50/p99 latency. In the same run it measures a reference that
+does the same job with the standard library and nothing else:
+
+- health:  `GET /health` on level01/health_check.py, once per transport (`--server threaded`,
+           `--server asyncio`), beside a tuned `http.server` handler and a minimal asyncio-streams
+           server that send the very same body (tests/bench/references.py).
+- counter: durable `POST /counters/bench/increment` on level01/counter.py, beside raw sqlite
+           single-row WAL commits (tests/bench/sqlite_commits.py); afterwards the stored value is
+           checked against the number of increments the load generator saw acknowledged.
+
+Why ratios: on a shared 2-core machine absolute figures move ±20% between runs, and the load
+generator competes with the server for the same two cores. Both effects hit the project's server
+and its reference alike when they are measured back to back in one run, so the benchmark judges
+ratios within a run (server ÷ reference) against targets, never a figure from another run.
+
+Run: python tests/bench/run.py [--duration S] [--connections N] [--only NAME] [--tool wrk|python]
+
+Adding a scenario: write a function that takes the Bench and returns a ScenarioReport (rows for
+the table, targets to judge), and add it to SCENARIOS.
+"""
+
+import argparse
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parents[1]
+WARMUP_S = 1
+SERVER_START_TIMEOUT_S = 15.0
+SERVER_STOP_TIMEOUT_S = 10.0
+LISTENING_LINE = re.compile(r"listening on (http://\S+)")
+
+
+class BenchError(Exception):
+    """A scenario could not be measured: a server did not start, a load generator failed."""
+
+
+# --- Load generators ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """What every connection of the load generator sends, over and over."""
+
+    method: str = "GET"
+    body: str = ""
+    content_type: str | None = None
+
+
+GET = Request()
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    requests: int  # responses received
+    ok: int  # 2xx responses
+    errors: int  # other statuses and connection failures
+    rps: float
+    p50_ms: float
+    p99_ms: float
+
+
+class WrkLoadGenerator:
+    """wrk (C, epoll), one thread: far cheaper per request than any Python client.
+
+    When its time is up wrk abandons the requests in flight, so a server may have done up to
+    one request per connection more than wrk counted.
+    """
+
+    counts_every_request = False
+
+    def __init__(self, executable: str, workdir: Path):
+        self.executable = executable
+        self.workdir = workdir
+        version = subprocess.run([executable, "--version"], capture_output=True, text=True)
+        first_line = (version.stdout or version.stderr).splitlines()[0]
+        self.description = first_line.split(" Copyright")[0] + ", one thread (-t1)"
+
+    def run(self, url: str, request: Request, connections: int, duration: int) -> LoadResult:
+        command = [self.executable, "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
+        if request != GET:
+            command += ["-s", str(self.write_request_script(request))]
+        completed = subprocess.run(command + [url], capture_output=True, text=True, timeout=duration + 30)
+        if completed.returncode != 0:
+            raise BenchError(f"wrk failed: {completed.stderr.strip() or completed.stdout.strip()}")
+        return parse_wrk_output(completed.stdout)
+
+    def write_request_script(self, request: Request) -> Path:
+        # json.dumps gives a valid Lua string literal for ASCII text, which our bodies are.
+        lines = [f"wrk.method = {json.dumps(request.method)}", f"wrk.body = {json.dumps(request.body)}"]
+        if request.content_type:
+            lines.append(f'wrk.headers["Content-Type"] = {json.dumps(request.content_type)}')
+        script = self.workdir / "request.lua"
+        script.write_text("\n".join(lines) + "\n")
+        return script
+
+
+def parse_wrk_output(output: str) -> LoadResult:
+    def number(pattern: str, default: str | None = None) -> str:
+        match = re.search(pattern, output, re.MULTILINE)
+        if match:
+            return match.group(1)
+        if default is None:
+            raise BenchError(f"unexpected wrk output (no match for {pattern!r}):\n{output}")
+        return default
+
+    def latency_ms(percent: str) -> float:
+        match = re.search(rf"^\s+{percent}%\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
+        if not match:
+            raise BenchError(f"unexpected wrk output (no {percent}% latency line):\n{output}")
+        value, unit = float(match.group(1)), match.group(2)
+        return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    requests = int(number(r"^\s+(\d+) requests in "))
+    failed_responses = int(number(r"Non-2xx or 3xx responses: (\d+)", default="0"))
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    broken = sum(int(count) for count in socket_errors.groups()) if socket_errors else 0
+    return LoadResult(
+        requests=requests,
+        ok=requests - failed_responses,
+        errors=failed_responses + broken,
+        rps=float(number(r"^Requests/sec:\s+([\d.]+)")),
+        p50_ms=latency_ms("50"),
+        p99_ms=latency_ms("99"),
+    )
+
+
+class PythonLoadGenerator:
+    """tests/bench/loadgen.py: one process, one selectors loop; waits for the requests in flight."""
+
+    counts_every_request = True
+    description = "Python load generator (tests/bench/loadgen.py, one process, selectors loop)"
+
+    def run(self, url: str, request: Request, connections: int, duration: int) -> LoadResult:
+        command = [sys.executable, str(BENCH_DIR / "loadgen.py"), url,
+                   "--connections", str(connections), "--duration", str(duration),
+                   "--method", request.method, "--body", request.body]
+        if request.content_type:
+            command += ["--content-type", request.content_type]
+        return run_measuring_process(command, timeout=duration + 30)
+
+
+def run_measuring_process(command: list[str], timeout: float) -> LoadResult:
+    """Run loadgen.py or sqlite_commits.py, which print their result as one JSON line."""
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+    if completed.returncode != 0 or not completed.stdout.strip():
+        raise BenchError(f"{Path(command[1]).name} failed: {completed.stderr.strip()}")
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    return LoadResult(**{name: result[name] for name in LoadResult.__dataclass_fields__})
+
+
+# --- Servers and measurements -------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of the table: a server (or reference) and what it measured."""
+
+    server: str
+    result: LoadResult
+
+
+@dataclass
+class Bench:
+    """The settings of this run, and the means every scenario uses: start a server, measure it."""
+
+    load_generator: WrkLoadGenerator | PythonLoadGenerator
+    duration: int
+    connections: int
+    workdir: Path  # temporary: databases, server logs, wrk scripts
+
+    def measure(self, server: str, url: str, request: Request = GET, warmup_url: str | None = None) -> Row:
+        """Warm up for WARMUP_S (on warmup_url if given), then load url for the run's duration."""
+        print(f"  {server}", flush=True)
+        self.load_generator.run(warmup_url or url, request, self.connections, WARMUP_S)
+        return Row(server, self.load_generator.run(url, request, self.connections, self.duration))
+
+    @contextmanager
+    def running_server(self, script: str, *args: str | Path) -> Iterator[str]:
+        """Start `python script --port 0 args...`, yield its base URL, stop it with SIGTERM.
+
+        Its stderr (the access log) goes to a file in workdir, shown if the server fails to start.
+        """
+        command = [sys.executable, script, "--port", "0", *map(str, args)]
+        with tempfile.NamedTemporaryFile(dir=self.workdir, prefix=Path(script).stem + "-",
+                                         suffix=".log", delete=False) as log:
+            process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log)
+        try:
+            yield wait_until_listening(process, " ".join(command[1:]), Path(log.name))
+        finally:
+            stop_server(process, script)
+
+
+def wait_until_listening(process: subprocess.Popen, name: str, log_path: Path) -> str:
+    ready, _, _ = select.select([process.stdout], [], [], SERVER_START_TIMEOUT_S)
+    line = process.stdout.readline().decode(errors="replace") if ready else ""
+    match = LISTENING_LINE.fullmatch(line.strip())
+    if not match:
+        try:
+            state = f"exited with status {process.wait(1)}"
+        except subprocess.TimeoutExpired:
+            state = "still running"
+        stderr_tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        raise BenchError(f"{name} did not print 'listening on http://HOST:PORT' (got {line.strip()!r}, "
+                         f"{state}); its stderr ends with:\n{stderr_tail}")
+    return match.group(1)
+
+
+def stop_server(process: subprocess.Popen, script: str) -> None:
+    process.stdout.close()
+    if process.poll() is not None:
+        return  # it never started: wait_until_listening has already said why
+    process.send_signal(signal.SIGTERM)
+    try:
+        status = process.wait(SERVER_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        status = process.wait()
+        print(f"  warning: {script} did not exit within {SERVER_STOP_TIMEOUT_S:.0f} s of SIGTERM; killed")
+    else:
+        if status != 0:
+            print(f"  warning: {script} exited with status {status} after SIGTERM (expected 0)")
+
+
+def fetch(url: str) -> tuple[bytes, str]:
+    """GET url: its body and Content-Type."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.read(), response.headers["Content-Type"]
+    except OSError as error:  # urllib.error.URLError and HTTPError are OSErrors
+        raise BenchError(f"GET {url} failed: {error}") from error
+
+
+# --- Scenarios ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    description: str
+    value: str
+    goal: str
+    met: bool
+
+
+@dataclass
+class ScenarioReport:
+    rows: list[Row]
+    targets: list[Target]
+    notes: list[str] = field(default_factory=list)
+
+
+def ratio_target(description: str, measured: Row, reference: Row, minimum: float) -> Target:
+    ratio = measured.result.rps / reference.result.rps if reference.result.rps else 0.0
+    return Target(description, f"{ratio:.2f}", f"≥ {minimum}", ratio >= minimum)
+
+
+def p99_target(description: str, measured: Row, maximum_ms: float) -> Target:
+    p99_ms = measured.result.p99_ms
+    return Target(description, f"{p99_ms:.1f} ms", f"< {maximum_ms:g} ms", p99_ms < maximum_ms)
+
+
+def health_scenario(bench: Bench) -> ScenarioReport:
+    """GET /health on each transport of health_check, beside the stdlib reference for that transport."""
+    db = bench.workdir / "health_check.sqlite3"
+    body_file = bench.workdir / "health_body"
+
+    with bench.running_server("level01/health_check.py", "--server", "threaded", "--db", db) as url:
+        body, content_type = fetch(url + "/health")
+        body_file.write_bytes(body)
+        threaded = bench.measure("health_check --server threaded", url + "/health")
+    with bench.running_server("tests/bench/references.py", "threaded",
+                              "--body-file", body_file, "--content-type", content_type) as url:
+        tuned_http_server = bench.measure("tuned http.server (reference)", url + "/health")
+    with bench.running_server("level01/health_check.py", "--server", "asyncio", "--db", db) as url:
+        asyncio_server = bench.measure("health_check --server asyncio", url + "/health")
+    with bench.running_server("tests/bench/references.py", "asyncio",
+                              "--body-file", body_file, "--content-type", content_type) as url:
+        minimal_asyncio = bench.measure("minimal asyncio streams (reference)", url + "/health")
+
+    return ScenarioReport(
+        rows=[threaded, tuned_http_server, asyncio_server, minimal_asyncio],
+        targets=[
+            ratio_target("health_check threaded ÷ tuned http.server", threaded, tuned_http_server, 0.8),
+            ratio_target("health_check asyncio ÷ minimal asyncio streams", asyncio_server, minimal_asyncio, 0.5),
+            p99_target(f"health_check threaded p99 at {bench.connections} connections", threaded, 10),
+            p99_target(f"health_check asyncio p99 at {bench.connections} connections", asyncio_server, 10),
+        ],
+        notes=[f"/health body ({content_type}, {len(body)} bytes), the references send it too: {body.decode()}"],
+    )
+
+
+def counter_scenario(bench: Bench) -> ScenarioReport:
+    """Durable increments over HTTP on counter.py, beside raw sqlite single-row WAL commits."""
+    increment = Request("POST", '{"by": 1}', "application/json")
+    with bench.running_server("level01/counter.py", "--db", bench.workdir / "counter.sqlite3") as url:
+        # The warm-up increments another counter, so that "bench" counts the measured requests only.
+        over_http = bench.measure("counter.py POST /counters/bench/increment", url + "/counters/bench/increment",
+                                  increment, warmup_url=url + "/counters/warmup/increment")
+        stored, _ = fetch(url + "/counters/bench")
+
+    raw_sqlite = measure_sqlite_commits(bench)
+    return ScenarioReport(
+        rows=[over_http, raw_sqlite],
+        targets=[ratio_target("counter increments ÷ raw sqlite commits", over_http, raw_sqlite, 0.3)],
+        notes=[check_stored_count(json.loads(stored)["value"], over_http.result, bench)],
+    )
+
+
+def measure_sqlite_commits(bench: Bench) -> Row:
+    server = "raw sqlite UPDATE + COMMIT, WAL (reference)"
+    print(f"  {server}", flush=True)
+    command = [sys.executable, str(BENCH_DIR / "sqlite_commits.py"), "--db", str(bench.workdir / "raw.sqlite3")]
+    run_measuring_process(command + ["--duration", str(WARMUP_S)], timeout=WARMUP_S + 30)
+    return Row(server, run_measuring_process(command + ["--duration", str(bench.duration)],
+                                             timeout=bench.duration + 30))
+
+
+def check_stored_count(stored_value: int, over_http: LoadResult, bench: Bench) -> str:
+    """Every increment acknowledged with a 200 must be in the stored value."""
+    if bench.load_generator.counts_every_request:
+        if stored_value == over_http.ok:
+            return f"counter check OK: stored value {stored_value} = {over_http.ok} increments answered 200"
+    elif over_http.ok <= stored_value <= over_http.ok + bench.connections:
+        return (f"counter check OK: stored value {stored_value}, {over_http.ok} increments answered 200 "
+                f"(+{stored_value - over_http.ok} in flight when wrk stopped)")
+    return (f"WARNING: counter check failed: stored value {stored_value}, "
+            f"but the load generator counted {over_http.ok} increments answered 200")
+
+
+SCENARIOS: dict[str, Callable[[Bench], ScenarioReport]] = {
+    "health": health_scenario,
+    "counter": counter_scenario,
+}
+
+
+# --- Report -------------------------------------------------------------------------------------
+
+
+def print_table(header: list[str], lines: list[list[str]], left_aligned: int) -> None:
+    """Columns sized to fit; the first left_aligned columns are text, the rest numbers."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
+    for line in [header, *lines]:
+        cells = [cell.ljust(width) if i < left_aligned else cell.rjust(width)
+                 for i, (cell, width) in enumerate(zip(line, widths))]
+        print("  ".join(cells).rstrip())
+
+
+def print_report(reports: dict[str, ScenarioReport]) -> None:
+    if not reports:
+        return
+    print()
+    print_table(
+        ["scenario", "server", "req/s", "p50 ms", "p99 ms", "errors"],
+        [[name, row.server, f"{row.result.rps:,.0f}", f"{row.result.p50_ms:.2f}",
+          f"{row.result.p99_ms:.2f}", str(row.result.errors)]
+         for name, report in reports.items() for row in report.rows],
+        left_aligned=2,
+    )
+    print()
+    print_table(
+        ["target", "value", "goal", "result"],
+        [[target.description, target.value, target.goal, "PASS" if target.met else "MISS"]
+         for report in reports.values() for target in report.targets],
+        left_aligned=1,
+    )
+    notes = [note for report in reports.values() for note in report.notes]
+    if notes:
+        print()
+        for note in notes:
+            print(note)
+
+
+def load_average_before_run() -> str:
+    """The 1-minute load average, with a word when other processes already compete for the cores."""
+    load = os.getloadavg()[0]
+    busy = " (other processes compete for the cores: figures are low, ratios noisier)" if load > 1 else ""
+    return f"{load:.2f}{busy}"
+
+
+def choose_load_generator(tool: str | None, workdir: Path) -> WrkLoadGenerator | PythonLoadGenerator:
+    wrk = shutil.which("wrk")
+    if tool == "python" or (tool is None and not wrk):
+        return PythonLoadGenerator()
+    if not wrk:
+        raise BenchError("--tool wrk: wrk is not installed (apt-get install wrk, brew install wrk)")
+    return WrkLoadGenerator(wrk, workdir)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Benchmark the project's servers against stdlib references.")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per measurement (default 5)")
+    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections (default 32)")
+    parser.add_argument("--only", choices=list(SCENARIOS), help="run this scenario only")
+    parser.add_argument("--tool", choices=["wrk", "python"], help="load generator (default: wrk if installed)")
+    args = parser.parse_args()
+    if args.duration < 1 or args.connections < 1:
+        parser.error("--duration and --connections must be at least 1")
+
+    with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
+        try:
+            load_generator = choose_load_generator(args.tool, Path(workdir))
+        except BenchError as error:
+            parser.error(str(error))
+        bench = Bench(load_generator, args.duration, args.connections, Path(workdir))
+        print(f"load generator: {load_generator.description}")
+        print(f"{args.connections} keep-alive connections, {args.duration} s per measurement after a "
+              f"{WARMUP_S} s warm-up; {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+        print(f"load average before the run: {load_average_before_run()}")
+
+        reports: dict[str, ScenarioReport] = {}
+        failed = []
+        for name, scenario in SCENARIOS.items():
+            if args.only and name != args.only:
+                continue
+            print(f"{name}:", flush=True)
+            try:
+                reports[name] = scenario(bench)
+            except BenchError as error:
+                failed.append(name)
+                print(f"  scenario {name} could not run: {error}", flush=True)
+
+    print_report(reports)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
