@@ -23,6 +23,7 @@ them through (level03/jwt_auth.py, level03/rbac.py). A project marks its own ope
 same way: `@app.post("/auth/login", public=True)`.
 """
 import argparse
+import math
 import sys
 import time
 import types
@@ -166,6 +167,8 @@ class App:
         parser.add_argument("--shutdown-delay", type=seconds, default=0.0,
                             help="on SIGTERM, answer not-ready but keep serving this long before "
                                  "stopping (lets a load balancer notice; default 0)")
+        parser.add_argument("--max-connections", type=connection_count, default=1000,
+                            help="open connections at most; one more gets 503 (default 1000)")
         parser.add_argument("--drain-timeout", type=seconds, default=10.0,
                             help="on SIGTERM, wait at most this long for in-flight requests (default 10 s)")
         return parser
@@ -231,24 +234,35 @@ def _health(request):
     return {"status": "ok"}
 
 
-def port_number(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0–65535)")
-    return value
+def bounded(convert, what, *, at_least=None, above=None, at_most=None, below=None):
+    """An argparse `type` for a number: `text` converted with `convert` (`int`, `float`) and
+    within the bounds given, else `'<text>' is not <what>`. Flags are checked as they are
+    parsed, at start, so a bad one ends the program with exit status 2 and a message naming the
+    flag (common.md "Running"), never a traceback or a surprise in the middle of serving (a
+    negative timeout, a port of 70000). NaN and infinity are never in range.
+
+        port_number = bounded(int, "a port number (0–65535)", at_least=0, at_most=65535)
+    """
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if ((isinstance(value, float) and not math.isfinite(value))
+                or (at_least is not None and value < at_least)
+                or (above is not None and value <= above)
+                or (at_most is not None and value > at_most)
+                or (below is not None and value >= below)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
 
 
-def seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 10**6:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration in seconds")
-    return value
+port_number = bounded(int, "a port number (0–65535)", at_least=0, at_most=65535)
+seconds = bounded(float, "a duration in seconds", at_least=0, below=10**6)
+connection_count = bounded(int, "a number of connections (1–100000)", at_least=1, at_most=100_000)
 
 
 def exit_usage_error(message):

@@ -48,6 +48,7 @@ class AsyncioServer:
         self.idle_timeout = args.idle_timeout
         self.shutdown_delay = args.shutdown_delay
         self.drain_timeout = args.drain_timeout
+        self.max_connections = args.max_connections
         self.connections = set()
         self.pool = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="handler")
         self.loop = None
@@ -103,9 +104,14 @@ class AsyncioServer:
                     conn.writer.transport.abort()
 
     async def _serve_connection(self, reader, writer):
+        client = writer.get_extra_info("peername") or ("", 0)
+        if len(self.connections) >= self.max_connections:
+            writer.write(transport.overloaded_answer(self.app, client))
+            await self._linger(reader, writer)
+            writer.transport.abort()
+            return
         conn = Connection(writer)
         self.connections.add(conn)
-        client = writer.get_extra_info("peername") or ("", 0)
         first = True
         try:
             while True:

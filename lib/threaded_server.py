@@ -90,9 +90,13 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         server = self.server
         sock = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        state = server.track(sock)
+        if state is None:  # at --max-connections: answer 503 rather than take another thread
+            sock.settimeout(server.idle_timeout)
+            sock.sendall(transport.overloaded_answer(server.app, self.client_address))
+            self._linger(sock)
+            return
         reader = SocketReader(sock)
-        state = {"idle": True}
-        server.track(sock, state)
         first = True
         try:
             while True:
@@ -197,12 +201,18 @@ class ThreadedServer(ThreadingHTTPServer):
         self.idle_timeout = args.idle_timeout
         self.shutdown_delay = args.shutdown_delay
         self.drain_timeout = args.drain_timeout
+        self.max_connections = args.max_connections
         self._connections = {}
         self._lock = threading.Lock()
 
-    def track(self, sock, state):
+    def track(self, sock):
+        """Register a new connection and return its state, or None when the server already
+        holds `--max-connections`."""
         with self._lock:
-            self._connections[sock] = state
+            if len(self._connections) >= self.max_connections:
+                return None
+            state = self._connections[sock] = {"idle": True}
+            return state
 
     def untrack(self, sock):
         with self._lock:

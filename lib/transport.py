@@ -9,11 +9,16 @@ Timeouts (common.md): a fresh connection must send a complete request head withi
 `--idle-timeout` (15 s) and must then send its next head within that same span. A lower
 `--idle-timeout` lowers the first deadline too. Reading a body, or writing an answer to a client
 that does not read, may pause at most the idle timeout between bytes.
+
+Connections are bounded by `--max-connections` (default 1000): one more is answered 503 with
+`Retry-After` and closed before its request is read, so neither threads (one per connection)
+nor coroutines can grow without bound when clients pile up.
 """
 import os
 import signal
 import sys
 
+from lib.problems import ServiceUnavailable
 from lib.protocol import CHUNKED, ContentTooLarge, encode_chunk, encode_head, encode_response
 from lib.request import Request
 
@@ -78,6 +83,15 @@ def encode_stream_head(response, head, keep_alive):
 
 def frame_chunk(head, data):
     return encode_chunk(data) if head.version == "HTTP/1.1" else data
+
+
+def overloaded_answer(app, client):
+    """The bytes of a 503 for a connection over `--max-connections`, sent before reading its
+    request (common.md: overloaded → 503 with Retry-After). It still passes through the chain,
+    so it has a request id and an access log line."""
+    error = ServiceUnavailable("the server is at its connection limit; retry shortly", retry_after=1)
+    response = app.handle(unparsed_request(app, client), error)
+    return encode_whole(response, None, False)
 
 
 def exit_now():

@@ -509,6 +509,37 @@ def test_idle_client_is_dropped_and_does_not_block_others(start_server, project,
             conn.close()
 
 
+@pytest.mark.parametrize("project, transport", transport_params)
+def test_connection_over_the_limit_gets_503_and_a_freed_slot_serves_again(
+        start_server, project, transport):
+    server = start_server(project.script, "--server", transport, "--max-connections", "2")
+    held = [RawConnection(server.host, server.port) for _ in range(2)]
+    try:
+        for conn in held:  # a served request proves the server counts the connection
+            conn.send(request_bytes("GET", "/health"))
+            assert conn.read_response(timeout=2).status == 200
+        with RawConnection(server.host, server.port) as third:
+            third.send(request_bytes("GET", "/health"))
+            refused = third.read_response(timeout=2)
+            assert refused.status == 503, refused
+            assert refused.header("Retry-After") == "1"
+            assert refused.json()["status"] == 503
+            assert third.read_until_closed(timeout=3) == b""
+        held.pop().close()
+        deadline = time.monotonic() + 5
+        while True:  # the server notices the close asynchronously: poll with a deadline
+            with RawConnection(server.host, server.port) as fourth:
+                fourth.send(request_bytes("GET", "/health", {"Connection": "close"}))
+                status = fourth.read_response(timeout=2).status
+            if status == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert status == 200, "a freed connection slot was not given to a new client"
+    finally:
+        for conn in held:
+            conn.close()
+
+
 # --------------------------------------------------------------------------------------------
 # Command line: bad flags, unusable port or db
 
