@@ -24,7 +24,6 @@ the health endpoints, a separate startup probe (the README says what each would 
     python level01/health_check.py [--db PATH] [--check-timeout S] [--min-free-mb N]
                                    [--shutdown-delay S] [--trace] [--server threaded]
 """
-import argparse
 import functools
 import shutil
 import sqlite3
@@ -37,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
 from lib import App, ServiceUnavailable, trace_event
+from lib.app import bounded
 
 app = App("health_check", "Liveness and readiness: is the process up, and may it take traffic?",
           port=8001)
@@ -219,33 +219,15 @@ def readiness(request):
 # --- command line ---------------------------------------------------------------------------------
 
 
-def check_timeout_seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 60:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration from more than 0 to 60 s")
-    return value
-
-
-def megabytes(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB (0 or more)")
-    return value
-
-
 def main(argv=None):
     parser = app.arg_parser(database=True)
-    parser.add_argument("--check-timeout", type=check_timeout_seconds,
+    parser.add_argument("--check-timeout",
+                        type=bounded(float, "a duration from more than 0 to 60 s", above=0, at_most=60),
                         default=DEFAULT_CHECK_TIMEOUT,
                         help="a readiness check slower than this has failed (seconds, more than "
                              f"0 and at most 60; default {DEFAULT_CHECK_TIMEOUT})")
-    parser.add_argument("--min-free-mb", type=megabytes, default=DEFAULT_MIN_FREE_MB,
+    parser.add_argument("--min-free-mb", type=bounded(int, "a whole number of MiB (0 or more)", at_least=0),
+                        default=DEFAULT_MIN_FREE_MB,
                         help="readiness fails when the disk holding the database has less free "
                              f"space (MiB; 0 turns the check off; default {DEFAULT_MIN_FREE_MB})")
     args = parser.parse_args(argv)

@@ -24,7 +24,6 @@ Left out: log shipping (see the README's "In production"), an index over the fil
 matches little reads the whole log), compressing rotated files, sharing one log file between
 several server processes.
 """
-import argparse
 import base64
 import json
 import math
@@ -41,7 +40,7 @@ from urllib.parse import unquote_plus
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
 from lib import App, BadRequest, HTTPError, Response, json_response, trace_event
-from lib.app import exit_usage_error
+from lib.app import bounded, exit_usage_error
 from lib.listing import list_params, page
 from lib.middleware import error_response
 
@@ -503,25 +502,7 @@ def answer_with_status(request, code):
 
 
 def whole_number(low, high):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from {low} to {high}")
-        return value
-    return parse
-
-
-def milliseconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 10**9:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration in milliseconds")
-    return value
+    return bounded(int, f"a whole number from {low} to {high}", at_least=low, at_most=high)
 
 
 def main(argv=None):
@@ -536,7 +517,8 @@ def main(argv=None):
                         help="rotated files to keep: LOG.1 … LOG.N (default 5)")
     parser.add_argument("--ring-size", type=whole_number(1, 100_000), default=1000,
                         help="newest entries kept in memory for /logs and /logs/stats (default 1000)")
-    parser.add_argument("--slow-ms", type=milliseconds, default=500.0,
+    parser.add_argument("--slow-ms", type=bounded(float, "a duration in milliseconds", at_least=0,
+                                                  below=10**9), default=500.0,
                         help="flag requests slower than this many milliseconds (default 500)")
     args = parser.parse_args(argv)
     try:

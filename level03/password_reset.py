@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from lib import (App, BadRequest, HTTPError, ValidationFailed, html_response, json_response,
                  no_content, redirect, trace_event)
-from lib.app import exit_usage_error, seconds
+from lib.app import bounded, exit_usage_error
 from lib.storage import REPO_ROOT
 from lib.validation import Email, Text, validate
 from level03.jwt_auth import (SCHEMA as IDENTITY_SCHEMA, Auth, Password, add_auth_arguments,
@@ -534,13 +534,6 @@ app.use(require_user)   # deny by default (jwt_auth): every route above that is 
 # Command line
 # =============================================================================================
 
-def token_ttl(text):
-    value = seconds(text)
-    if not 1 <= value <= MAX_TOKEN_TTL_S:
-        raise argparse.ArgumentTypeError(f"{text!r} is not from 1 to {MAX_TOKEN_TTL_S} seconds")
-    return value
-
-
 def mail_address(text):
     """`--mail-from`: `Name <address>` or a bare address, of sane syntax."""
     name, address = email.utils.parseaddr(text)
@@ -593,7 +586,9 @@ def main(argv=None):
     parser.add_argument("--public-url", type=public_url,
                         help="where users reach this server; reset links are built on it "
                              "(default http://localhost:PORT; set it when using --port 0)")
-    parser.add_argument("--token-ttl", type=token_ttl, default=float(DEFAULT_TOKEN_TTL_S),
+    parser.add_argument("--token-ttl", type=bounded(float, f"from 1 to {MAX_TOKEN_TTL_S} seconds",
+                                                    at_least=1, at_most=MAX_TOKEN_TTL_S),
+                        default=float(DEFAULT_TOKEN_TTL_S),
                         help=f"seconds a reset link works (default {DEFAULT_TOKEN_TTL_S})")
     args = parser.parse_args(argv)
 
