@@ -84,8 +84,21 @@ RETURNING value, version, updated_at
 # --- the domain: counters and their two stores ----------------------------------------------
 
 
+# (second, its RFC 3339 text): formatting a time costs more than comparing two integers, and
+# every write needs one, so it is formatted once a second. One tuple, replaced whole, so a thread
+# never sees a second paired with another second's text.
+_last_formatted = (None, None)
+
+
 def utc_now():
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    """Now as RFC 3339 UTC to the second, e.g. 2026-11-24T06:41:00Z."""
+    global _last_formatted
+    second, text = _last_formatted
+    now = int(time.time())
+    if now != second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+        _last_formatted = (now, text)
+    return text
 
 
 def counter_state(name, value=0, version=0, updated_at=None):
@@ -255,7 +268,7 @@ def precondition(request):
 
 
 def counter_response(state):
-    return json_response(state, headers={"ETag": etag(state["version"])})
+    return json_response(state, headers=[("ETag", etag(state["version"]))])
 
 
 # --- routes ---------------------------------------------------------------------------------
