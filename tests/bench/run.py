@@ -9,8 +9,9 @@ does the same job with the standard library and nothing else:
            `--server asyncio`), beside a tuned `http.server` handler and a minimal asyncio-streams
            server that send the very same body (tests/bench/references.py).
 - counter: durable `POST /counters/bench/increment` on level01/counter.py, beside raw sqlite
-           single-row WAL commits (tests/bench/sqlite_commits.py); afterwards the stored value is
-           checked against the number of increments the load generator saw acknowledged.
+           running the counter's own statement, one commit each, in a loop
+           (tests/bench/sqlite_commits.py); afterwards the stored value is checked against the
+           number of increments the load generator saw acknowledged.
 
 Why ratios: on a shared 2-core machine absolute figures move ±20% between runs, and the load
 generator competes with the server for the same two cores. Both effects hit the project's server
@@ -323,7 +324,7 @@ def counter_scenario(bench: Bench) -> ScenarioReport:
 
 
 def measure_sqlite_commits(bench: Bench) -> Row:
-    server = "raw sqlite UPDATE + COMMIT, WAL (reference)"
+    server = "raw sqlite: the counter's statement, autocommit, WAL (reference)"
     print(f"  {server}", flush=True)
     command = [sys.executable, str(BENCH_DIR / "sqlite_commits.py"), "--db", str(bench.workdir / "raw.sqlite3")]
     run_measuring_process(command + ["--duration", str(WARMUP_S)], timeout=WARMUP_S + 30)
