@@ -13,7 +13,7 @@ drove the minimal asyncio reference at 60k req/s, on a par with wrk. It does not
 responses (every project server sends Content-Length).
 
 Run: python tests/bench/loadgen.py http://127.0.0.1:8001/health --connections 32 --duration 5
-     [--method POST --body '{"by": 1}' --content-type application/json]
+     [--method POST --body '{"by": 1}' --content-type application/json] [--header 'X-User-Id: ann']
 Prints one JSON line: requests, ok (2xx), errors (other statuses and broken connections),
 duration_s, rps, p50_ms, p99_ms.
 """
@@ -29,8 +29,9 @@ DRAIN_TIMEOUT_S = 5.0
 RECV_SIZE = 65536
 
 
-def build_request(method: str, host: str, target: str, body: bytes, content_type: str | None) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+def build_request(method: str, host: str, target: str, body: bytes, content_type: str | None,
+                  headers: list[str] | tuple[str, ...] = ()) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", *headers]
     if content_type:
         lines.append(f"Content-Type: {content_type}")
     if body or method in ("POST", "PUT", "PATCH"):
@@ -160,6 +161,7 @@ def main() -> None:
     parser.add_argument("--method", default="GET")
     parser.add_argument("--body", default="", help="request body, sent as UTF-8")
     parser.add_argument("--content-type")
+    parser.add_argument("--header", action="append", default=[], help="'Name: value', repeatable")
     args = parser.parse_args()
     url = urlsplit(args.url)
     if url.scheme != "http" or not url.hostname:
@@ -167,7 +169,9 @@ def main() -> None:
     target = url.path or "/"
     if url.query:
         target += "?" + url.query
-    request = build_request(args.method, url.netloc, target, args.body.encode(), args.content_type)
+    if any(":" not in header for header in args.header):
+        parser.error("--header must look like 'Name: value'")
+    request = build_request(args.method, url.netloc, target, args.body.encode(), args.content_type, args.header)
     result = run_closed_loop((url.hostname, url.port or 80), request, args.connections, args.duration)
     print(json.dumps(result), flush=True)
 

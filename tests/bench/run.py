@@ -12,6 +12,12 @@ does the same job with the standard library and nothing else:
            running the counter's own statement, one commit each, in a loop
            (tests/bench/sqlite_commits.py); afterwards the stored value is checked against the
            number of increments the load generator saw acknowledged.
+- crud:    level02/notes.py under a POST / GET list / GET / PATCH mix, a user per connection
+           (tests/bench/flows.py), and its list alone. No stdlib reference does CRUD: the figures
+           are absolute, printed beside health_check's from the same run for context.
+- auth:    level03/jwt_auth.py: logins per second, bounded by design by one scrypt hash each,
+           beside raw `hashlib.scrypt` at the same cost on every core (tests/bench/scrypt_hashes.py);
+           and `GET /me` with a bearer token, beside health_check for context.
 
 Why ratios: on a shared 2-core machine absolute figures move ±20% between runs, and the load
 generator competes with the server for the same two cores. Both effects hit the project's server
@@ -21,24 +27,29 @@ ratios within a run (server ÷ reference) against targets, never a figure from a
 Run: python tests/bench/run.py [--duration S] [--connections N] [--only NAME] [--tool wrk|python]
 
 Adding a scenario: write a function that takes the Bench and returns a ScenarioReport (rows for
-the table, targets to judge), and add it to SCENARIOS.
+the table, targets to judge, ratios given for context), and add it to SCENARIOS.
 """
 
 import argparse
 import json
 import os
 import re
+import secrets
 import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from flows import LOGIN_PASSWORD, login_email, notes_user
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parents[1]
@@ -62,6 +73,7 @@ class Request:
     method: str = "GET"
     body: str = ""
     content_type: str | None = None
+    headers: tuple[str, ...] = ()  # more header fields, each "Name: value"
 
 
 GET = Request()
@@ -85,6 +97,7 @@ class WrkLoadGenerator:
     """
 
     counts_every_request = False
+    name = "wrk"
 
     def __init__(self, executable: str, workdir: Path):
         self.executable = executable
@@ -107,6 +120,9 @@ class WrkLoadGenerator:
         lines = [f"wrk.method = {json.dumps(request.method)}", f"wrk.body = {json.dumps(request.body)}"]
         if request.content_type:
             lines.append(f'wrk.headers["Content-Type"] = {json.dumps(request.content_type)}')
+        for header in request.headers:
+            name, _, value = header.partition(":")
+            lines.append(f"wrk.headers[{json.dumps(name.strip())}] = {json.dumps(value.strip())}")
         script = self.workdir / "request.lua"
         script.write_text("\n".join(lines) + "\n")
         return script
@@ -146,6 +162,7 @@ class PythonLoadGenerator:
     """tests/bench/loadgen.py: one process, one selectors loop; waits for the requests in flight."""
 
     counts_every_request = True
+    name = "Python loadgen"
     description = "Python load generator (tests/bench/loadgen.py, one process, selectors loop)"
 
     def run(self, url: str, request: Request, connections: int, duration: int) -> LoadResult:
@@ -154,16 +171,37 @@ class PythonLoadGenerator:
                    "--method", request.method, "--body", request.body]
         if request.content_type:
             command += ["--content-type", request.content_type]
+        for header in request.headers:
+            command += ["--header", header]
         return run_measuring_process(command, timeout=duration + 30)
 
 
 def run_measuring_process(command: list[str], timeout: float) -> LoadResult:
-    """Run loadgen.py or sqlite_commits.py, which print their result as one JSON line."""
+    """Run loadgen.py, sqlite_commits.py or scrypt_hashes.py, which print their result as one JSON line."""
+    return load_result(run_json_process(command, timeout))
+
+
+def run_json_process(command: list[str], timeout: float) -> dict:
     completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
     if completed.returncode != 0 or not completed.stdout.strip():
         raise BenchError(f"{Path(command[1]).name} failed: {completed.stderr.strip()}")
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
-    return LoadResult(**{name: result[name] for name in LoadResult.__dataclass_fields__})
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def load_result(figures: dict) -> LoadResult:
+    return LoadResult(**{name: figures[name] for name in LoadResult.__dataclass_fields__})
+
+
+FLOW_DRAIN_TIMEOUT_S = 30  # a login in flight may wait behind a hash per connection: seconds
+
+
+def run_flow(url: str, flow: str, connections: int, duration: int) -> tuple[LoadResult, dict[str, LoadResult]]:
+    """tests/bench/flows.py: request sequences, one user per connection. The whole mix, and
+    each operation on its own."""
+    command = [sys.executable, str(BENCH_DIR / "flows.py"), url, flow, "--connections", str(connections),
+               "--duration", str(duration), "--drain-timeout", str(FLOW_DRAIN_TIMEOUT_S)]
+    figures = run_json_process(command, timeout=duration + FLOW_DRAIN_TIMEOUT_S + 30)
+    return load_result(figures), {name: load_result(each) for name, each in figures["operations"].items()}
 
 
 # --- Servers and measurements -------------------------------------------------------------------
@@ -185,12 +223,38 @@ class Bench:
     duration: int
     connections: int
     workdir: Path  # temporary: databases, server logs, wrk scripts
+    # health_check --server asyncio measured with each load generator: the context that the
+    # scenarios without a stdlib reference (crud, auth) print beside their own figures.
+    health_rows: dict[str, Row] = field(default_factory=dict)
 
-    def measure(self, server: str, url: str, request: Request = GET, warmup_url: str | None = None) -> Row:
-        """Warm up for WARMUP_S (on warmup_url if given), then load url for the run's duration."""
+    def measure(self, server: str, url: str, request: Request = GET, warmup_url: str | None = None,
+                load_generator: WrkLoadGenerator | PythonLoadGenerator | None = None) -> Row:
+        """Warm up for WARMUP_S (on warmup_url if given), then load url for the run's duration
+        (with the run's load generator unless another is given)."""
+        load_generator = load_generator or self.load_generator
         print(f"  {server}", flush=True)
-        self.load_generator.run(warmup_url or url, request, self.connections, WARMUP_S)
-        return Row(server, self.load_generator.run(url, request, self.connections, self.duration))
+        load_generator.run(warmup_url or url, request, self.connections, WARMUP_S)
+        return Row(server, load_generator.run(url, request, self.connections, self.duration))
+
+    def measure_flow(self, server: str, url: str, flow: str) -> tuple[Row, dict[str, LoadResult]]:
+        """Like measure, with a flow of tests/bench/flows.py (always the Python generator):
+        the row for the whole mix, and the figures of each operation."""
+        print(f"  {server}", flush=True)
+        run_flow(url, flow, self.connections, WARMUP_S)
+        mix, operations = run_flow(url, flow, self.connections, self.duration)
+        return Row(server, mix), operations
+
+    def health_context(self, load_generator: WrkLoadGenerator | PythonLoadGenerator) -> Row:
+        """GET /health on health_check --server asyncio with this load generator: taken from the
+        health scenario when it ran with the same generator, else measured now."""
+        key = load_generator.description
+        if key not in self.health_rows:
+            with self.running_server("level01/health_check.py", "--server", "asyncio",
+                                     "--db", self.workdir / "health_check.sqlite3") as url:
+                row = self.measure(f"health_check --server asyncio, {load_generator.name}", url + "/health",
+                                   load_generator=load_generator)
+            self.health_rows[key] = Row(f"{row.server} (context)", row.result)
+        return self.health_rows[key]
 
     @contextmanager
     def running_server(self, script: str, *args: str | Path) -> Iterator[str]:
@@ -239,6 +303,21 @@ def stop_server(process: subprocess.Popen, script: str) -> None:
             print(f"  warning: {script} exited with status {status} after SIGTERM (expected 0)")
 
 
+def http_json(method: str, url: str, body: object = None,
+              headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    """One request with an optional JSON body: the status and the JSON answer."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, method=method, headers={
+        **({"Content-Type": "application/json"} if data is not None else {}), **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+    except OSError as error:
+        raise BenchError(f"{method} {url} failed: {error}") from error
+
+
 def fetch(url: str) -> tuple[bytes, str]:
     """GET url: its body and Content-Type."""
     try:
@@ -256,7 +335,7 @@ class Target:
     description: str
     value: str
     goal: str
-    met: bool
+    met: bool | None  # None: a figure given for context, with no goal to meet
 
 
 @dataclass
@@ -269,6 +348,12 @@ class ScenarioReport:
 def ratio_target(description: str, measured: Row, reference: Row, minimum: float) -> Target:
     ratio = measured.result.rps / reference.result.rps if reference.result.rps else 0.0
     return Target(description, f"{ratio:.2f}", f"≥ {minimum}", ratio >= minimum)
+
+
+def context_ratio(description: str, measured: Row, reference: Row) -> Target:
+    """A ratio printed for context only: what a figure is next to another, with no goal."""
+    ratio = measured.result.rps / reference.result.rps if reference.result.rps else 0.0
+    return Target(description, f"{ratio:.2f}", "-", None)
 
 
 def p99_target(description: str, measured: Row, maximum_ms: float) -> Target:
@@ -290,6 +375,8 @@ def health_scenario(bench: Bench) -> ScenarioReport:
         tuned_http_server = bench.measure("tuned http.server (reference)", url + "/health")
     with bench.running_server("level01/health_check.py", "--server", "asyncio", "--db", db) as url:
         asyncio_server = bench.measure("health_check --server asyncio", url + "/health")
+    context = f"health_check --server asyncio, {bench.load_generator.name} (context: as in health)"
+    bench.health_rows[bench.load_generator.description] = Row(context, asyncio_server.result)
     with bench.running_server("tests/bench/references.py", "asyncio",
                               "--body-file", body_file, "--content-type", content_type) as url:
         minimal_asyncio = bench.measure("minimal asyncio streams (reference)", url + "/health")
@@ -344,9 +431,86 @@ def check_stored_count(stored_value: int, over_http: LoadResult, bench: Bench) -
             f"but the load generator counted {over_http.ok} increments answered 200")
 
 
+def crud_scenario(bench: Bench) -> ScenarioReport:
+    """The notes API under a create/list/get/patch mix, one user per connection.
+
+    There is no standard-library reference for CRUD, so the figures are absolute; for context,
+    health_check --server asyncio is measured with the same load generators in the same run."""
+    with bench.running_server("level02/notes.py", "--db", bench.workdir / "notes.sqlite3") as url:
+        mix, operations = bench.measure_flow(
+            "notes.py mix: POST, GET list, GET, PATCH (flows.py)", url, "notes")
+        # The list alone, as fast as the run's generator goes: one user's first page of 20.
+        reader = f"X-User-Id: {notes_user(0)}"
+        listing = bench.measure(f"notes.py GET /notes?limit=20, {bench.load_generator.name}",
+                                url + "/notes?limit=20", Request(headers=(reader,)))
+        _, page = http_json("GET", url + "/notes?limit=20", headers={"X-User-Id": notes_user(0)})
+
+    python_health = bench.health_context(PythonLoadGenerator())
+    health = bench.health_context(bench.load_generator)  # the same row when the run uses loadgen.py
+    rows = [mix, *[Row(f"  · {name}", result) for name, result in operations.items()], python_health, listing]
+    if health.result is not python_health.result:
+        rows.append(health)
+    targets = [context_ratio("notes mix ÷ health_check asyncio (both Python generators)", mix, python_health),
+               context_ratio(f"notes GET /notes?limit=20 ÷ health_check asyncio ({bench.load_generator.name})",
+                             listing, health)]
+    return ScenarioReport(rows, targets, notes=[
+        f"crud: each of the {bench.connections} connections is its own X-User-Id and loops POST /notes, "
+        f"GET /notes?limit=20, GET /notes/{{id}}, PATCH /notes/{{id}} (If-Match) with the id of the note it "
+        f"created; the list row reads {notes_user(0)}'s first page ({len(page['items'])} notes) "
+        f"on every connection"])
+
+
+def auth_scenario(bench: Bench) -> ScenarioReport:
+    """Logins (one scrypt hash each, by design) and requests authenticated by a bearer token on
+    jwt_auth.py, beside raw scrypt hashes per second at the same cost."""
+    secret = secrets.token_urlsafe(32)  # 43 characters: the server wants at least 32 bytes
+    with bench.running_server("level03/jwt_auth.py", "--db", bench.workdir / "jwt_auth.sqlite3",
+                              "--secret", secret) as url:
+        sign_up_login_users(url, bench.connections)
+        _, tokens = http_json("POST", url + "/auth/login", {"email": login_email(0), "password": LOGIN_PASSWORD})
+        logins, _ = bench.measure_flow("jwt_auth.py POST /auth/login, a user per connection (flows.py)",
+                                       url, "login")
+        bearer = f"Authorization: Bearer {tokens['access_token']}"
+        me = bench.measure(f"jwt_auth.py GET /me, Bearer token, {bench.load_generator.name}", url + "/me",
+                           Request(headers=(bearer,)))
+    hashes, cost = measure_scrypt_hashes(bench)
+    health = bench.health_context(bench.load_generator)
+    return ScenarioReport(
+        rows=[logins, hashes, me, health],
+        targets=[context_ratio("logins ÷ raw scrypt hashes (the bound, by design)", logins, hashes),
+                 context_ratio(f"GET /me ÷ health_check asyncio ({bench.load_generator.name})", me, health)],
+        notes=[f"auth: scrypt N={cost['n']} r={cost['r']} p={cost['p']} (jwt_auth's default); the reference "
+               f"hashes on {cost['threads']} threads, one per core, as the server's worker pool can; a login's "
+               f"latency at {bench.connections} connections is mostly its wait for the hashes queued ahead of it"],
+    )
+
+
+def sign_up_login_users(url: str, count: int) -> None:
+    """The users of the login flow: login_email(i) for each connection i (each signup hashes a
+    password, so they are sent a few at a time)."""
+    def sign_up(index: int) -> None:
+        status, answer = http_json("POST", url + "/auth/signup",
+                                   {"email": login_email(index), "password": LOGIN_PASSWORD})
+        if status != 201:
+            raise BenchError(f"signup of {login_email(index)} answered {status}: {answer}")
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(sign_up, range(count)))
+
+
+def measure_scrypt_hashes(bench: Bench) -> tuple[Row, dict]:
+    server = "raw hashlib.scrypt, same cost (reference)"
+    print(f"  {server}", flush=True)
+    command = [sys.executable, str(BENCH_DIR / "scrypt_hashes.py"), "--duration", str(bench.duration)]
+    figures = run_json_process(command, timeout=bench.duration + 60)
+    return Row(server, load_result(figures)), figures
+
+
 SCENARIOS: dict[str, Callable[[Bench], ScenarioReport]] = {
     "health": health_scenario,
     "counter": counter_scenario,
+    "crud": crud_scenario,
+    "auth": auth_scenario,
 }
 
 
@@ -368,7 +532,8 @@ def print_report(reports: dict[str, ScenarioReport]) -> None:
     print()
     print_table(
         ["scenario", "server", "req/s", "p50 ms", "p99 ms", "errors"],
-        [[name, row.server, f"{row.result.rps:,.0f}", f"{row.result.p50_ms:.2f}",
+        [[name, row.server, f"{row.result.rps:,.0f}" if row.result.rps >= 100 else f"{row.result.rps:.1f}",
+          f"{row.result.p50_ms:.2f}",
           f"{row.result.p99_ms:.2f}", str(row.result.errors)]
          for name, report in reports.items() for row in report.rows],
         left_aligned=2,
@@ -376,7 +541,7 @@ def print_report(reports: dict[str, ScenarioReport]) -> None:
     print()
     print_table(
         ["target", "value", "goal", "result"],
-        [[target.description, target.value, target.goal, "PASS" if target.met else "MISS"]
+        [[target.description, target.value, target.goal, {True: "PASS", False: "MISS", None: "-"}[target.met]]
          for report in reports.values() for target in report.targets],
         left_aligned=1,
     )
