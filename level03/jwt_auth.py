@@ -441,6 +441,15 @@ def email_key(email):
     return email.casefold()
 
 
+def email_argument(text):
+    """An argparse `type` for an address given on the command line (rbac's `--admin-email`,
+    the address of password_reset's `--mail-from`): normalised as a signup's is, else exit 2."""
+    email = normalise_email(text)
+    if email is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an email address")
+    return email
+
+
 # =============================================================================================
 # Storage: users, the login lockout, refresh tokens, the generated secret
 # =============================================================================================

@@ -51,17 +51,17 @@ import time
 from email.message import EmailMessage
 from pathlib import Path
 from typing import NamedTuple
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
 from lib import (App, BadRequest, HTTPError, ValidationFailed, html_response, json_response,
                  no_content, redirect, trace_event)
-from lib.app import bounded, exit_usage_error
+from lib.app import bounded, exit_usage_error, http_url
 from lib.storage import REPO_ROOT
 from lib.validation import Email, Text, validate
 from level03.jwt_auth import (SCHEMA as IDENTITY_SCHEMA, Auth, Password, add_auth_arguments,
-                              email_key, hash_password, log_in, log_out, normalise_email,
+                              email_argument, email_key, hash_password, log_in, log_out,
                               password_problem, read_me, refresh, require_user, sign_up)
 
 app = App("password_reset", "Forgot your password? A single-use reset link by email, without "
@@ -535,12 +535,12 @@ app.use(require_user)   # deny by default (jwt_auth): every route above that is 
 # =============================================================================================
 
 def mail_address(text):
-    """`--mail-from`: `Name <address>` or a bare address, of sane syntax."""
+    """`--mail-from`: `Name <address>` or a bare address, the address as jwt_auth takes one."""
     name, address = email.utils.parseaddr(text)
-    normalised = normalise_email(address)
-    if not address or normalised is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an email address")
-    return email.utils.formataddr((name, normalised))
+    try:
+        return email.utils.formataddr((name, email_argument(address)))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an email address") from None
 
 
 def smtp_address(text):
@@ -550,14 +550,6 @@ def smtp_address(text):
     if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
     return host, int(port)
-
-
-def public_url(text):
-    """`--public-url`: an http(s) URL without query or fragment; links are built on it."""
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL without query")
-    return text.rstrip("/")
 
 
 def default_public_url(args):
@@ -583,10 +575,10 @@ def main(argv=None):
     parser.add_argument("--mail-from", type=mail_address,
                         default="Password reset <no-reply@example.com>",
                         help="the From of every mail (default %(default)s)")
-    parser.add_argument("--public-url", type=public_url,
+    parser.add_argument("--public-url", type=http_url,
                         help="where users reach this server; reset links are built on it "
                              "(default http://localhost:PORT; set it when using --port 0)")
-    parser.add_argument("--token-ttl", type=bounded(float, f"from 1 to {MAX_TOKEN_TTL_S} seconds",
+    parser.add_argument("--token-ttl", type=bounded(float, f"a duration from 1 to {MAX_TOKEN_TTL_S} s",
                                                     at_least=1, at_most=MAX_TOKEN_TTL_S),
                         default=float(DEFAULT_TOKEN_TTL_S),
                         help=f"seconds a reset link works (default {DEFAULT_TOKEN_TTL_S})")

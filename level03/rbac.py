@@ -22,7 +22,6 @@ What it leaves out: attribute- and relationship-based rules (ABAC, ReBAC: "edito
 folder"), per-resource grants, groups, custom roles edited at run time, an audit log of role
 changes (level 07). rbac.md's "In production" says who does those.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from lib.app import exit_usage_error
 from lib.listing import list_params, page
 from lib.validation import Choice, Email, Text, validate
 from level03.jwt_auth import (SCHEMA as IDENTITY_SCHEMA, Auth, Password, add_auth_arguments,
-                              current_user, email_key, hash_password, log_in, log_out,
+                              current_user, email_argument, email_key, hash_password, log_in, log_out,
                               password_problem, refresh, require_user, utc_now_text)
 
 app = App("rbac", "Roles and permissions: users, moderators and admins over a small posts API.",
@@ -412,7 +411,7 @@ app.use(enforce_permission)  # may you? 403
 def main(argv=None):
     parser = app.arg_parser(database=True)
     add_auth_arguments(parser, app.name)
-    parser.add_argument("--admin-email", type=admin_email,
+    parser.add_argument("--admin-email", type=email_argument,
                         help="the account with this email becomes admin when it signs up")
     args = parser.parse_args(argv)
     check_route_permissions(app)   # before anything listens
@@ -420,13 +419,6 @@ def main(argv=None):
     app.state.auth = Auth.from_args(db, args)
     app.state.admin_email = args.admin_email
     app.run(args)
-
-
-def admin_email(text):
-    email = Email.normalise(text)
-    if email is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an email address")
-    return email
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ What it leaves out: "remember me" cookies that outlive the browser, sessions sha
 servers (Redis), re-authentication before sensitive actions, a password change (jwt_auth has
 one), binding a session to a device. session_auth.md's "In production" says who does those.
 """
-import argparse
 import base64
 import hashlib
 import hmac
@@ -49,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from lib import (App, BadRequest, Forbidden, NotFound, Unauthorized, ValidationFailed,
                  html_response, json_response, no_content, trace_event)
-from lib.app import seconds
+from lib.app import http_url, seconds
 from lib.listing import list_params, page
 from lib.validation import validate
 from level03.jwt_auth import (AUTH_BODY_LIMIT, CREDENTIALS, DEFAULT_SCRYPT, LOGIN_FAILURES_SCHEMA,
@@ -693,15 +692,6 @@ def serve_page(request):
 # Command line
 # =============================================================================================
 
-def public_url(text):
-    """`--public-url`: an http(s) URL; only its origin (scheme, host, port) is used."""
-    origin = origin_of(text)
-    if origin is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL like "
-                                         f"https://app.example.com")
-    return origin
-
-
 def main(argv=None):
     parser = app.arg_parser(database=True)
     parser.add_argument("--idle-ttl", type=at_least_a_second, default=1800.0,
@@ -710,7 +700,7 @@ def main(argv=None):
                         help="end any session this many seconds after login (default 43200)")
     parser.add_argument("--secure-cookies", action="store_true",
                         help="mark the cookie Secure (HTTPS only); use it behind TLS")
-    parser.add_argument("--public-url", type=public_url,
+    parser.add_argument("--public-url", type=http_url,
                         help="the URL browsers use to reach this server (e.g. behind a proxy); "
                              "its origin is the only one allowed to send unsafe requests "
                              "(default: the request's Host)")
@@ -730,7 +720,7 @@ def main(argv=None):
                           lockout_s=args.lockout_s)
     app.state.sessions = SessionStore(db, args.idle_ttl, args.absolute_ttl)
     app.state.secure_cookies = args.secure_cookies
-    app.state.public_origin = args.public_url
+    app.state.public_origin = origin_of(args.public_url) if args.public_url else None
     app.run(args)
 
 

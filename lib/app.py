@@ -28,6 +28,7 @@ import sys
 import time
 import types
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from lib import middleware, trace
 from lib.problems import HTTPError, MethodNotAllowed
@@ -263,6 +264,22 @@ def bounded(convert, what, *, at_least=None, above=None, at_most=None, below=Non
 port_number = bounded(int, "a port number (0–65535)", at_least=0, at_most=65535)
 seconds = bounded(float, "a duration in seconds", at_least=0, below=10**6)
 connection_count = bounded(int, "a number of connections (1–100000)", at_least=1, at_most=100_000)
+
+
+def http_url(text):
+    """An argparse `type` for the URL users reach a server at (`--public-url`, e.g. behind a
+    proxy): http or https, a host, a valid port, no query or fragment, since links are built on
+    it and its origin is compared. Returned without a trailing `/`."""
+    try:
+        parts = urlsplit(text)
+        parts.port  # a port out of range or not a number raises ValueError
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname \
+            or "?" in text or "#" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL like "
+                                         f"https://app.example.com (no query or fragment)")
+    return text.rstrip("/")
 
 
 def exit_usage_error(message):
