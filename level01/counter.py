@@ -161,7 +161,7 @@ class SqliteCounters:
             # One statement is a transaction of its own (autocommit): sqlite takes the write
             # lock, runs it and commits before the last row is fetched. No BEGIN or COMMIT
             # round trips: this is the hot path of every increment.
-            return self.db.query(sql, params)
+            return self.db.execute_returning(sql, params)
         # Check, then write: two statements, so they need a transaction around them, and an
         # IMMEDIATE one, which takes the write lock first; no other writer can change the
         # version between the check and the write.

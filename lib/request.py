@@ -28,6 +28,10 @@ def _refuse_constant(name):
     raise ValueError(f"{name} is not a JSON value")
 
 
+# One decoder, made once: `json.loads(..., parse_constant=...)` builds a new one per call.
+_decode_json = json.JSONDecoder(parse_constant=_refuse_constant).decode
+
+
 class Request:
     __slots__ = ("method", "path", "query_string", "headers", "body", "has_body", "client",
                  "path_params", "route", "request_id", "app", "context", "_query")
@@ -156,8 +160,9 @@ class Request:
         try:
             # RFC 8259 §8.1: JSON between systems is UTF-8. Decoding first refuses UTF-16/32
             # (which json.loads would guess at) and encoded surrogates.
-            # A leading byte order mark may be ignored (§8.1), so "utf-8-sig".
-            return json.loads(self.body.decode("utf-8-sig"), parse_constant=_refuse_constant)
+            text = self.body.decode("utf-8")
+            # A leading byte order mark may be ignored (§8.1).
+            return _decode_json(text[1:] if text.startswith("\ufeff") else text)
         except UnicodeDecodeError:
             raise BadRequest("the body is not valid UTF-8") from None
         except RecursionError:

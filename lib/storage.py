@@ -140,6 +140,13 @@ class Database:
         with self._writing() as conn:
             return conn.execute(sql, params)
 
+    def execute_returning(self, sql, params=()):
+        """One writing statement with `RETURNING`, committed on its own; its rows. They are
+        fetched before the writer lock is let go: the statement (and so its commit) only
+        finishes when its last row is read."""
+        with self._writing() as conn:
+            return conn.execute(sql, params).fetchall()
+
     @contextlib.contextmanager
     def transaction(self):
         """`BEGIN IMMEDIATE` … `COMMIT`, or `ROLLBACK` when the block raises."""
