@@ -19,14 +19,19 @@ What other projects import from here (names are stable):
               password_problem, Password (a lib.validation field), COMMON_PASSWORDS
   email       normalise_email, email_key
   tokens      b64url_encode, b64url_decode, sign_token, verify_token, InvalidToken,
-              TokenSettings, issue_access_token, verify_access_token
+              TokenSettings, issue_access_token, verify_access_token, token_hash (how any
+              random token is stored: refresh tokens here, reset tokens, session ids)
   storage     SCHEMA (and its parts USERS_SCHEMA, LOGIN_FAILURES_SCHEMA, REFRESH_TOKENS_SCHEMA,
               SECRETS_SCHEMA), UserStore, user_json, LoginLockout, RefreshTokenStore,
               InvalidRefreshToken, load_or_create_secret, utc_now_text
-  the flow    Auth (the stores and settings, built once in main), authenticate_password,
-              issue_token_pair, token_answer, bearer_token, authenticate_bearer, invalid_token,
-              require_user (a middleware step), current_user
-  the CLI     add_auth_arguments, Auth.from_args
+  the flow    Credentials (users, lockout, scrypt cost: what checking a password needs),
+              Auth (Credentials and the token settings, built once in main), create_account,
+              authenticate_password, issue_token_pair, token_answer, bearer_token,
+              authenticate_bearer, invalid_token, require_user (a middleware step), current_user
+  bodies      SIGN_UP, CREDENTIALS (lib.validation fields), AUTH_BODY_LIMIT (bytes)
+  the CLI     add_auth_arguments, add_password_arguments, Auth.from_args,
+              Credentials.from_args; argparse types scrypt_cost, at_least_a_second,
+              email_argument
   handlers    sign_up, log_in, refresh, log_out, read_me, change_password: each reads
               `request.app.state.auth`, so another app that sets that may mount them as they are.
 
@@ -525,9 +530,14 @@ class InvalidRefreshToken(Exception):
     """Unknown, expired, revoked or already used: the client must log in again."""
 
 
-def _token_hash(token):
-    # A refresh token is 256 random bits, so a fast hash is enough: nobody can guess its way
-    # back from the hash, unlike a password. A leaked table gives no usable tokens.
+def token_hash(token):
+    """What a table keeps instead of a secret random token (a refresh token here, a reset
+    token in password_reset, a session id in session_auth): its SHA-256, in hex. The token has
+    256 random bits, so a fast hash is enough: nobody can search back from it to the token,
+    unlike from a password's hash (people choose guessable passwords; that needs scrypt). A
+    leaked table or backup gives no usable token, and looking a token up by its hash means the
+    index compares bytes the client does not choose: no timing tells how much of a guess was
+    right."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
@@ -549,7 +559,7 @@ class RefreshTokenStore:
         self.db.execute(
             "INSERT INTO refresh_tokens (token_hash, user_id, family, created_at, expires_at) "
             "VALUES (?, ?, ?, ?, ?)",
-            (_token_hash(token), user_id, family or secrets.token_hex(16), now, now + self.ttl_s))
+            (token_hash(token), user_id, family or secrets.token_hex(16), now, now + self.ttl_s))
         return token
 
     def rotate(self, token, now=None):
@@ -559,7 +569,7 @@ class RefreshTokenStore:
         new_token = secrets.token_urlsafe(32)
         with self.db.transaction() as conn:
             row = conn.execute("SELECT * FROM refresh_tokens WHERE token_hash = ?",
-                               (_token_hash(token),)).fetchone()
+                               (token_hash(token),)).fetchone()
             if row is None or row["revoked_at"] is not None or row["expires_at"] <= now:
                 outcome = "invalid"
             elif row["rotated_at"] is not None:
@@ -573,7 +583,7 @@ class RefreshTokenStore:
                 conn.execute(
                     "INSERT INTO refresh_tokens (token_hash, user_id, family, created_at, "
                     "expires_at) VALUES (?, ?, ?, ?, ?)",
-                    (_token_hash(new_token), row["user_id"], row["family"], now, now + self.ttl_s))
+                    (token_hash(new_token), row["user_id"], row["family"], now, now + self.ttl_s))
         if outcome == "reused":
             trace_event("refresh token reused: its family is revoked")
         if outcome != "rotated":
@@ -585,7 +595,7 @@ class RefreshTokenStore:
         now = time.time() if now is None else now
         self.db.execute(
             "UPDATE refresh_tokens SET revoked_at = ? WHERE revoked_at IS NULL AND family = "
-            "(SELECT family FROM refresh_tokens WHERE token_hash = ?)", (now, _token_hash(token)))
+            "(SELECT family FROM refresh_tokens WHERE token_hash = ?)", (now, token_hash(token)))
 
     def revoke_all(self, user_id, now=None):
         """Revoke every refresh token of a user (password changed or reset)."""
@@ -611,45 +621,80 @@ MIN_SECRET_BYTES = 32
 LOGIN_CHALLENGE = "Bearer"   # what a client must present next: a bearer token, got by logging in
 
 
-class Auth:
-    """Everything the auth routes and `require_user` need, made once in `main()` and kept in
-    `app.state.auth`: the stores, how tokens are signed, the scrypt cost, and a dummy hash."""
+class Credentials:
+    """What checking a password needs, made once in `main()` and kept in `app.state.auth`: the
+    user store, the login lockout, the scrypt cost of new hashes, and a dummy hash. A project
+    that signs no tokens (session_auth) uses this alone; `Auth` adds the tokens."""
 
-    def __init__(self, db, *, secret, issuer, audience, access_ttl=900, refresh_ttl=30 * 24 * 3600,
-                 scrypt=DEFAULT_SCRYPT, lockout_s=900.0):
+    def __init__(self, db, *, scrypt=DEFAULT_SCRYPT, lockout_s=900.0):
         self.db = db
         self.users = UserStore(db)
         self.lockout = LoginLockout(db, lockout_s)
-        self.refresh_tokens = RefreshTokenStore(db, refresh_ttl)
-        self.tokens = TokenSettings(secret, issuer, audience, int(access_ttl))
         self.scrypt = scrypt
         # Checked against when the email is unknown, so that answer costs one hash too.
         self.dummy_hash = hash_password(secrets.token_urlsafe(16), scrypt)
 
     @classmethod
+    def from_args(cls, db, args, **options):
+        """From the flags of `add_password_arguments` (and a subclass's own `options`)."""
+        return cls(db, scrypt=DEFAULT_SCRYPT._replace(n=args.scrypt_n), lockout_s=args.lockout_s,
+                   **options)
+
+
+class Auth(Credentials):
+    """Everything the auth routes and `require_user` need: the `Credentials`, the refresh
+    token store, and how access tokens are signed."""
+
+    def __init__(self, db, *, secret, issuer, audience, access_ttl=900, refresh_ttl=30 * 24 * 3600,
+                 scrypt=DEFAULT_SCRYPT, lockout_s=900.0):
+        super().__init__(db, scrypt=scrypt, lockout_s=lockout_s)
+        self.refresh_tokens = RefreshTokenStore(db, refresh_ttl)
+        self.tokens = TokenSettings(secret, issuer, audience, int(access_ttl))
+
+    @classmethod
     def from_args(cls, db, args):
         """From the flags of `add_auth_arguments`; a bad secret exits with status 2."""
-        return cls(db, secret=resolve_secret(args, db), issuer=args.issuer, audience=args.audience,
-                   access_ttl=args.access_ttl, refresh_ttl=args.refresh_ttl,
-                   scrypt=ScryptParams(args.scrypt_n, DEFAULT_SCRYPT.r, DEFAULT_SCRYPT.p),
-                   lockout_s=args.lockout_s)
+        return super().from_args(db, args, secret=resolve_secret(args, db), issuer=args.issuer,
+                                 audience=args.audience, access_ttl=args.access_ttl,
+                                 refresh_ttl=args.refresh_ttl)
 
 
-def authenticate_password(auth, email, password, *, www_authenticate=LOGIN_CHALLENGE):
+def create_account(credentials, fields, *, in_transaction=None):
+    """Sign up, the one way an account is made: `fields` (a request's JSON or form) validated
+    as `SIGN_UP`, the password policy with the email (which needs both fields), the password
+    hashed with scrypt (slow, so before any write lock), the user inserted (409 for a taken
+    email). `in_transaction(conn, user)` runs in the same transaction as the insert, so both
+    happen or neither (rbac gives the user its role there); it may add fields to `user`, which
+    is what is returned, as `user_json` shows it."""
+    values = validate(fields, SIGN_UP)
+    problem = password_problem(values["password"], values["email"])
+    if problem:
+        raise ValidationFailed({"password": problem})
+    password_hash = hash_password(values["password"], credentials.scrypt)
+    if in_transaction is None:
+        return credentials.users.create(values["email"], password_hash)
+    with credentials.db.transaction() as conn:
+        user = credentials.users.create(values["email"], password_hash)
+        in_transaction(conn, user)
+    return user
+
+
+def authenticate_password(credentials, email, password, *, www_authenticate=LOGIN_CHALLENGE):
     """The user whose email and password these are, or a 401 that is the same, in body and in
     time, for an unknown email and a wrong password; a 429 when the email is locked out.
-    A login with an older scrypt cost stores a fresh hash at the current one."""
+    A login with an older scrypt cost stores a fresh hash at the current one. `credentials`
+    is a `Credentials` (an `Auth` is one)."""
     key = email_key(email)
-    auth.lockout.begin_attempt(key)
-    user = auth.users.by_email(email)
-    stored = user["password_hash"] if user is not None else auth.dummy_hash
+    credentials.lockout.begin_attempt(key)
+    user = credentials.users.by_email(email)
+    stored = user["password_hash"] if user is not None else credentials.dummy_hash
     matches = verify_password(password, stored)
     trace_event("password checked with scrypt")
     if user is None or not matches:
         raise Unauthorized("the email or the password is wrong", www_authenticate=www_authenticate)
-    auth.lockout.forgive(key)
-    if needs_rehash(stored, auth.scrypt):
-        auth.users.set_password_hash(user["id"], hash_password(password, auth.scrypt))
+    credentials.lockout.forgive(key)
+    if needs_rehash(stored, credentials.scrypt):
+        credentials.users.set_password_hash(user["id"], hash_password(password, credentials.scrypt))
         trace_event("password re-hashed at the current scrypt cost")
     return user
 
@@ -746,12 +791,7 @@ def _schema(*names):
           request_schema=_schema("email", "password"), responses={201: "The new user"})
 def sign_up(request):
     """Create an account"""
-    auth = request.app.state.auth
-    values = validate(request.json_object(), SIGN_UP)
-    problem = password_problem(values["password"], values["email"])
-    if problem:
-        raise ValidationFailed({"password": problem})
-    user = auth.users.create(values["email"], hash_password(values["password"], auth.scrypt))
+    user = create_account(request.app.state.auth, request.json_object())
     return created(user, "/me")
 
 
@@ -856,6 +896,11 @@ def add_auth_arguments(parser, name):
                         help="seconds an access token is valid (default 900)")
     parser.add_argument("--refresh-ttl", type=at_least_a_second, default=30 * 24 * 3600.0,
                         help="seconds a refresh token is valid (default 30 days)")
+    add_password_arguments(parser)
+
+
+def add_password_arguments(parser):
+    """The flags of every project that checks passwords (read by `Credentials.from_args`)."""
     parser.add_argument("--scrypt-n", type=scrypt_cost, default=DEFAULT_SCRYPT.n,
                         help=f"scrypt cost N for new hashes, a power of two (default {DEFAULT_SCRYPT.n}; "
                              f"raising it re-hashes each password at its next login)")

@@ -60,9 +60,10 @@ from lib import (App, BadRequest, HTTPError, ValidationFailed, html_response, js
 from lib.app import bounded, exit_usage_error, http_url
 from lib.storage import REPO_ROOT
 from lib.validation import Email, Text, validate
-from level03.jwt_auth import (SCHEMA as IDENTITY_SCHEMA, Auth, Password, add_auth_arguments,
-                              email_argument, email_key, hash_password, log_in, log_out,
-                              password_problem, read_me, refresh, require_user, sign_up)
+from level03.jwt_auth import (AUTH_BODY_LIMIT, SCHEMA as IDENTITY_SCHEMA, Auth, Password,
+                              add_auth_arguments, email_argument, email_key, hash_password, log_in,
+                              log_out, password_problem, read_me, refresh, require_user, sign_up,
+                              token_hash)
 
 app = App("password_reset", "Forgot your password? A single-use reset link by email, without "
           "telling anyone which accounts exist.", port=8011)
@@ -110,12 +111,6 @@ class ResetRequest(NamedTuple):
     token: str | None
 
 
-def reset_token_hash(token):
-    # As for jwt_auth's refresh tokens: 256 random bits need no slow hash, since nobody can
-    # search back from the hash to the token. A stolen database holds no usable link.
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
 def allow_reset_mail(conn, key, now):
     """The rate limit, inside the caller's transaction: True, and the request is counted, when
     this address has had fewer than `MAILS_PER_WINDOW` mails in the last hour. Counted by the
@@ -138,7 +133,7 @@ def request_password_reset(auth, email, ttl_s, now=None):
     and only inside the server: whether a mail is queued."""
     now = time.time() if now is None else now
     token = secrets.token_urlsafe(TOKEN_BYTES)
-    token_hash = reset_token_hash(token)
+    stored_hash = token_hash(token)   # jwt_auth's SHA-256: a stolen database holds no usable link
     with auth.db.transaction() as conn:
         allowed = allow_reset_mail(conn, email_key(email), now)
         user = auth.users.by_email(email)
@@ -149,7 +144,7 @@ def request_password_reset(auth, email, ttl_s, now=None):
         inserted = conn.execute(
             "INSERT INTO reset_tokens (token_hash, user_id, created_at, expires_at) "
             "SELECT ?, id, ?, ? FROM users WHERE id = ?",
-            (token_hash, now, now + ttl_s, user_id)).rowcount
+            (stored_hash, now, now + ttl_s, user_id)).rowcount
     if not inserted:
         trace_event("no reset token issued: nothing to send, the same answer")
         return ResetRequest(None, None)
@@ -165,7 +160,7 @@ def live_reset_token(db, token, now=None):
     now = time.time() if now is None else now
     return db.query_one(
         "SELECT t.user_id, u.email FROM reset_tokens t JOIN users u ON u.id = t.user_id "
-        "WHERE t.token_hash = ? AND t.expires_at > ?", (reset_token_hash(token), now))
+        "WHERE t.token_hash = ? AND t.expires_at > ?", (token_hash(token), now))
 
 
 def consume_reset_token(conn, token, now):
@@ -174,7 +169,7 @@ def consume_reset_token(conn, token, now):
     transaction's write lock makes this check-and-delete atomic: of two requests with one
     token, the second finds nothing."""
     row = conn.execute("SELECT user_id FROM reset_tokens WHERE token_hash = ? AND expires_at > ?",
-                       (reset_token_hash(token), now)).fetchone()
+                       (token_hash(token), now)).fetchone()
     if row is None:
         return None
     conn.execute("DELETE FROM reset_tokens WHERE user_id = ?", (row["user_id"],))
@@ -433,7 +428,6 @@ def invalid_link_page():
 
 FORGOT = {"email": Email(required=True)}
 RESET = {"token": Text(1, 200, required=True), "password": Password(required=True)}
-BODY_LIMIT = 16 * 1024
 FORM = "application/x-www-form-urlencoded"
 
 
@@ -444,19 +438,19 @@ def _schema(*names):
 
 # Signup, login, refresh, logout and /me are jwt_auth's handlers, unchanged: they read
 # app.state.auth. Login brings jwt_auth's lockout and its equal-time answer for unknown emails.
-app.post("/auth/signup", public=True, blocking=True, body_limit=BODY_LIMIT,
+app.post("/auth/signup", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
          request_schema=_schema("email", "password"), responses={201: "The new user"})(sign_up)
-app.post("/auth/login", public=True, blocking=True, body_limit=BODY_LIMIT,
+app.post("/auth/login", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
          request_schema=_schema("email", "password"),
          responses={200: "An access token and a refresh token"})(log_in)
-app.post("/auth/refresh", public=True, body_limit=BODY_LIMIT,
+app.post("/auth/refresh", public=True, body_limit=AUTH_BODY_LIMIT,
          request_schema=_schema("refresh_token"), responses={200: "A new pair of tokens"})(refresh)
-app.post("/auth/logout", public=True, body_limit=BODY_LIMIT,
+app.post("/auth/logout", public=True, body_limit=AUTH_BODY_LIMIT,
          request_schema=_schema("refresh_token"), responses={204: "Logged out"})(log_out)
 app.get("/me", responses={200: "The user the bearer token names"})(read_me)
 
 
-@app.post("/auth/forgot", public=True, blocking=True, body_limit=BODY_LIMIT,
+@app.post("/auth/forgot", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
           request_schema=_schema("email"),
           responses={202: "Accepted: a link is mailed if the address has an account"})
 def forgot_password(request):
@@ -473,7 +467,7 @@ def forgot_password(request):
                   f"way; it works once, within {describe_duration(state.mail.token_ttl)}"}, 202)
 
 
-@app.post("/auth/reset", public=True, blocking=True, body_limit=BODY_LIMIT,
+@app.post("/auth/reset", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
           request_schema=_schema("token", "password"),
           responses={204: "Password changed; every refresh token of the user is revoked",
                      303: "From the HTML form: on to /reset/done",
@@ -578,9 +572,9 @@ def main(argv=None):
     parser.add_argument("--public-url", type=http_url,
                         help="where users reach this server; reset links are built on it "
                              "(default http://localhost:PORT; set it when using --port 0)")
-    parser.add_argument("--token-ttl", type=bounded(float, f"a duration from 1 to {MAX_TOKEN_TTL_S} s",
-                                                    at_least=1, at_most=MAX_TOKEN_TTL_S),
-                        default=float(DEFAULT_TOKEN_TTL_S),
+    parser.add_argument("--token-ttl", default=float(DEFAULT_TOKEN_TTL_S),
+                        type=bounded(float, f"a duration from 1 to {MAX_TOKEN_TTL_S} s",
+                                     at_least=1, at_most=MAX_TOKEN_TTL_S),
                         help=f"seconds a reset link works (default {DEFAULT_TOKEN_TTL_S})")
     args = parser.parse_args(argv)
 

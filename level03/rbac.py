@@ -27,14 +27,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
-from lib import (App, Conflict, Forbidden, NotFound, ValidationFailed, created, json_response,
-                 no_content)
+from lib import App, Conflict, Forbidden, NotFound, created, json_response, no_content
 from lib.app import exit_usage_error
 from lib.listing import list_params, page
-from lib.validation import Choice, Email, Text, validate
-from level03.jwt_auth import (SCHEMA as IDENTITY_SCHEMA, Auth, Password, add_auth_arguments,
-                              current_user, email_argument, email_key, hash_password, log_in, log_out,
-                              password_problem, refresh, require_user, utc_now_text)
+from lib.validation import Choice, Text, validate
+from level03.jwt_auth import (AUTH_BODY_LIMIT, SCHEMA as IDENTITY_SCHEMA, Auth,
+                              add_auth_arguments, create_account, current_user, email_argument,
+                              email_key, log_in, log_out, refresh, require_user, utc_now_text)
 
 app = App("rbac", "Roles and permissions: users, moderators and admins over a small posts API.",
           port=8010)
@@ -162,9 +161,7 @@ def has_permission(request, permission):
 # Accounts and roles
 # =============================================================================================
 
-SIGN_UP = {"email": Email(required=True), "password": Password(required=True)}
 ROLE_CHANGE = {"role": Choice(ROLES, required=True)}
-AUTH_BODY_LIMIT = 16 * 1024
 
 
 def user_with_role(row):
@@ -184,18 +181,16 @@ def list_roles(request):
           responses={201: "The new user, with the role `user` (or `admin` for --admin-email)"})
 def sign_up(request):
     """Create an account"""
-    auth = request.app.state.auth
-    values = validate(request.json_object(), SIGN_UP)
-    problem = password_problem(values["password"], values["email"])
-    if problem:
-        raise ValidationFailed({"password": problem})
-    password_hash = hash_password(values["password"], auth.scrypt)  # slow: outside the lock
     admin_email = request.app.state.admin_email
-    role = "admin" if admin_email and email_key(values["email"]) == email_key(admin_email) else "user"
-    with auth.db.transaction() as conn:  # the user and its role, both or neither
-        user = auth.users.create(values["email"], password_hash)
-        conn.execute("INSERT INTO user_roles (user_id, role) VALUES (?, ?)", (user["id"], role))
-    return created({**user, "role": role}, "/me")
+
+    def grant_role(conn, user):  # in the insert's transaction: the user and its role, or neither
+        is_admin = admin_email and email_key(user["email"]) == email_key(admin_email)
+        user["role"] = "admin" if is_admin else "user"
+        conn.execute("INSERT INTO user_roles (user_id, role) VALUES (?, ?)",
+                     (user["id"], user["role"]))
+
+    user = create_account(request.app.state.auth, request.json_object(), in_transaction=grant_role)
+    return created(user, "/me")
 
 
 # Login, refresh and logout are jwt_auth's handlers, unchanged: they read app.state.auth.

@@ -24,7 +24,8 @@ email normalisation, the login lockout and `authenticate_password` (one 401 for 
 email and a wrong password, in comparable time). This file adds the session around them.
 
 What other projects import from here (names are stable):
-  storage     SESSIONS_SCHEMA, SessionStore, session_id_hash, public_session_id
+  storage     SESSIONS_SCHEMA, SessionStore, public_session_id (the id itself is stored as
+              jwt_auth's token_hash)
   cookies     COOKIE_NAME, session_cookie, cleared_cookie
   the flow    refuse_cross_site (a middleware step), check_same_origin, origin_of,
               require_session (a middleware step), authenticate_session, check_csrf_token,
@@ -46,15 +47,15 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
-from lib import (App, BadRequest, Forbidden, NotFound, Unauthorized, ValidationFailed,
-                 html_response, json_response, no_content, trace_event)
-from lib.app import http_url, seconds
+from lib import (App, BadRequest, Forbidden, NotFound, Unauthorized, html_response,
+                 json_response, no_content, trace_event)
+from lib.app import http_url
 from lib.listing import list_params, page
 from lib.validation import validate
-from level03.jwt_auth import (AUTH_BODY_LIMIT, CREDENTIALS, DEFAULT_SCRYPT, LOGIN_FAILURES_SCHEMA,
-                              SIGN_UP, USERS_SCHEMA, Auth, at_least_a_second,
-                              authenticate_password, current_user, hash_password,
-                              password_problem, scrypt_cost, user_json, utc_now_text)
+from level03.jwt_auth import (AUTH_BODY_LIMIT, CREDENTIALS, LOGIN_FAILURES_SCHEMA, USERS_SCHEMA,
+                              Credentials, add_password_arguments, at_least_a_second,
+                              authenticate_password, create_account, current_user, token_hash,
+                              user_json, utc_now_text)
 
 app = App("session_auth", "Log in once; a cookie carries a server-side session, guarded "
           "against fixation and CSRF.", port=8009)
@@ -121,14 +122,6 @@ MAX_USER_AGENT = 256       # characters kept of a User-Agent: a label, not evide
 TOUCH_AT_MOST_EVERY = 60.0 # seconds: see SessionStore.find
 
 
-def session_id_hash(session_id):
-    """What the table keeps instead of the id. The id has 256 random bits, so a fast hash is
-    enough (nobody can search back from it, unlike from a password's hash), and a leaked table
-    or backup gives no usable session. Looking a session up by its hash also means the index
-    compares bytes the client does not choose: no timing leaks how much of a guess was right."""
-    return hashlib.sha256(session_id.encode("ascii")).hexdigest()
-
-
 def public_session_id(id_hash):
     """How a session is named in `GET /auth/sessions` and `DELETE /auth/sessions/{id}`: the
     first 16 hex digits of its hash. Anyone who sees it (the user, a log line) learns nothing
@@ -161,7 +154,7 @@ class SessionStore:
         deleted in the same transaction, so it cannot outlive the login."""
         now = time.time() if now is None else now
         session_id = secrets.token_urlsafe(SESSION_ID_BYTES)
-        row = {"id_hash": session_id_hash(session_id), "user_id": user_id,
+        row = {"id_hash": token_hash(session_id), "user_id": user_id,
                "csrf_token": secrets.token_urlsafe(CSRF_TOKEN_BYTES), "created_at": now,
                "last_seen_at": now, "user_agent": user_agent[:MAX_USER_AGENT], "ip": ip}
         with self.db.transaction() as conn:
@@ -169,7 +162,7 @@ class SessionStore:
             conn.execute(f"DELETE FROM sessions WHERE NOT ({live})", params)  # expired ones
             if replacing and _SESSION_ID.fullmatch(replacing):
                 conn.execute("DELETE FROM sessions WHERE id_hash = ?",
-                             (session_id_hash(replacing),))
+                             (token_hash(replacing),))
             conn.execute("INSERT INTO sessions (id_hash, user_id, csrf_token, created_at, "
                          "last_seen_at, user_agent, ip) VALUES (:id_hash, :user_id, :csrf_token, "
                          ":created_at, :last_seen_at, :user_agent, :ip)", row)
@@ -182,7 +175,7 @@ class SessionStore:
             return None
         now = time.time() if now is None else now
         row = self.db.query_one("SELECT * FROM sessions WHERE id_hash = ?",
-                                (session_id_hash(session_id),))
+                                (token_hash(session_id),))
         if row is None:
             trace_event("session cookie names no session")
             return None
@@ -421,12 +414,7 @@ SIGNED_IN = "The user, the session, and its csrf_token; Set-Cookie: sid"
           request_schema=_schema("email", "password"), responses={201: SIGNED_IN})
 def sign_up(request):
     """Create an account and sign in (JSON or an HTML form)"""
-    auth = request.app.state.auth
-    values = validate(request.fields(), SIGN_UP)
-    problem = password_problem(values["password"], values["email"])
-    if problem:
-        raise ValidationFailed({"password": problem})
-    user = auth.users.create(values["email"], hash_password(values["password"], auth.scrypt))
+    user = create_account(request.app.state.auth, request.fields())
     return start_session(request, user, 201)
 
 
@@ -704,20 +692,12 @@ def main(argv=None):
                         help="the URL browsers use to reach this server (e.g. behind a proxy); "
                              "its origin is the only one allowed to send unsafe requests "
                              "(default: the request's Host)")
-    parser.add_argument("--scrypt-n", type=scrypt_cost, default=DEFAULT_SCRYPT.n,
-                        help=f"scrypt cost N for new hashes, a power of two (default "
-                             f"{DEFAULT_SCRYPT.n}; raising it re-hashes each password at its "
-                             f"next login)")
-    parser.add_argument("--lockout-s", type=seconds, default=900.0,
-                        help="window in which 5 failed logins lock an email (default 900; 0: off)")
+    add_password_arguments(parser)   # jwt_auth's --scrypt-n and --lockout-s
     args = parser.parse_args(argv)
     db = app.open_database(args, SCHEMA)
-    # jwt_auth's Auth holds what authenticate_password needs: the user store, the lockout, the
-    # scrypt cost and the dummy hash for unknown emails. This server signs no tokens, so the
-    # token settings in it stay empty.
-    app.state.auth = Auth(db, secret=None, issuer=None, audience=None,
-                          scrypt=DEFAULT_SCRYPT._replace(n=args.scrypt_n),
-                          lockout_s=args.lockout_s)
+    # jwt_auth's Credentials: what authenticate_password and create_account need (the user
+    # store, the lockout, the scrypt cost, the dummy hash for unknown emails). No tokens here.
+    app.state.auth = Credentials.from_args(db, args)
     app.state.sessions = SessionStore(db, args.idle_ttl, args.absolute_ttl)
     app.state.secure_cookies = args.secure_cookies
     app.state.public_origin = origin_of(args.public_url) if args.public_url else None
