@@ -6,8 +6,6 @@ Most tests share one server; each uses its own X-User-Id, so they cannot see eac
 data. Tests that need a flag or real parallelism start their own.
 """
 import concurrent.futures
-import csv
-import io
 import re
 import uuid
 
@@ -16,38 +14,14 @@ import requests
 
 from tests.harness import (RawConnection, expect, expect_json, expect_problem, request_bytes,
                            run_once)
+from tests.level02.clients import UserClient, error_fields, read_csv
 
 SCRIPT = "level02/contacts.py"
 TIMEOUT = 10  # s, for every single request
 
 
-class Client:
-    """Requests as one user (the X-User-Id header), with a timeout."""
-
-    def __init__(self, server, user=None):
-        self.url = server.url
-        self.user = user or f"u-{uuid.uuid4().hex[:12]}"
-        self.session = requests.Session()
-
-    def request(self, method, path, *, headers=None, **kw):
-        kw.setdefault("timeout", TIMEOUT)
-        headers = {"X-User-Id": self.user, **(headers or {})}
-        return self.session.request(method, self.url + path, headers=headers, **kw)
-
-    def get(self, path, **kw):
-        return self.request("GET", path, **kw)
-
-    def post(self, path, json=None, **kw):
-        return self.request("POST", path, json=json, **kw)
-
-    def patch(self, path, json=None, **kw):
-        return self.request("PATCH", path, json=json, **kw)
-
-    def put(self, path, json=None, **kw):
-        return self.request("PUT", path, json=json, **kw)
-
-    def delete(self, path, **kw):
-        return self.request("DELETE", path, **kw)
+class Client(UserClient):
+    """Requests as one user, with the contacts shortcuts."""
 
     def contact(self, name, **fields):
         return expect_json(self.post("/contacts", {"name": name, **fields}), 201)
@@ -57,23 +31,12 @@ class Client:
         return [c["name"] for c in self.all_pages(params)]
 
     def all_pages(self, params=None, limit=100):
-        params = dict(params or {}, limit=limit)
-        items = []
-        while True:
-            body = expect_json(self.get("/contacts", params=params), 200)
-            items += body["items"]
-            if body["next_cursor"] is None:
-                return items
-            params["cursor"] = body["next_cursor"]
+        return self.all_items("/contacts", dict(params or {}, limit=limit))
 
     def import_csv(self, text, status=(200, 201)):
         resp = self.request("POST", "/contacts/import", data=text.encode("utf-8"),
                             headers={"Content-Type": "text/csv"})
         return expect_json(resp, status)
-
-
-def fields_named(problem):
-    return {error["field"] for error in problem.get("errors", [])}
 
 
 @pytest.fixture(scope="module")
@@ -169,12 +132,12 @@ def test_only_a_name_is_required(client):
 ])
 def test_invalid_bodies_are_a_422_naming_the_field(client, body, field):
     problem = expect_problem(client.post("/contacts", body), 422)
-    assert fields_named(problem) == {field}
+    assert error_fields(problem) == {field}
 
 
 def test_every_bad_field_is_named_at_once(client):
     problem = expect_problem(client.post("/contacts", {"emails": ["x"], "phones": ["1"], "id": 3}), 422)
-    assert fields_named(problem) == {"name", "emails", "phones", "id"}
+    assert error_fields(problem) == {"name", "emails", "phones", "id"}
 
 
 @pytest.mark.parametrize("typed, number", [
@@ -394,13 +357,13 @@ def test_keyset_pages_are_stable_while_contacts_are_added_and_removed(client):
                                     {"limit": "101"}, {"cursor": "garbage"}])
 def test_bad_list_parameters_are_a_400_naming_them(client, params):
     problem = expect_problem(client.get("/contacts", params=params), 400)
-    assert fields_named(problem) == set(params)
+    assert error_fields(problem) == set(params)
 
 
 def test_a_cursor_from_another_sort_is_a_400(people):
     cursor = expect_json(people.get("/contacts", params={"limit": 1, "sort": "-name"}), 200)["next_cursor"]
     problem = expect_problem(people.get("/contacts", params={"limit": 1, "sort": "name", "cursor": cursor}), 400)
-    assert fields_named(problem) == {"cursor"}
+    assert error_fields(problem) == {"cursor"}
 
 
 def test_a_bad_path_id_is_a_400(client):
@@ -438,17 +401,8 @@ def test_no_duplicates_when_everyone_is_distinct(client):
 # CSV export and import
 
 
-def read_csv(resp):
-    expect(resp, 200, content_type="text/csv")
-    assert resp.headers["Content-Type"].replace(" ", "").lower() == "text/csv;charset=utf-8"
-    disposition = resp.headers.get("Content-Disposition", "")
-    assert disposition.startswith("attachment") and 'filename="contacts.csv"' in disposition
-    text = resp.content.decode("utf-8")
-    return text, list(csv.reader(io.StringIO(text, newline="")))
-
-
 def test_csv_export(people):
-    text, rows = read_csv(people.get("/contacts/export.csv"))
+    text, rows = read_csv(people.get("/contacts/export.csv"), "contacts.csv")
     assert rows[0] == ["id", "name", "emails", "phones", "company", "notes", "tags", "created_at"]
     assert text.endswith("\r\n") and "\n" not in text.replace("\r\n", "")
     assert [row[1] for row in rows[1:]] == people.names()
@@ -456,7 +410,8 @@ def test_csv_export(people):
     assert jose[1:7] == ["José Álvarez", "jose@correo.example", "", "Señor Café", "", "friends"]
     smith = rows[6]
     assert smith[3] == "'+15551234567"   # starts with +: escaped like any formula trigger
-    _, rows = read_csv(people.get("/contacts/export.csv", params={"tag": "friends"}))
+    _, rows = read_csv(people.get("/contacts/export.csv", params={"tag": "friends"}),
+                       "contacts.csv")
     assert [row[1] for row in rows[1:]] == ["José Álvarez", "Natalie Wood"]
 
 
@@ -464,7 +419,7 @@ def test_csv_export(people):
                                   "@SUM(A1)", "\t=1+1"])
 def test_csv_export_escapes_formulas(client, text):
     client.contact(text, company=text, notes=text, tags=[text.strip()])
-    _, rows = read_csv(client.get("/contacts/export.csv"))
+    _, rows = read_csv(client.get("/contacts/export.csv"), "contacts.csv")
     safe = "'" + text.strip()
     assert [rows[1][1], rows[1][4], rows[1][5], rows[1][6]] == [safe, safe, safe, safe.lower()]
 

@@ -5,46 +5,21 @@ Most tests share one server; each uses its own X-User-Id, so they cannot see eac
 data. Tests that need a flag, a restart or real parallelism start their own.
 """
 import concurrent.futures
-import csv
-import io
-import uuid
 
 import pytest
 import requests
 
 from tests.harness import expect, expect_json, expect_problem, run_once
+from tests.level02.clients import UserClient, error_fields, read_csv
 
 SCRIPT = "level02/expenses.py"
 TIMEOUT = 5  # s, for every single request
 
 
-class Client:
-    """Requests as one user (the X-User-Id header), with a timeout."""
+class Client(UserClient):
+    """Requests as one user, with the expenses shortcuts."""
 
-    def __init__(self, server, user=None):
-        self.url = server.url
-        self.user = user or f"u-{uuid.uuid4().hex[:12]}"
-        self.session = requests.Session()
-
-    def request(self, method, path, *, headers=None, **kw):
-        kw.setdefault("timeout", TIMEOUT)
-        headers = {"X-User-Id": self.user, **(headers or {})}
-        return self.session.request(method, self.url + path, headers=headers, **kw)
-
-    def get(self, path, **kw):
-        return self.request("GET", path, **kw)
-
-    def post(self, path, json=None, **kw):
-        return self.request("POST", path, json=json, **kw)
-
-    def patch(self, path, json=None, **kw):
-        return self.request("PATCH", path, json=json, **kw)
-
-    def put(self, path, json=None, **kw):
-        return self.request("PUT", path, json=json, **kw)
-
-    def delete(self, path, **kw):
-        return self.request("DELETE", path, **kw)
+    timeout = TIMEOUT
 
     # domain shortcuts
 
@@ -55,20 +30,9 @@ class Client:
         return expect_json(self.post("/expenses", {"amount": amount, "date": date, **fields}), 201)
 
     def all_pages(self, path, params=None, limit=2):
-        """Every item of a list, following next_cursor."""
-        params = dict(params or {}, limit=limit)
-        items, pages = [], 0
-        while True:
-            body = expect_json(self.get(path, params=params), 200)
-            items += body["items"]
-            pages += 1
-            if body["next_cursor"] is None:
-                return items, pages
-            params["cursor"] = body["next_cursor"]
-
-
-def fields_named(problem):
-    return {error["field"] for error in problem.get("errors", [])}
+        """Every item of a list, following next_cursor, and how many pages it took."""
+        bodies = list(self.pages(path, dict(params or {}, limit=limit)))
+        return [item for body in bodies for item in body["items"]], len(bodies)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +99,7 @@ def test_amounts_are_decimal_strings_written_back_with_two_decimals(client, sent
 ])
 def test_bad_amounts_are_a_422_naming_amount(client, amount):
     resp = client.post("/expenses", {"amount": amount, "date": "2026-01-01"})
-    assert fields_named(expect_problem(resp, 422)) == {"amount"}
+    assert error_fields(expect_problem(resp, 422)) == {"amount"}
     assert expect_json(client.get("/expenses"), 200)["items"] == []
 
 
@@ -161,7 +125,7 @@ def test_currency_defaults_to_usd_and_must_be_three_capital_letters(client):
     assert client.expense(currency="EUR")["currency"] == "EUR"
     for bad in ["usd", "US", "USDX", "U$D", 840, "", None]:
         resp = client.post("/expenses", {"amount": "1.00", "date": "2026-01-01", "currency": bad})
-        assert fields_named(expect_problem(resp, 422)) == {"currency"}, bad
+        assert error_fields(expect_problem(resp, 422)) == {"currency"}, bad
 
 
 def test_currency_flag_sets_the_default(start_server):
@@ -200,20 +164,20 @@ def test_every_bad_field_is_named_at_once(client):
                                      "category_id": "x", "note": "n" * 1001, "id": 7,
                                      "owner": "someone", "colour": "red"})
     problem = expect_problem(resp, 422)
-    assert fields_named(problem) == {"amount", "currency", "date", "category_id", "note", "id",
+    assert error_fields(problem) == {"amount", "currency", "date", "category_id", "note", "id",
                                      "owner", "colour"}
 
 
 @pytest.mark.parametrize("body", [{"date": "2026-01-01"}, {"amount": "1.00"}])
 def test_amount_and_date_are_required(client, body):
     problem = expect_problem(client.post("/expenses", body), 422)
-    assert fields_named(problem) == {"amount", "date"} - set(body)
+    assert error_fields(problem) == {"amount", "date"} - set(body)
 
 
 @pytest.mark.parametrize("date", ["2026-02-30", "2026-13-01", "26-01-01", "2026/01/01", "today"])
 def test_impossible_dates_in_a_body_are_a_422(client, date):
     problem = expect_problem(client.post("/expenses", {"amount": "1.00", "date": date}), 422)
-    assert fields_named(problem) == {"date"}
+    assert error_fields(problem) == {"date"}
 
 
 def test_a_category_id_the_caller_does_not_own_is_a_422_naming_it(server):
@@ -223,10 +187,10 @@ def test_a_category_id_the_caller_does_not_own_is_a_422_naming_it(server):
     for category_id in [theirs["id"], 999_999_999]:
         problem = expect_problem(alice.post("/expenses", {"amount": "1.00", "date": "2026-01-01",
                                                           "category_id": category_id}), 422)
-        assert fields_named(problem) == {"category_id"}
+        assert error_fields(problem) == {"category_id"}
         problem = expect_problem(alice.patch(f"/expenses/{mine['id']}",
                                              {"category_id": category_id}), 422)
-        assert fields_named(problem) == {"category_id"}
+        assert error_fields(problem) == {"category_id"}
     assert expect_json(alice.get(f"/expenses/{mine['id']}"), 200) == mine
 
 
@@ -252,7 +216,7 @@ def test_put_replaces_the_whole_expense(client):
     assert replaced["note"] == "" and replaced["category_id"] is None
     assert replaced["currency"] == "USD"   # the default again
     problem = expect_problem(client.put(f"/expenses/{expense['id']}", {"note": "x"}), 422)
-    assert fields_named(problem) == {"amount", "date"}
+    assert error_fields(problem) == {"amount", "date"}
 
 
 def test_server_owned_fields_cannot_be_written(client):
@@ -260,7 +224,7 @@ def test_server_owned_fields_cannot_be_written(client):
     for field, value in [("id", 99), ("created_at", "2020-01-01T00:00:00Z"),
                          ("updated_at", "2020-01-01T00:00:00Z"), ("owner", "mallory")]:
         problem = expect_problem(client.patch(f"/expenses/{expense['id']}", {field: value}), 422)
-        assert fields_named(problem) == {field}
+        assert error_fields(problem) == {field}
     assert expect_json(client.get(f"/expenses/{expense['id']}"), 200) == expense
 
 
@@ -370,7 +334,7 @@ def test_delete_with_reassign_to_moves_the_expenses_in_one_go(server):
                            ("abc", 400), ("0", 400)]:
         resp = client.delete(f"/categories/{old['id']}", params={"reassign_to": target})
         problem = expect_problem(resp, status)
-        assert fields_named(problem) == {"reassign_to"}
+        assert error_fields(problem) == {"reassign_to"}
     expect_json(client.get(f"/categories/{old['id']}"), 200)   # still there after refusals
     expect(client.delete(f"/categories/{old['id']}", params={"reassign_to": new["id"]}), 204)
     expect_problem(client.get(f"/categories/{old['id']}"), 404)
@@ -473,7 +437,7 @@ def test_sorts_paginate_without_gaps_or_repeats(spread, sort, order):
 ])
 def test_bad_query_parameters_are_a_400_naming_the_parameter(client, params):
     problem = expect_problem(client.get("/expenses", params=params), 400)
-    assert fields_named(problem) & set(params)
+    assert error_fields(problem) & set(params)
 
 
 @pytest.mark.parametrize("made_for, used_for", [("amount", "date"), ("-date", "date"), ("date", "-amount")])
@@ -481,7 +445,7 @@ def test_a_cursor_from_another_sort_is_a_400(spread, made_for, used_for):
     client = spread[0]
     cursor = expect_json(client.get("/expenses", params={"limit": 1, "sort": made_for}), 200)["next_cursor"]
     problem = expect_problem(client.get("/expenses", params={"limit": 1, "sort": used_for, "cursor": cursor}), 400)
-    assert fields_named(problem) == {"cursor"}
+    assert error_fields(problem) == {"cursor"}
 
 
 def test_keyset_pages_are_stable_while_rows_are_inserted_and_deleted(client):
@@ -559,18 +523,10 @@ def test_an_empty_summary(client):
 # CSV export
 
 
-def read_csv(resp):
-    expect(resp, 200, content_type="text/csv")
-    assert resp.headers["Content-Type"].replace(" ", "").lower() == "text/csv;charset=utf-8"
-    disposition = resp.headers.get("Content-Disposition", "")
-    assert disposition.startswith("attachment") and 'filename="expenses.csv"' in disposition
-    text = resp.content.decode("utf-8")
-    return text, list(csv.reader(io.StringIO(text, newline="")))
-
-
 def test_export_is_rfc4180_with_a_header_row_and_crlf(spread):
     client, categories, made = spread
-    text, rows = read_csv(client.get("/expenses/export.csv", params={"sort": "date"}))
+    text, rows = read_csv(client.get("/expenses/export.csv", params={"sort": "date"}),
+                          "expenses.csv")
     assert rows[0] == ["id", "date", "amount", "currency", "category_id", "category", "note"]
     assert text.endswith("\r\n") and text.count("\r\n") == 6 and "\n" not in text.replace("\r\n", "")
     assert rows[1] == [str(made[0]["id"]), "2026-01-05", "12.50", "USD",
@@ -581,9 +537,10 @@ def test_export_is_rfc4180_with_a_header_row_and_crlf(spread):
 def test_export_has_every_matching_row_not_just_a_page(client):
     for n in range(120):
         client.expense(f"{n + 1}.01", f"2026-06-{n % 28 + 1:02d}", currency="EUR" if n % 2 else "USD")
-    _, rows = read_csv(client.get("/expenses/export.csv"))
+    _, rows = read_csv(client.get("/expenses/export.csv"), "expenses.csv")
     assert len(rows) == 1 + 120
-    _, rows = read_csv(client.get("/expenses/export.csv", params={"currency": "EUR", "min": "100"}))
+    _, rows = read_csv(client.get("/expenses/export.csv", params={"currency": "EUR", "min": "100"}),
+                       "expenses.csv")
     assert len(rows) == 1 + 11 and {row[3] for row in rows[1:]} == {"EUR"}
     expect_problem(client.get("/expenses/export.csv", params={"from": "2026-02-30"}), 400)
 
@@ -598,7 +555,7 @@ DANGEROUS = ["=HYPERLINK(\"http://evil.example\",\"click\")", "+1+cmd|' /C calc'
 def test_export_escapes_cells_a_spreadsheet_would_run(client, text):
     category = client.category(text)
     client.expense(note=text, category_id=category["id"])
-    _, rows = read_csv(client.get("/expenses/export.csv"))
+    _, rows = read_csv(client.get("/expenses/export.csv"), "expenses.csv")
     assert rows[1][5] == "'" + text.strip()   # the category's name
     assert rows[1][6] == "'" + text.strip()   # the note
     for cell in rows[1]:
@@ -607,7 +564,7 @@ def test_export_escapes_cells_a_spreadsheet_would_run(client, text):
 
 def test_export_leaves_ordinary_text_alone(client):
     client.expense(note='He said "hi", then left\nnext line')
-    _, rows = read_csv(client.get("/expenses/export.csv"))
+    _, rows = read_csv(client.get("/expenses/export.csv"), "expenses.csv")
     assert rows[1][6] == 'He said "hi", then left\nnext line'
 
 

@@ -7,12 +7,12 @@ import base64
 import json
 import re
 import threading
-import uuid
 
 import pytest
 import requests
 
 from tests.harness import expect, expect_json, expect_problem
+from tests.level02.clients import CollectionClient, error_fields, fresh_user
 
 SCRIPT = "level02/notes.py"
 TIMEOUT = 10
@@ -20,57 +20,12 @@ RFC3339_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z")
 SORTS = ["-updated_at", "updated_at", "title", "-created_at", "created_at"]
 
 
-def fresh_user(prefix="u"):
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+class Api(CollectionClient):
+    """One user's keep-alive session on the server, with the notes shortcuts."""
 
-
-class Api:
-    """One user's keep-alive session on the server."""
-
-    def __init__(self, server, user=None):
-        self.url = server.url
-        self.user = user or fresh_user()
-        self.session = requests.Session()
-
-    def call(self, method, path, *, headers=None, **kw):
-        headers = {"X-User-Id": self.user, **(headers or {})}
-        return self.session.request(method, self.url + path, headers=headers, timeout=TIMEOUT,
-                                    **kw)
-
-    def get(self, path, **kw):
-        return self.call("GET", path, **kw)
-
-    def post(self, path, **kw):
-        return self.call("POST", path, **kw)
-
-    def patch(self, path, **kw):
-        return self.call("PATCH", path, **kw)
-
-    def put(self, path, **kw):
-        return self.call("PUT", path, **kw)
-
-    def delete(self, path, **kw):
-        return self.call("DELETE", path, **kw)
-
-    def create(self, **fields):
-        fields.setdefault("title", "a note")
-        return expect_json(self.post("/notes", json=fields), 201)
-
-    def note(self, note_id):
-        return expect_json(self.get(f"/notes/{note_id}"), 200)
-
-    def list(self, **params):
-        return expect_json(self.get("/notes", params=params), 200)
-
-    def all_pages(self, **params):
-        """Every item, following next_cursor."""
-        items, cursor = [], None
-        while True:
-            body = self.list(**params, **({"cursor": cursor} if cursor else {}))
-            items += body["items"]
-            cursor = body["next_cursor"]
-            if cursor is None:
-                return items
+    collection = "/notes"
+    defaults = {"title": "a note"}
+    note = CollectionClient.read   # alice.note(id)
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +41,6 @@ def alice(server):
 @pytest.fixture
 def bob(server):
     return Api(server, fresh_user("bob"))
-
-
-def error_fields(problem):
-    return {error["field"] for error in problem.get("errors", [])}
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,7 +107,7 @@ def test_server_owned_and_unknown_fields_are_refused(alice, field):
     assert error_fields(problem) == {field}
     note = alice.create()
     for method in ("PATCH", "PUT"):
-        problem = expect_problem(alice.call(method, f"/notes/{note['id']}",
+        problem = expect_problem(alice.request(method, f"/notes/{note['id']}",
                                             json={"title": "t", field: "x"}), 422)
         assert error_fields(problem) == {field}
     assert alice.note(note["id"]) == note, "a refused write changed nothing"
@@ -198,7 +149,7 @@ def test_another_users_note_is_a_404_for_every_verb(alice, bob):
                                  ("PATCH", "", {"title": "mine"}), ("PUT", "", {"title": "mine"}),
                                  ("DELETE", "", None), ("POST", "/archive", None),
                                  ("POST", "/unarchive", None)]:
-        resp = bob.call(method, path + suffix, json=body)
+        resp = bob.request(method, path + suffix, json=body)
         assert resp.status_code == 404, f"{method} {path + suffix} as another user"
         if method != "HEAD":
             problem = expect_problem(resp, 404)
@@ -306,11 +257,11 @@ def test_a_stale_if_match_is_a_412_and_nothing_changes(alice, method, suffix, bo
     note = alice.create(title="original")
     current = expect_json(alice.patch(f"/notes/{note['id']}", json={"title": "second"}), 200)
     for stale in ('"1"', 'W/"2"', '"2x"', '"1", "3"'):
-        resp = alice.call(method, f"/notes/{note['id']}{suffix}", json=body,
+        resp = alice.request(method, f"/notes/{note['id']}{suffix}", json=body,
                           headers={"If-Match": stale})
         expect_problem(resp, 412)
     assert alice.note(note["id"]) == current, "a 412 changed nothing"
-    resp = alice.call(method, f"/notes/{note['id']}{suffix}", json=body,
+    resp = alice.request(method, f"/notes/{note['id']}{suffix}", json=body,
                       headers={"If-Match": '"2"'})
     expect(resp, 204 if method == "DELETE" else 200)
 

@@ -7,13 +7,13 @@ clock, the same way the server does, in UTC and in a zone whose date differs fro
 """
 import datetime
 import re
-import uuid
 import zoneinfo
 
 import pytest
 import requests
 
 from tests.harness import expect, expect_json, expect_problem
+from tests.level02.clients import CollectionClient, error_fields, fresh_user
 
 SCRIPT = "level02/todos.py"
 TIMEOUT = 10
@@ -23,56 +23,12 @@ RANK = {"low": 1, "normal": 2, "high": 3}
 DAY = datetime.timedelta(days=1)
 
 
-def fresh_user(prefix="u"):
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+class Api(CollectionClient):
+    """One user's keep-alive session on the server, with the todos shortcuts."""
 
-
-class Api:
-    """One user's keep-alive session on the server."""
-
-    def __init__(self, server, user=None):
-        self.url = server.url
-        self.user = user or fresh_user()
-        self.session = requests.Session()
-
-    def call(self, method, path, *, headers=None, **kw):
-        headers = {"X-User-Id": self.user, **(headers or {})}
-        return self.session.request(method, self.url + path, headers=headers, timeout=TIMEOUT,
-                                    **kw)
-
-    def get(self, path, **kw):
-        return self.call("GET", path, **kw)
-
-    def post(self, path, **kw):
-        return self.call("POST", path, **kw)
-
-    def patch(self, path, **kw):
-        return self.call("PATCH", path, **kw)
-
-    def put(self, path, **kw):
-        return self.call("PUT", path, **kw)
-
-    def delete(self, path, **kw):
-        return self.call("DELETE", path, **kw)
-
-    def create(self, **fields):
-        fields.setdefault("title", "a todo")
-        return expect_json(self.post("/todos", json=fields), 201)
-
-    def todo(self, todo_id):
-        return expect_json(self.get(f"/todos/{todo_id}"), 200)
-
-    def list(self, **params):
-        return expect_json(self.get("/todos", params=params), 200)
-
-    def all_pages(self, **params):
-        items, cursor = [], None
-        while True:
-            body = self.list(**params, **({"cursor": cursor} if cursor else {}))
-            items += body["items"]
-            cursor = body["next_cursor"]
-            if cursor is None:
-                return items
+    collection = "/todos"
+    defaults = {"title": "a todo"}
+    todo = CollectionClient.read   # alice.todo(id)
 
     def bulk(self, ids, action):
         return self.post("/todos/bulk", json={"ids": ids, "action": action})
@@ -94,10 +50,6 @@ def alice(server):
 @pytest.fixture
 def bob(server):
     return Api(server, fresh_user("bob"))
-
-
-def error_fields(problem):
-    return {error["field"] for error in problem.get("errors", [])}
 
 
 def titles(items):
@@ -159,7 +111,7 @@ def test_server_owned_and_unknown_fields_are_refused(alice, field):
     assert error_fields(problem) == {field}
     todo = alice.create()
     for method in ("PATCH", "PUT"):
-        resp = alice.call(method, f"/todos/{todo['id']}", json={"title": "t", field: None})
+        resp = alice.request(method, f"/todos/{todo['id']}", json={"title": "t", field: None})
         assert error_fields(expect_problem(resp, 422)) == {field}
     assert alice.todo(todo["id"]) == todo
 
@@ -222,10 +174,10 @@ def test_delete_is_204_then_gone(alice):
 def test_a_stale_if_match_is_a_412_and_nothing_changes(alice, method, body):
     todo = alice.create()
     current = expect_json(alice.patch(f"/todos/{todo['id']}", json={"notes": "v2"}), 200)
-    expect_problem(alice.call(method, f"/todos/{todo['id']}", json=body,
+    expect_problem(alice.request(method, f"/todos/{todo['id']}", json=body,
                               headers={"If-Match": '"1"'}), 412)
     assert alice.todo(todo["id"]) == current
-    resp = alice.call(method, f"/todos/{todo['id']}", json=body, headers={"If-Match": '"2"'})
+    resp = alice.request(method, f"/todos/{todo['id']}", json=body, headers={"If-Match": '"2"'})
     expect(resp, 204 if method == "DELETE" else 200)
 
 
@@ -249,7 +201,7 @@ def test_another_users_todo_is_a_404_and_never_listed_or_counted(alice, bob):
     path = f"/todos/{todo['id']}"
     for method, body in [("GET", None), ("PATCH", {"done": True}), ("PUT", {"title": "x"}),
                          ("DELETE", None)]:
-        expect_problem(bob.call(method, path, json=body), 404)
+        expect_problem(bob.request(method, path, json=body), 404)
     assert bob.all_pages(status="all") == [] and bob.all_pages(tag="secret") == []
     assert bob.summary()["overdue"] == 0
     assert alice.todo(todo["id"]) == todo

@@ -25,17 +25,11 @@ import pytest
 import requests
 
 from tests.harness import ROOT, clean_env, expect, expect_json, expect_problem, run_once
+from tests.level03.accounts import LOW_COST, PASSWORD, TIMEOUT, AccountClient, fresh_email
 
 SCRIPT = "level03/jwt_auth.py"
 SECRET = "test-secret-0123456789-abcdefghijklmnop"      # ≥ 32 bytes
-LOW_COST = ("--scrypt-n", "1024")
-TIMEOUT = 15
-PASSWORD = "correct horse battery staple"
 RFC3339_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
-
-
-def fresh_email(prefix="u"):
-    return f"{prefix}-{uuid.uuid4().hex[:10]}@example.com"
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,15 +77,7 @@ def decode_and_verify(token, secret=SECRET):
 # Talking to the server
 
 
-class Client:
-    def __init__(self, server):
-        self.url = server.url
-        self.http = requests.Session()
-
-    def post(self, path, body, token=None):
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return self.http.post(self.url + path, json=body, headers=headers, timeout=TIMEOUT)
-
+class Client(AccountClient):
     def me(self, token=None, authorization=None):
         headers = {}
         if token is not None:
@@ -99,15 +85,6 @@ class Client:
         if authorization is not None:
             headers["Authorization"] = authorization
         return self.http.get(self.url + "/me", headers=headers, timeout=TIMEOUT)
-
-    def signup(self, email, password=PASSWORD):
-        return expect_json(self.post("/auth/signup", {"email": email, "password": password}), 201)
-
-    def login(self, email, password=PASSWORD):
-        return expect_json(self.post("/auth/login", {"email": email, "password": password}), 200)
-
-    def login_response(self, email, password=PASSWORD):
-        return self.post("/auth/login", {"email": email, "password": password})
 
     def refresh(self, refresh_token):
         return self.post("/auth/refresh", {"refresh_token": refresh_token})

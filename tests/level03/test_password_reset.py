@@ -32,21 +32,15 @@ import pytest
 import requests
 
 from tests.harness import expect, expect_json, expect_problem, run_once
+from tests.level03.accounts import LOW_COST, PASSWORD, TIMEOUT, AccountClient, fresh_email
 
 SCRIPT = "level03/password_reset.py"
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
-LOW_COST = ("--scrypt-n", "1024")
 PUBLIC_URL = "https://accounts.example.test"
-TIMEOUT = 15
-PASSWORD = "correct horse battery staple"
 NEW_PASSWORD = "a brand new passphrase"
 RESET_SUBJECT = "Reset your password"
 CHANGED_SUBJECT = "Your password was changed"
 TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{43,}")   # token_urlsafe(32): ≥ 256 bits
-
-
-def fresh_email(prefix="u"):
-    return f"{prefix}-{uuid.uuid4().hex[:10]}@example.com"
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,23 +105,7 @@ def token_of(message):
 # Talking to the server
 
 
-class Client:
-    def __init__(self, server):
-        self.url = server.url
-        self.http = requests.Session()
-
-    def post(self, path, body):
-        return self.http.post(self.url + path, json=body, timeout=TIMEOUT)
-
-    def signup(self, email_, password=PASSWORD):
-        return expect_json(self.post("/auth/signup", {"email": email_, "password": password}), 201)
-
-    def login_response(self, email_, password=PASSWORD):
-        return self.post("/auth/login", {"email": email_, "password": password})
-
-    def login(self, email_, password=PASSWORD):
-        return expect_json(self.login_response(email_, password), 200)
-
+class Client(AccountClient):
     def forgot(self, email_):
         return self.post("/auth/forgot", {"email": email_})
 

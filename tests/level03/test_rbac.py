@@ -14,43 +14,23 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import pytest
 import requests
 
 from tests.harness import ROOT, clean_env, expect, expect_json, expect_problem
+from tests.level03.accounts import LOW_COST, TIMEOUT, AccountClient, fresh_email
 
 SCRIPT = "level03/rbac.py"
 SECRET = "rbac-test-secret-0123456789abcdefghijkl"
-LOW_COST = ("--scrypt-n", "1024")
 ADMIN_EMAIL = "root-admin@example.com"
-PASSWORD = "correct horse battery staple"
-TIMEOUT = 15
 PUBLIC = {("GET", "/"), ("GET", "/openapi.json"), ("GET", "/health"), ("GET", "/roles"),
           ("POST", "/auth/signup"), ("POST", "/auth/login"), ("POST", "/auth/refresh"),
           ("POST", "/auth/logout")}
 
 
-def fresh_email(prefix="u"):
-    return f"{prefix}-{uuid.uuid4().hex[:10]}@example.com"
-
-
-class Api:
+class Api(AccountClient):
     """One server; `as_(token)` gives a session that sends the bearer token."""
-
-    def __init__(self, server):
-        self.url = server.url
-
-    def signup(self, email, password=PASSWORD):
-        resp = requests.post(self.url + "/auth/signup", json={"email": email, "password": password},
-                             timeout=TIMEOUT)
-        return expect_json(resp, 201)
-
-    def login(self, email, password=PASSWORD):
-        resp = requests.post(self.url + "/auth/login", json={"email": email, "password": password},
-                             timeout=TIMEOUT)
-        return expect_json(resp, 200)
 
     def account(self, prefix="u", email=None):
         """A new user and a session that acts as them: (user, session)."""

@@ -15,25 +15,18 @@ import hashlib
 import re
 import sqlite3
 import time
-import uuid
 
 import pytest
 import requests
 
 from tests.harness import expect, expect_json, expect_problem, run_once
+from tests.level03.accounts import LOW_COST, PASSWORD, TIMEOUT, fresh_email
 
 SCRIPT = "level03/session_auth.py"
-LOW_COST = ("--scrypt-n", "1024")
-PASSWORD = "correct horse battery staple"
-TIMEOUT = 15
 SAFE = {"GET", "HEAD", "OPTIONS"}
 PUBLIC = {("POST", "/auth/signup"), ("POST", "/auth/login")}
 RFC3339_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 SID = re.compile(r"[A-Za-z0-9_-]{22,}")      # ≥ 128 bits of base64url
-
-
-def fresh_email(prefix="u"):
-    return f"{prefix}-{uuid.uuid4().hex[:10]}@example.com"
 
 
 # --------------------------------------------------------------------------------------------
