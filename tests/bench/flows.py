@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Generator
 from urllib.parse import urlsplit
 
-from loadgen import RECV_SIZE, Connection, percentile_ms
+from loadgen import RECV_SIZE, Connection, summary
 
 LOGIN_PASSWORD = "bench password, long enough"
 Flow = Generator[tuple[str, bytes], tuple[int, bytes], None]
@@ -106,19 +106,6 @@ def split_response(buffer: bytes) -> tuple[int, int] | None:
         return head_end, head_end + 4
     value_end = head.find(b"\r\n", field + 2)
     return head_end, head_end + 4 + int(head[field + 17 : value_end if value_end >= 0 else head_end])
-
-
-def summary(latencies: list[float], ok: int, errors: int, elapsed: float) -> dict:
-    latencies.sort()
-    return {
-        "requests": len(latencies),
-        "ok": ok,
-        "errors": errors,
-        "duration_s": round(elapsed, 3),
-        "rps": round(len(latencies) / elapsed, 1),
-        "p50_ms": round(percentile_ms(latencies, 0.50), 3),
-        "p99_ms": round(percentile_ms(latencies, 0.99), 3),
-    }
 
 
 def run_flows(url: str, flow_name: str, connections: int, duration: float, drain_timeout: float) -> dict:

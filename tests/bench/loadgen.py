@@ -71,6 +71,20 @@ def percentile_ms(sorted_seconds: list[float], fraction: float) -> float:
     return sorted_seconds[index] * 1000
 
 
+def summary(latencies: list[float], ok: int, errors: int, elapsed: float) -> dict:
+    """The one JSON line every measuring process here prints."""
+    latencies.sort()
+    return {
+        "requests": len(latencies),
+        "ok": ok,
+        "errors": errors,
+        "duration_s": round(elapsed, 3),
+        "rps": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(percentile_ms(latencies, 0.50), 3),
+        "p99_ms": round(percentile_ms(latencies, 0.99), 3),
+    }
+
+
 def run_closed_loop(address: tuple[str, int], request: bytes, connections: int, duration: float) -> dict:
     selector = selectors.DefaultSelector()
     latencies: list[float] = []
@@ -140,17 +154,7 @@ def run_closed_loop(address: tuple[str, int], request: bytes, connections: int, 
     errors += in_flight  # requests still unanswered after the drain timeout
     for connection in pool:
         connection.sock.close()
-    latencies.sort()
-    elapsed = finished - started
-    return {
-        "requests": len(latencies),
-        "ok": ok,
-        "errors": errors,
-        "duration_s": round(elapsed, 3),
-        "rps": round(len(latencies) / elapsed, 1),
-        "p50_ms": round(percentile_ms(latencies, 0.50), 3),
-        "p99_ms": round(percentile_ms(latencies, 0.99), 3),
-    }
+    return summary(latencies, ok, errors, finished - started)
 
 
 def main() -> None:

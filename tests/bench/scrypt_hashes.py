@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from loadgen import percentile_ms
+from loadgen import summary
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "level03"))
 from jwt_auth import DEFAULT_SCRYPT, hash_password, verify_password  # noqa: E402
@@ -50,15 +50,8 @@ def run_hashes(duration: float, threads: int) -> dict:
         worker.join()
     elapsed = time.perf_counter() - started  # until the last hash begun before the deadline ends
 
-    latencies.sort()
     return {
-        "requests": len(latencies),
-        "ok": len(latencies),
-        "errors": 0,
-        "duration_s": round(elapsed, 3),
-        "rps": round(len(latencies) / elapsed, 1),
-        "p50_ms": round(percentile_ms(latencies, 0.50), 3),
-        "p99_ms": round(percentile_ms(latencies, 0.99), 3),
+        **summary(latencies, len(latencies), 0, elapsed),
         "threads": threads,
         **DEFAULT_SCRYPT._asdict(),
     }

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from loadgen import percentile_ms
+from loadgen import summary
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "level01"))
 from counter import ADD_TO_COUNTER, SCHEMA, start_values_allowing, utc_now  # noqa: E402
@@ -53,17 +53,7 @@ def run_commits(db_path: str, duration: float) -> dict:
         now = finished
     db.close()
 
-    latencies.sort()
-    elapsed = now - started
-    return {
-        "requests": len(latencies),
-        "ok": len(latencies),
-        "errors": 0,
-        "duration_s": round(elapsed, 3),
-        "rps": round(len(latencies) / elapsed, 1),
-        "p50_ms": round(percentile_ms(latencies, 0.50), 3),
-        "p99_ms": round(percentile_ms(latencies, 0.99), 3),
-    }
+    return summary(latencies, len(latencies), 0, now - started)
 
 
 def main() -> None:
