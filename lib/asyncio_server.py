@@ -1,9 +1,16 @@
-"""The asyncio-streams transport (the default): one event loop, one coroutine per connection.
+"""The asyncio transport (the default): one event loop, and one `asyncio.Protocol` per connection.
 
 Why it is the default: a threaded server is bound by the GIL and by thread switches, while one
 event loop does the same work 3–4× faster on one core (PERFORMANCE.md trap 4), and long-lived
 connections — Server-Sent Events, WebSockets, the gateway's proxied streams — cost a coroutine
 each instead of a thread each.
+
+Why a `Protocol` and not asyncio's streams: streams are built on a protocol like this one, and
+every `await reader.readuntil()` costs a future, a task wake-up and a trip through the loop —
+about as much as parsing the request. Here the loop hands each connection's bytes to
+`data_received`, which parses them with `lib.protocol` (sans-I/O, as h11 is used under uvicorn)
+and answers every complete request at once, so a plain request costs no coroutine at all.
+Coroutines appear only where something waits: a handler in the worker pool, a streamed body.
 
 Blocking work and the event loop. Handlers are plain functions, called on the loop: a short
 sqlite query or a JSON build takes microseconds, less than a hop to a thread would. A handler
@@ -12,6 +19,11 @@ that may block for long (a password hash, an SMTP exchange, a sleep) is declared
 worker pool (`WORKER_THREADS`) instead, so the loop keeps serving everybody else meanwhile. A
 streamed body given as a plain iterator is advanced in the pool too; an async iterator is
 awaited on the loop.
+
+Order and back-pressure: a connection answers its requests one at a time, in order (pipelining,
+RFC 9112 §9.3.2). While an answer is pending (in the pool, streaming, or queued faster than the
+client reads it) later bytes wait in the buffer, and reading pauses once they exceed a head's
+worth — a client cannot make the server buffer without bound.
 
 Timeouts: each connection carries a deadline (see `lib.transport`), and one sweeper task closes
 the connections that passed theirs — cheaper than a timer per read.
@@ -22,23 +34,13 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from lib import transport
+from lib import middleware, transport
 from lib.problems import HTTPError
-from lib.protocol import (CHUNKED, CONTINUE, MAX_HEAD, MAX_REQUEST_LINE, ChunkedDecoder, ProtocolError,
-                          body_length, parse_head, wants_continue)
+from lib.protocol import (CHUNKED, CONTINUE, MAX_HEAD, MAX_REQUEST_LINE, ChunkedDecoder,
+                          ContentLengthDecoder, ProtocolError, body_length, parse_head, wants_continue)
 
 WORKER_THREADS = 32
-HIGH_WATER = 64 * 1024  # wait for the client to read once this much is queued to it
 _END = object()
-
-
-class Connection:
-    __slots__ = ("writer", "idle", "deadline")
-
-    def __init__(self, writer):
-        self.writer = writer
-        self.idle = True       # waiting for a request head (may be closed when draining)
-        self.deadline = None   # time.monotonic() by which the next read or write must happen
 
 
 class AsyncioServer:
@@ -59,7 +61,6 @@ class AsyncioServer:
     async def _main(self, announce):
         self.loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        signals = []
 
         def on_signal():
             if stop.is_set():
@@ -68,9 +69,10 @@ class AsyncioServer:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, on_signal)
-            signals.append(sig)
-        server = await asyncio.start_server(self._serve_connection, sock=self.sock,
-                                            limit=MAX_HEAD, backlog=transport.BACKLOG)
+        server = await self.loop.create_server(lambda: HTTPConnection(self), sock=self.sock,
+                                               backlog=transport.BACKLOG)
+        if not self.app.tracing:  # a trace block follows its request's access line at once
+            middleware.access_log.batch_on(self.loop)
         sweeper = asyncio.create_task(self._close_expired())
         announce()
         await stop.wait()
@@ -84,15 +86,16 @@ class AsyncioServer:
         while time.monotonic() < deadline:
             for conn in list(self.connections):
                 if conn.idle:
-                    conn.writer.transport.abort()
+                    conn.transport.abort()
             if not self.connections:
                 break
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
-            conn.writer.transport.abort()
+            conn.transport.abort()
         sweeper.cancel()
         self.pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.sleep(0)  # let the aborted connections run their clean-up
+        middleware.access_log.batch_off()
 
     async def _close_expired(self):
         interval = max(0.05, min(0.5, self.idle_timeout / 4))
@@ -101,121 +104,248 @@ class AsyncioServer:
             now = time.monotonic()
             for conn in list(self.connections):
                 if conn.deadline is not None and now > conn.deadline:
-                    conn.writer.transport.abort()
+                    conn.transport.abort()
 
-    async def _serve_connection(self, reader, writer):
-        client = writer.get_extra_info("peername") or ("", 0)
-        if len(self.connections) >= self.max_connections:
-            writer.write(transport.overloaded_answer(self.app, client))
-            await self._linger(reader, writer)
-            writer.transport.abort()
+
+class HTTPConnection(asyncio.Protocol):
+    """One client connection: bytes in through `data_received`, answers out through
+    `transport.write`, one request at a time.
+
+    Its states, by what it waits for: a request head (`idle` when nothing is under way), the
+    rest of a body (`decoder`), an answer in the making (`busy`: a handler in the pool or a
+    stream), the client to read what was written (`write_paused`), and, after an error answer,
+    the end (`lingering`: input is dropped until the connection closes)."""
+
+    def __init__(self, server):
+        self.server = server
+        self.app = server.app
+        self.loop = server.loop
+        self.transport = None
+        self.client = ("", 0)
+        self.buffer = b""          # bytes received and not yet parsed
+        self.first = True          # no request has started yet (the first head timeout applies)
+        self.idle = True           # waiting for a request head (may be closed when draining)
+        self.deadline = None       # time.monotonic() by which the client must send or read
+        self.head = None           # the request whose body is being read, and its parts
+        self.request = None
+        self.decoder = None
+        self.blocking = False
+        self.busy = False
+        self.write_paused = False
+        self.reading_paused = False
+        self.eof = False           # the client sent FIN: answer what is pending, then close
+        self.lingering = False
+        self.closed = False        # no more requests: closed, or closing once the answer is sent
+        self.stream = None         # the task sending a streamed body
+        self.writable = None       # a future the stream waits on while writing is paused
+
+    # --- asyncio.Protocol callbacks -------------------------------------------------------
+
+    def connection_made(self, transport_):
+        self.transport = transport_
+        self.client = transport_.get_extra_info("peername") or ("", 0)
+        server = self.server
+        if len(server.connections) >= server.max_connections:
+            transport_.write(transport.overloaded_answer(self.app, self.client))
+            self._linger()
             return
-        conn = Connection(writer)
-        self.connections.add(conn)
-        first = True
-        try:
-            while True:
-                conn.idle = True
-                conn.deadline = time.monotonic() + transport.head_timeout(first, self.idle_timeout)
-                try:
-                    data = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.IncompleteReadError:
-                    return  # the client closed (or the sweeper did)
-                except asyncio.LimitOverrunError:
-                    await self._refuse_oversized_head(reader, writer, client)
-                    return
-                conn.idle = False
-                first = False
-                if not await self._exchange(reader, writer, conn, data, client):
-                    return
-        except (ConnectionError, OSError):
-            pass  # the client went away mid-answer: nothing to tell anyone (trap 3)
-        finally:
-            self.connections.discard(conn)
-            writer.transport.abort() if writer.transport.is_closing() else writer.close()
+        server.connections.add(self)
+        self._await_head()
 
-    async def _refuse_oversized_head(self, reader, writer, client):
-        start = await reader.read(MAX_REQUEST_LINE + 2)
-        status = 431 if b"\r\n" in start else 414
-        error = ProtocolError("request head too large", status=status)
-        response = self.app.handle(transport.unparsed_request(self.app, client), error)
-        writer.write(transport.encode_whole(response, None, False))
-        await self._linger(reader, writer)
+    def data_received(self, data):
+        if self.lingering:
+            return  # after an error answer: read and drop until closing
+        self.buffer = self.buffer + data if self.buffer else data
+        if self.busy or self.write_paused:
+            if len(self.buffer) > MAX_HEAD and not self.reading_paused:
+                self.reading_paused = True
+                self.transport.pause_reading()
+            return
+        self._process()
 
-    async def _exchange(self, reader, writer, conn, data, client):
-        """One request and its answer. Returns whether the connection stays open."""
+    def eof_received(self):
+        if self.busy or self.write_paused:
+            self.eof = True
+            return True  # keep the socket open to write the pending answer
+        return False     # nothing pending: the transport closes
+
+    def pause_writing(self):
+        self.write_paused = True
+        self.deadline = time.monotonic() + self.server.idle_timeout  # the client must read
+
+    def resume_writing(self):
+        self.write_paused = False
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+        elif not (self.busy or self.lingering or self.closed):
+            self._await_head()
+            self._process()
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.server.connections.discard(self)
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_exception(ConnectionResetError("client went away"))
+        if self.stream is not None:
+            self.stream.cancel()
+
+    # --- reading requests -------------------------------------------------------------------
+
+    def _process(self):
+        """Answer every complete request in the buffer, in order, until one has to wait."""
+        while not (self.busy or self.write_paused or self.lingering or self.closed):
+            if self.decoder is not None:
+                if not self._read_body():
+                    return
+                continue
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buffer) > MAX_HEAD:
+                    self._refuse_oversized_head()
+                elif self.eof:
+                    self._close()
+                return
+            data, self.buffer = self.buffer[:end + 4], self.buffer[end + 4:]
+            self.idle = self.first = False
+            self._start_request(data)
+        if self.reading_paused and not (self.busy or self.write_paused):
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def _start_request(self, data):
         app = self.app
-        head = failure = None
-        blocking = False
+        head = request = None
         try:
             head = parse_head(data)
-            request = transport.build_request(app, head, client)
-            limit, blocking = app.plan(request)
+            request = transport.build_request(app, head, self.client)
+            limit, self.blocking = app.plan(request)
             length = body_length(head)
             if length is not None:
                 transport.check_body_length(length, limit)
-                request.has_body = True
-                if wants_continue(head):
-                    writer.write(CONTINUE)
-                request.body = await self._read_body(reader, conn, length, limit)
         except HTTPError as error:
-            failure = error
-            if head is None:
-                request = transport.unparsed_request(app, client)
-        except asyncio.IncompleteReadError:
-            return False  # the client closed before sending the whole body
-        if blocking and failure is None:
-            response = await self.loop.run_in_executor(self.pool, app.handle, request)
-        else:
-            response = app.handle(request, failure)
-        keep_alive = transport.keeps_alive(app, head, response, failure)
-        if response.streaming and head is not None and head.method != "HEAD":
-            await self._stream(writer, conn, head, response, keep_alive)
-        else:
-            writer.write(transport.encode_whole(response, head, keep_alive))
-            if writer.transport.get_write_buffer_size() > HIGH_WATER:
-                await self._drain(writer, conn)
-        if failure is not None:
-            await self._linger(reader, writer)
-        return keep_alive
+            self._respond(request or transport.unparsed_request(app, self.client), head, error)
+            return
+        if length is None:
+            self._respond(request, head, None)
+            return
+        request.has_body = True
+        self.head, self.request = head, request
+        self.decoder = ChunkedDecoder(limit) if length == CHUNKED else ContentLengthDecoder(length)
+        if not self.buffer and wants_continue(head):
+            self.transport.write(CONTINUE)
 
-    async def _read_body(self, reader, conn, length, limit):
-        conn.deadline = time.monotonic() + self.idle_timeout
-        if length != CHUNKED:
-            return await reader.readexactly(length) if length else b""
-        decoder = ChunkedDecoder(limit)
-        while not decoder.done:
-            # Read exactly what the decoder expects next, so no byte of a pipelined next
-            # request is taken from the stream.
-            wanted = decoder.wanted()
-            try:
-                data = await (reader.readexactly(wanted) if wanted else reader.readuntil(b"\r\n"))
-            except asyncio.LimitOverrunError:
-                raise ProtocolError("chunk line too long") from None
-            conn.deadline = time.monotonic() + self.idle_timeout
+    def _read_body(self):
+        """Feed the buffer to the body's decoder; answer once the body is whole. Returns
+        whether the request was answered (else more bytes are needed)."""
+        decoder, head, request = self.decoder, self.head, self.request
+        data, self.buffer = self.buffer, b""
+        try:
             decoder.feed(data)
-        return decoder.body
+        except HTTPError as error:
+            self.decoder = None
+            self._respond(request, head, error)
+            return True
+        if not decoder.done:
+            self.deadline = time.monotonic() + self.server.idle_timeout
+            if self.eof:
+                self._close()  # the client closed before sending the whole body
+            return False
+        self.buffer = decoder.unused
+        self.decoder = self.head = self.request = None
+        request.body = decoder.body
+        self._respond(request, head, None)
+        return True
 
-    async def _drain(self, writer, conn):
-        """Wait until the client has read what was queued for it, within the idle timeout."""
-        conn.deadline = time.monotonic() + self.idle_timeout
-        await writer.drain()
+    def _refuse_oversized_head(self):
+        status = 431 if b"\r\n" in self.buffer[:MAX_REQUEST_LINE + 2] else 414
+        error = ProtocolError("request head too large", status=status)
+        self._respond(transport.unparsed_request(self.app, self.client), None, error)
 
-    async def _stream(self, writer, conn, head, response, keep_alive):
-        writer.write(transport.encode_stream_head(response, head, keep_alive))
+    # --- answering --------------------------------------------------------------------------
+
+    def _respond(self, request, head, failure):
+        self.deadline = None  # the server's turn: no client deadline while the handler runs
+        if self.blocking and failure is None:
+            self.busy = True
+            future = self.loop.run_in_executor(self.server.pool, self.app.handle, request)
+            future.add_done_callback(lambda done: self._handled(head, done))
+        else:
+            self._send(head, self.app.handle(request, failure), failure)
+
+    def _handled(self, head, done):
+        """A blocking handler finished in the pool (called on the loop)."""
+        self.busy = False
+        if self.closed or done.cancelled():
+            return
+        try:
+            response = done.result()
+        except Exception:
+            self.transport.abort()
+            raise  # the loop logs it with its traceback
+        self._send(head, response, None)
+        self._process()
+
+    def _send(self, head, response, failure):
+        keep_alive = transport.keeps_alive(self.app, head, response, failure)
+        if response.streaming and head is not None and head.method != "HEAD":
+            self.busy = True
+            self.stream = self.loop.create_task(self._stream(head, response, keep_alive))
+            return
+        self.transport.write(transport.encode_whole(response, head, keep_alive))
+        self._answered(keep_alive, failure)
+
+    def _answered(self, keep_alive, failure):
+        if failure is not None:
+            self._linger()
+        elif not keep_alive:
+            self._close()
+        elif not self.write_paused:
+            self._await_head()
+
+    def _close(self):
+        """No more requests on this connection: close it once what is queued has been sent."""
+        self.closed = True
+        self.transport.close()
+
+    def _await_head(self):
+        self.idle = True
+        self.deadline = time.monotonic() + transport.head_timeout(self.first, self.server.idle_timeout)
+
+    def _linger(self):
+        """After an error answer to a request whose body was not read: stop writing, then read
+        and drop what the client still sends for a moment before closing. Closing with unread
+        data would make the kernel send a reset, which can destroy the error answer before the
+        client reads it."""
+        self.lingering = True
+        self.buffer = b""
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # sent once the answer is
+        self.loop.call_later(transport.LINGER_SECONDS, self.transport.abort)
+
+    async def _stream(self, head, response, keep_alive):
+        write = self.transport.write
+        write(transport.encode_stream_head(response, head, keep_alive))
         chunks = response.chunks
         try:
             if hasattr(chunks, "__aiter__"):
                 async for piece in chunks:
-                    await self._send_chunk(writer, conn, head, response, piece)
+                    await self._send_chunk(head, response, piece)
             else:
                 iterator = iter(chunks)
-                while (piece := await self.loop.run_in_executor(self.pool, next, iterator, _END)) is not _END:
-                    await self._send_chunk(writer, conn, head, response, piece)
-            writer.write(transport.frame_chunk(head, b""))
-            await self._drain(writer, conn)
-            conn.deadline = None
+                pool = self.server.pool
+                while (piece := await self.loop.run_in_executor(pool, next, iterator, _END)) is not _END:
+                    await self._send_chunk(head, response, piece)
+            write(transport.frame_chunk(head, b""))
+            await self._until_writable()
+        except (ConnectionError, asyncio.CancelledError):
+            self.transport.abort()  # the client went away (or the server is closing)
+            return
+        except Exception:
+            transport.report_broken_stream()
+            self.transport.abort()
+            return
         finally:
+            self.stream = None
             close = getattr(chunks, "aclose", None) or getattr(chunks, "close", None)
             if close is not None:
                 with contextlib.suppress(Exception):
@@ -224,27 +354,26 @@ class AsyncioServer:
                         await result
             if response.on_close:
                 response.on_close()
+        self.busy = False
+        self._answered(keep_alive, None)
+        self._process()
 
-    async def _send_chunk(self, writer, conn, head, response, piece):
+    async def _send_chunk(self, head, response, piece):
         if not piece:
             return
-        if writer.transport.is_closing():
+        if self.closed or self.transport.is_closing():
             raise ConnectionResetError("client went away")
-        writer.write(transport.frame_chunk(head, piece))
+        self.transport.write(transport.frame_chunk(head, piece))
         response.sent += len(piece)
-        conn.deadline = time.monotonic() + self.idle_timeout
-        await writer.drain()
-        conn.deadline = None
+        await self._until_writable()
 
-    async def _linger(self, reader, writer):
-        """After an error answer to a request whose body was not read: stop writing, then
-        read and drop what the client still sends for a moment before closing. Closing with
-        unread data would make the kernel send a reset, which can destroy the error answer
-        before the client reads it."""
-        with contextlib.suppress(Exception):
-            await self._drain(writer, Connection(writer))
-            if writer.can_write_eof():
-                writer.write_eof()
-            async with asyncio.timeout(transport.LINGER_SECONDS):
-                while await reader.read(65536):
-                    pass
+    async def _until_writable(self):
+        """Wait until the client has read enough of what was queued for it (pause_writing /
+        resume_writing), within the idle timeout the sweeper enforces."""
+        if self.write_paused:
+            self.writable = self.loop.create_future()
+            try:
+                await self.writable
+            finally:
+                self.writable = None
+        self.deadline = None

@@ -17,6 +17,7 @@ import os
 import random
 import re
 import sys
+import threading
 import time
 import traceback
 
@@ -56,7 +57,47 @@ def time_request(request, call_next):
     return response
 
 
-STDERR = 2
+class AccessLog:
+    """Where access log lines go: stderr, straight to the file descriptor.
+
+    By default each line is one write(2): a write this small is atomic, so lines from many
+    threads never interleave, and it skips the text layer's buffering. An event loop serves many
+    requests per turn, and a system call per line costs about as much as the rest of the
+    logging, so the asyncio transport calls `batch_on(loop)`: lines written on the loop's thread
+    are then gathered and written together at the next turn of the loop (a millisecond later at
+    most; `batch_off` writes what is left). Lines from other threads (the worker pool) are
+    still written at once."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.loop = None
+        self.loop_thread = None
+        self.pending = []
+
+    def write(self, line):
+        data = line.encode("utf-8", "replace")
+        if self.loop is None or threading.get_ident() != self.loop_thread:
+            os.write(self.fd, data)
+            return
+        if not self.pending:
+            self.loop.call_soon(self.flush)
+        self.pending.append(data)
+
+    def batch_on(self, loop):
+        self.loop, self.loop_thread = loop, threading.get_ident()
+
+    def batch_off(self):
+        self.flush()
+        self.loop = self.loop_thread = None
+
+    def flush(self):
+        data = b"".join(self.pending)
+        self.pending.clear()
+        while data:
+            data = data[os.write(self.fd, data):]
+
+
+access_log = AccessLog(fd=2)
 _clock = [0, ""]
 
 
@@ -83,11 +124,8 @@ def log_access(request, call_next):
 
 def write_access_line(request, response, duration_ms):
     sent = 0 if request.method == "HEAD" else response.size
-    line = (f"{utc_now_text()} {request.client[0]} {request.method} {request.path} "
-            f"{response.status} {sent}B {duration_ms:.2f}ms id={request.request_id}\n")
-    # One write(2) per line, straight to the file descriptor: a write this small is atomic,
-    # so lines from many threads never interleave, and it skips the text layer's buffering.
-    os.write(STDERR, line.encode("utf-8", "replace"))
+    access_log.write(f"{utc_now_text()} {request.client[0]} {request.method} {request.path} "
+                     f"{response.status} {sent}B {duration_ms:.2f}ms id={request.request_id}\n")
 
 
 def render_errors(request, call_next):

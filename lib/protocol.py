@@ -160,6 +160,33 @@ def body_length(head):
     return int(value)
 
 
+class ContentLengthDecoder:
+    """A body of `length` bytes (RFC 9112 §6.2), fed as it arrives; read `done`, `body` and
+    `unused` (bytes after the body: the next pipelined request), as with `ChunkedDecoder`."""
+
+    def __init__(self, length):
+        self.missing = length
+        self.chunks = []
+        self.unused = b""
+
+    @property
+    def done(self):
+        return self.missing == 0
+
+    @property
+    def body(self):
+        return b"".join(self.chunks)
+
+    def feed(self, data):
+        if self.missing:
+            piece = data[:self.missing]
+            self.chunks.append(piece)
+            self.missing -= len(piece)
+            data = data[len(piece):]
+        if data:
+            self.unused += data
+
+
 class ChunkedDecoder:
     """Decode a chunked body incrementally: feed bytes as they arrive, read `done`, `body`
     and `unused` (bytes after the body: the next pipelined request).
@@ -191,15 +218,6 @@ class ChunkedDecoder:
     @property
     def unused(self):
         return self.buffer
-
-    def wanted(self):
-        """What to read next to feed the decoder no more than it needs: a byte count, or 0
-        for "one line" (up to CRLF). Lets a stream reader avoid consuming a pipelined request."""
-        if self.state == self.DATA:
-            return min(self.remaining, 65536)
-        if self.state == self.DATA_END:
-            return 2
-        return 0
 
     def feed(self, data):
         self.buffer += data

@@ -166,6 +166,11 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                     sock.sendall(transport.frame_chunk(head, piece))
                     response.sent += len(piece)
             sock.sendall(transport.frame_chunk(head, b""))
+        except OSError:
+            raise
+        except Exception:
+            transport.report_broken_stream()
+            raise ClientGone("the stream failed") from None
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:

@@ -17,6 +17,7 @@ nor coroutines can grow without bound when clients pile up.
 import os
 import signal
 import sys
+import traceback
 
 from lib.problems import ServiceUnavailable
 from lib.protocol import CHUNKED, ContentTooLarge, encode_chunk, encode_head, encode_response
@@ -83,6 +84,13 @@ def encode_stream_head(response, head, keep_alive):
 
 def frame_chunk(head, data):
     return encode_chunk(data) if head.version == "HTTP/1.1" else data
+
+
+def report_broken_stream():
+    """A streamed body failed halfway (call from its `except`): the status is long sent, so all
+    the client can learn is that the answer is cut short, by the connection closing without
+    the last chunk. The traceback goes to the log."""
+    sys.stderr.write(f"error while streaming a response\n{traceback.format_exc()}")
 
 
 def overloaded_answer(app, client):

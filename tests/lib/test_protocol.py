@@ -12,7 +12,7 @@ import pytest
 
 from lib.problems import ContentTooLarge, HTTPError
 from lib.protocol import (CHUNKED, MAX_CHUNK_LINE, MAX_HEADER_COUNT, MAX_HEADER_LINE,
-                          MAX_REQUEST_LINE, ChunkedDecoder, ProtocolError, RequestHead,
+                          MAX_REQUEST_LINE, ChunkedDecoder, ContentLengthDecoder, ProtocolError, RequestHead,
                           body_length, encode_chunk, encode_head, encode_response, parse_head,
                           status_line, wants_continue)
 
@@ -484,32 +484,36 @@ def test_one_huge_declared_chunk_is_413_before_its_data():
         decode(b"fffffffffffff\r\n", limit=1024 * 1024)
 
 
-def test_wanted_sequence_when_fed_exactly_what_it_asks_for():
-    """A stream reader reads `wanted()` bytes (0 = one line up to CRLF) and feeds them: the
-    decoder never asks for a byte past the body, so a pipelined request stays in the stream."""
+def test_fed_a_byte_at_a_time_and_the_next_request_stays_unused():
+    """A transport feeds whatever arrived: the body comes out the same, and what follows it
+    (a pipelined request) is left in `unused`."""
     stream = b"4\r\nWiki\r\n11\r\n" + b"p" * 17 + b"\r\n0\r\nT: 1\r\n\r\nGET / HTTP/1.1\r\n"
-    decoder, asked, position = ChunkedDecoder(1024), [], 0
-    while not decoder.done:
-        wanted = decoder.wanted()
-        asked.append(wanted)
-        end = stream.index(b"\r\n", position) + 2 if wanted == 0 else position + wanted
-        decoder.feed(stream[position:end])
-        position = end
-    # size line, 4 data, CRLF, size line, 17 data, CRLF, size 0, trailer, blank line
-    assert asked == [0, 4, 2, 0, 17, 2, 0, 0, 0]
+    decoder = ChunkedDecoder(1024)
+    for position in range(len(stream)):
+        decoder.feed(stream[position:position + 1])
+    assert decoder.done
     assert decoder.body == b"Wiki" + b"p" * 17
-    assert decoder.unused == b""
-    assert stream[position:] == b"GET / HTTP/1.1\r\n"
+    assert decoder.unused == b"GET / HTTP/1.1\r\n"
 
 
-def test_wanted_is_bounded_for_a_big_chunk():
-    decoder = decode(b"100000\r\n", limit=16 * 1024 * 1024)
-    assert 0 < decoder.wanted() <= 1024 * 1024
+# --- ContentLengthDecoder (RFC 9112 §6.2) -----------------------------------------------------
+
+def test_length_body_in_pieces_keeps_what_follows():
+    decoder = ContentLengthDecoder(10)
+    decoder.feed(b"0123")
+    assert not decoder.done
+    decoder.feed(b"456789GET /")
+    assert decoder.done
+    assert decoder.body == b"0123456789"
+    assert decoder.unused == b"GET /"
+    decoder.feed(b" HTTP/1.1")
+    assert decoder.unused == b"GET / HTTP/1.1"
 
 
-def test_wanted_counts_down_within_a_chunk():
-    decoder = decode(b"a\r\n0123")
-    assert decoder.wanted() == 6
+def test_length_zero_is_done_at_once():
+    decoder = ContentLengthDecoder(0)
+    decoder.feed(b"")
+    assert decoder.done and decoder.body == b"" and decoder.unused == b""
 
 
 # --- responses -----------------------------------------------------------------------------

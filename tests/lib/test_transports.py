@@ -1,0 +1,194 @@
+"""Both transports, on the wire, doing their less common work: bodies that arrive in pieces,
+`100-continue`, pipelining behind a body or a blocking handler, streamed answers (and one that
+fails halfway), a big answer to a client that reads slowly, a client that half-closes.
+
+The server is tests/lib/transport_app.py, started like any project (`--port 0`, SIGTERM → 0).
+"""
+import hashlib
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.harness import RawConnection, parse_response, request_bytes
+
+APP = "tests/lib/transport_app.py"
+TRANSPORTS = ["asyncio", "threaded"]
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def server(request, start_server_module):
+    return start_server_module(APP, "--server", request.param, "--idle-timeout", "2")
+
+
+def connect(server):
+    return RawConnection(server.host, server.port)
+
+
+def test_a_body_sent_in_pieces_is_read_whole(server):
+    body = bytes(range(256)) * 400
+    with connect(server) as conn:
+        conn.send(request_bytes("POST", "/echo", {"Content-Length": str(len(body))}))
+        for start in range(0, len(body), 30_000):
+            time.sleep(0.02)
+            conn.send(body[start:start + 30_000])
+        resp = conn.read_response()
+    assert resp.status == 200, resp.raw
+    assert resp.body == body
+
+
+def test_a_chunked_body_in_pieces_then_a_pipelined_request(server):
+    chunked = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nTrailer: x\r\n\r\n"
+    head = request_bytes("POST", "/echo", {"Transfer-Encoding": "chunked"})
+    following = request_bytes("GET", "/health")
+    stream = head + chunked + following
+    with connect(server) as conn:
+        for position in range(0, len(stream), 7):  # seven bytes at a time
+            conn.send(stream[position:position + 7])
+        first = conn.read_response()
+        second = conn.read_response()
+    assert first.status == 200 and first.body == b"hello, world", first.raw
+    assert second.status == 200 and b'"status"' in second.body, second.raw
+
+
+def test_expect_100_continue_is_answered_before_the_body(server):
+    body = b"x" * 5000
+    with connect(server) as conn:
+        conn.send(request_bytes("POST", "/echo", {"Content-Length": str(len(body)),
+                                                  "Expect": "100-continue"}))
+        interim = conn.read_response()
+        assert interim.status == 100, interim.raw
+        conn.send(body)
+        final = conn.read_response()
+    assert final.status == 200 and final.header("X-Length") == "5000", final.raw
+
+
+def test_many_pipelined_requests_in_one_write_are_answered_in_order(server):
+    targets = [f"/no/such/{n}" if n % 3 else "/health" for n in range(60)]
+    with connect(server) as conn:
+        conn.send(b"".join(request_bytes("GET", target) for target in targets))
+        statuses = [conn.read_response().status for _ in targets]
+    assert statuses == [200 if n % 3 == 0 else 404 for n in range(60)]
+
+
+def test_a_request_pipelined_behind_a_blocking_handler_waits_its_turn(server):
+    with connect(server) as conn:
+        conn.send(request_bytes("GET", "/sleep?ms=150")
+                  + request_bytes("POST", "/echo", body=b"after"))
+        first = conn.read_response()
+        second = conn.read_response()
+    assert first.status == 200 and b"slept" in first.body, first.raw
+    assert second.status == 200 and second.body == b"after", second.raw
+
+
+def test_a_streamed_answer_is_chunked_and_the_connection_stays_usable(server):
+    with connect(server) as conn:
+        conn.send(request_bytes("GET", "/stream?n=5&size=3"))
+        streamed = conn.read_response()
+        conn.send(request_bytes("GET", "/health"))
+        after = conn.read_response()
+    assert streamed.status == 200, streamed.raw
+    assert streamed.header("Transfer-Encoding") == "chunked"
+    assert streamed.header("Content-Length") is None
+    assert streamed.body == b"000001002003004"
+    assert after.status == 200
+
+
+def test_a_long_stream_reaches_a_slow_reader_whole(server):
+    with connect(server) as conn:
+        conn.send(request_bytes("GET", "/stream?n=2000&size=1000"))
+        time.sleep(0.3)  # let the server fill the socket buffers and wait for us
+        resp = conn.read_response(timeout=10)
+    assert resp.body == b"".join(f"{n:01000d}".encode() for n in range(2000))
+
+
+def test_a_stream_that_fails_halfway_is_cut_short_and_the_server_goes_on(server):
+    with connect(server) as conn:
+        conn.send(request_bytes("GET", "/stream/broken"))
+        received = conn.read_until_closed(timeout=5)
+    assert received.startswith(b"HTTP/1.1 200"), received
+    assert b"first" in received
+    assert not received.endswith(b"0\r\n\r\n"), "a failed stream must not look complete"
+    with pytest.raises(ValueError):
+        parse_response(received, eof=True)
+    server.wait_for_stderr("the source failed halfway")
+    with connect(server) as conn:
+        conn.send(request_bytes("GET", "/health"))
+        assert conn.read_response().status == 200
+
+
+def test_an_async_stream_on_the_event_loop(start_server):
+    server = start_server(APP)
+    with connect(server) as conn:
+        conn.send(request_bytes("GET", "/stream/async"))
+        resp = conn.read_response()
+    assert resp.body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+    assert resp.header("Content-Type") == "text/event-stream"
+
+
+def test_a_big_answer_to_a_slow_reader_arrives_whole_while_others_are_served(server):
+    with connect(server) as slow:
+        slow.send(request_bytes("GET", "/big"))
+        started = time.monotonic()
+        with connect(server) as other:  # the slow reader holds nothing up
+            other.send(request_bytes("GET", "/health"))
+            assert other.read_response().status == 200
+        assert time.monotonic() - started < 1.5
+        resp = slow.read_response(timeout=10)
+    assert resp.status == 200
+    assert hashlib.sha256(resp.body).digest() == hashlib.sha256(bytes(range(256)) * 16 * 1024).digest()
+
+
+def test_a_client_that_never_reads_a_big_answer_is_dropped(server):
+    """32 MiB, more than the kernel's buffers hold on both sides: a server that waited for the
+    reader forever would still deliver all of it once the reader reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+    sock.connect((server.host, server.port))
+    try:
+        sock.sendall(request_bytes("GET", "/big?times=8"))
+        time.sleep(3.5)  # --idle-timeout 2, checked by the sweeper a few times a second
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.settimeout(5)
+        received = 0
+        try:
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+        assert received < 32 * 1024 * 1024, "the whole answer was kept for a client that never read"
+    finally:
+        sock.close()
+
+
+def test_a_half_closed_client_still_gets_its_answer(server):
+    with connect(server) as conn:
+        conn.send(request_bytes("GET", "/sleep?ms=50"))
+        conn.sock.shutdown(socket.SHUT_WR)
+        resp = conn.read_response()
+        assert resp.status == 200, resp.raw
+        assert conn.is_closed(timeout=2)
+
+
+def test_many_clients_at_once_with_bodies(server):
+    failures = []
+
+    def client(number):
+        body = f"client {number} ".encode() * 100
+        try:
+            with connect(server) as conn:
+                for _ in range(5):
+                    conn.send(request_bytes("POST", "/echo", body=body))
+                    resp = conn.read_response()
+                    if resp.body != body:
+                        failures.append((number, resp.status, resp.body[:80]))
+        except Exception as error:  # noqa: BLE001 - reported below
+            failures.append((number, repr(error)))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []

@@ -1,0 +1,79 @@
+"""A small server for the transport tests: routes that make a transport do its less common work
+(bodies in pieces, streamed answers, big answers to slow readers, blocking handlers), which the
+projects do not all exercise yet. Run by tests/lib/test_transports.py on both transports.
+
+    python tests/lib/transport_app.py --port 0 [--server threaded]
+"""
+import asyncio
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
+
+from lib import App, Response
+from lib.response import StreamingResponse
+
+app = App("transport_app", "Routes that exercise a transport.", port=8999)
+BIG = bytes(range(256)) * 16 * 1024  # 4 MiB: far more than a socket buffer holds
+
+
+@app.post("/echo")
+def echo(request):
+    """The body back, with its length and digest."""
+    return Response(request.body, headers={"X-Length": str(len(request.body)),
+                                           "X-Sha256": hashlib.sha256(request.body).hexdigest()})
+
+
+@app.get("/big")
+def big(request):
+    return Response(BIG * request.query_int("times", 1, low=1, high=16),
+                    content_type="application/octet-stream")
+
+
+@app.get("/stream")
+def stream(request):
+    """Five pieces from a plain generator (advanced in the worker pool on asyncio)."""
+    count = request.query_int("n", 5, low=0, high=10_000)
+    size = request.query_int("size", 6, low=1, high=1 << 20)
+
+    def pieces():
+        for number in range(count):
+            yield f"{number:0{size}d}"[-size:].encode()
+
+    return StreamingResponse(pieces(), content_type="text/plain")
+
+
+@app.get("/stream/async")
+def stream_async(request):
+    """Pieces from an async generator, paced, the way Server-Sent Events are sent."""
+    async def pieces():
+        for number in range(3):
+            await asyncio.sleep(0.01)
+            yield f"data: {number}\n\n".encode()
+
+    return StreamingResponse(pieces(), content_type="text/event-stream")
+
+
+@app.get("/stream/broken")
+def stream_broken(request):
+    def pieces():
+        yield b"first"
+        raise RuntimeError("the source failed halfway")
+
+    return StreamingResponse(pieces(), content_type="text/plain")
+
+
+@app.get("/sleep", blocking=True)
+def sleep(request):
+    time.sleep(request.query_int("ms", 100, low=0, high=5000) / 1000)
+    return {"slept": True}
+
+
+def main(argv=None):
+    app.run(app.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
