@@ -4,7 +4,7 @@ logger is one link of it.
 What it teaches:
 
 - The middleware chain. A step is a function `(request, call_next) -> Response`; `lib` composes
-  the steps once, and each request flows request id → timing → access log → errors → *this
+  the steps once, and each request flows request id → access log → timing → errors → *this
   logger* → route match → handler, then back out the same way. `--trace` prints that flow.
 - Structured logging: each request becomes one JSON object on one line ("JSON Lines"), so a
   machine can filter it (`jq 'select(.status >= 500)'`) and a log shipper can forward it.

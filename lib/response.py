@@ -33,9 +33,7 @@ class Response:
         self.headers = [(k, v) for k, v in self.headers if k.lower() != lower]
         self.headers.append((name, value))
 
-    @property
-    def streaming(self):
-        return False
+    streaming = False  # a class attribute: read for every answer
 
     @property
     def size(self):
@@ -58,9 +56,7 @@ class StreamingResponse(Response):
         self.sent = 0         # bytes written so far, for the access log
         self.on_close = None  # called by the transport when the stream has ended
 
-    @property
-    def streaming(self):
-        return True
+    streaming = True
 
     @property
     def size(self):

@@ -60,6 +60,8 @@ class Database:
         self._all_lock = threading.Lock()
         self._shared_lock = threading.RLock() if path == ":memory:" else None
         self._writer_lock = self._shared_lock or threading.RLock()
+        self._writer_turn = _Held(self._writer_lock, self.connection, BUSY_TIMEOUT_S)
+        self._reader_turn = _Held(self._shared_lock, self.connection)  # no lock but for :memory:
         self._shared = None
         if path != ":memory:":
             try:
@@ -108,13 +110,9 @@ class Database:
             conn = self._local.conn = self._connect()
         return conn
 
-    @contextlib.contextmanager
     def _locked(self):
-        if self._shared_lock is None:
-            yield self.connection()
-        else:
-            with self._shared_lock:
-                yield self.connection()
+        """This thread's connection for reading (`:memory:`'s shared one behind its lock)."""
+        return self._reader_turn
 
     def query(self, sql, params=()):
         with self._locked() as conn:
@@ -124,16 +122,10 @@ class Database:
         with self._locked() as conn:
             return conn.execute(sql, params).fetchone()
 
-    @contextlib.contextmanager
     def _writing(self):
         """This thread's connection, as the process's one writer (see the module docstring).
         Waiting is bounded like sqlite's own: past `BUSY_TIMEOUT_S` it fails the same way."""
-        if not self._writer_lock.acquire(timeout=BUSY_TIMEOUT_S):
-            raise sqlite3.OperationalError("database is locked")
-        try:
-            yield self.connection()
-        finally:
-            self._writer_lock.release()
+        return self._writer_turn
 
     def execute(self, sql, params=()):
         """One statement that writes, committed on its own (autocommit). Returns the cursor."""
@@ -180,3 +172,31 @@ class Database:
             self._all.clear()
         self._local = threading.local()
         self._shared = None
+
+
+class _Held:
+    """`with held as conn:` — take `lock` (if any), get a connection, let the lock go at the
+    end. A plain class rather than `@contextmanager`: it is entered for every query, and a
+    generator-based manager costs several times more per use."""
+
+    __slots__ = ("lock", "connection", "timeout")
+
+    def __init__(self, lock, connection, timeout=-1):
+        self.lock = lock
+        self.connection = connection
+        self.timeout = timeout
+
+    def __enter__(self):
+        if self.lock is None:
+            return self.connection()
+        if not self.lock.acquire(timeout=self.timeout):
+            raise sqlite3.OperationalError("database is locked")
+        try:
+            return self.connection()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def __exit__(self, *exc_info):
+        if self.lock is not None:
+            self.lock.release()

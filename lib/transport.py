@@ -55,7 +55,7 @@ def keeps_alive(app, head, response, failure):
         return False  # after a protocol error the byte stream cannot be trusted
     if response.streaming and head.version != "HTTP/1.1":
         return False  # a 1.0 client reads a stream until the connection closes
-    if (response.header("Connection") or "").lower() == "close":
+    if ("Connection", "close") in response.headers:  # a handler asked to close
         return False
     return head.keep_alive
 
