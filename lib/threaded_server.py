@@ -34,15 +34,26 @@ class ClientGone(Exception):
 class SocketReader:
     """Buffered reads from a blocking socket, each bounded by a deadline."""
 
+    TIMEOUT_SLACK = 0.25  # s a wait may overrun its deadline, to spare a system call per read
+
     def __init__(self, sock):
         self.sock = sock
         self.buffer = b""
+        self.timeout = None
+
+    def wait_at_most(self, seconds):
+        """Bound the socket's next waits (reads and `sendall`). `settimeout` is a system call
+        (it switches the socket's blocking mode), so it is made only when the bound changes by
+        more than the slack: on a keep-alive connection, once or twice in all."""
+        if self.timeout is None or abs(seconds - self.timeout) > self.TIMEOUT_SLACK:
+            self.sock.settimeout(seconds)
+            self.timeout = seconds
 
     def _fill(self, deadline):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise ClientGone("timed out")
-        self.sock.settimeout(remaining)
+        self.wait_at_most(remaining)
         try:
             data = self.sock.recv(65536)
         except (socket.timeout, OSError):
@@ -144,7 +155,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             return False
         response = app.handle(request)
         keep_alive = transport.keeps_alive(app, head, response, None)
-        sock.settimeout(server.idle_timeout)  # a client that does not read cannot hold us forever
+        reader.wait_at_most(server.idle_timeout)  # a client that does not read cannot hold us forever
         if response.streaming and head.method != "HEAD":
             self._stream(sock, head, response, keep_alive)
         else:
