@@ -4,7 +4,9 @@ A middleware is a function `(request, call_next) -> Response`. It may look at th
 call `call_next(request)` to pass it on (once), and look at or change the answer on the way
 back — the same shape as Express's `(req, res, next)`, Starlette's `BaseHTTPMiddleware` or a
 WSGI wrapper. The chain is composed once, at start-up, into nested closures, so a request costs
-one function call per step:
+one function call per step (a closure, not `functools.partial`: a partial holding `call_next`
+copies its keyword dict and re-enters the interpreter from C on every call, which made the chain
+cost as much as the steps' own work):
 
     assign_request_id → log_access → time_request → render_errors → [the project's own] → handler
 
@@ -12,7 +14,6 @@ one function call per step:
 problem+json, anything else is logged with its traceback on stderr and answered with a 500 that
 says nothing about the code.
 """
-import functools
 import os
 import random
 import re
@@ -32,8 +33,12 @@ def compose(steps, endpoint):
     """Nest `steps` around `endpoint`: the first step is the outermost."""
     call = endpoint
     for step in reversed(steps):
-        call = functools.partial(step, call_next=call)
+        call = _link(step, call)
     return call
+
+
+def _link(step, call_next):
+    return lambda request: step(request, call_next)
 
 
 def assign_request_id(request, call_next):

@@ -151,6 +151,8 @@ def body_length(head):
         return CHUNKED
     if content_length is None:
         return None
+    if content_length.isascii() and content_length.isdigit() and len(content_length) <= 18:
+        return int(content_length)  # the usual case, one plain number, without the checks below
     values = {v.strip() for v in content_length.split(",")}  # "5, 5" is allowed (§8.6)
     if len(values) != 1:
         raise ProtocolError("conflicting Content-Length values")
