@@ -43,6 +43,7 @@ class App:
         self.name = name
         self.description = description
         self.default_port = port
+        self.port = None              # the port listened on, once the server has started
         self.version = version
         self.router = Router()
         self.middleware = []          # the project's own steps, run after the built-in ones

@@ -295,6 +295,8 @@ def status_line(status):
 def encode_head(status, headers, content_length, *, keep_alive=True):
     """The status line and header fields, as bytes. `content_length` None means the caller
     frames the body itself (chunked, or close-delimited)."""
+    if not keep_alive:  # the transport says `close` once, whatever a handler set
+        headers = [field for field in headers if field[0].lower() != "connection"]
     fields = "".join([f"{name}: {value}\r\n" for name, value in headers])
     # A CR, LF or NUL inside a value would let it write extra header lines (response
     # splitting); values come from code, but some carry user input (Location, filenames).

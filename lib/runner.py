@@ -29,6 +29,7 @@ def bind(host, port):
 def serve(app, args):
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
+    app.port = port  # the one really bound: `--port 0` lets the OS choose
     shown_host = f"[{host}]" if ":" in host else host
 
     def announce():

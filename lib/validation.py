@@ -13,6 +13,12 @@ refused (422), never silently ignored or, worse, written — that is how mass as
 happen (a client sending `"owner": "someone-else"`). `partial=True` is for PATCH: only the
 fields given are checked, and nothing is required.
 
+The same declarations describe the body in `GET /openapi.json`: `body_schema(NOTE)` is the JSON
+Schema of an object with those fields, each field giving its own (`Field.schema`), so the
+documentation cannot drift from what the server really accepts:
+
+    @app.post("/notes", request_schema=body_schema(NOTE))
+
 Cleaning is part of checking: text is trimmed (and must still be long enough), `Choice`s are
 exact, dates must exist on the calendar (2026-02-30 is refused), and booleans are real JSON
 booleans — `1` and `"true"` are not `true`.
@@ -30,10 +36,30 @@ class Invalid(Exception):
 
 
 class Field:
-    def __init__(self, *, required=False, nullable=False, default=MISSING):
+    """A body field: how to check and clean its value, and how to describe it (JSON Schema,
+    https://json-schema.org/draft/2020-12, the dialect of OpenAPI 3.1). A subclass overrides
+    `clean` and `shape`; `description` says what the shape cannot (units, formats)."""
+
+    def __init__(self, *, required=False, nullable=False, default=MISSING, description=None):
         self.required = required
         self.nullable = nullable
         self.default = default
+        self.description = description
+
+    def shape(self):
+        """The JSON Schema of a valid value, without null: {} is any value."""
+        return {}
+
+    def schema(self):
+        schema = self.shape()
+        if self.nullable:
+            if "enum" in schema:
+                schema["enum"] = [*schema["enum"], None]
+            elif "type" in schema:
+                schema["type"] = [schema["type"], "null"]
+        if self.description:
+            schema["description"] = self.description
+        return schema
 
     def check(self, value):
         if value is None:
@@ -68,6 +94,12 @@ class Text(Field):
         self.pattern = re.compile(pattern) if pattern else None
         self.pattern_text = pattern_text
 
+    def shape(self):
+        schema = {"type": "string", "minLength": self.min_length, "maxLength": self.max_length}
+        if self.pattern:  # JSON Schema patterns are unanchored; `clean` matches the whole text
+            schema["pattern"] = f"^(?:{self.pattern.pattern})$"
+        return schema
+
     def clean(self, value):
         if not isinstance(value, str):
             raise Invalid("must be a string")
@@ -93,6 +125,14 @@ class Integer(Field):
         self.minimum = minimum
         self.maximum = maximum
 
+    def shape(self):
+        schema = {"type": "integer"}
+        if self.minimum is not None:
+            schema["minimum"] = self.minimum
+        if self.maximum is not None:
+            schema["maximum"] = self.maximum
+        return schema
+
     def clean(self, value):
         if not isinstance(value, int) or isinstance(value, bool):
             raise Invalid("must be an integer")
@@ -103,6 +143,9 @@ class Integer(Field):
 
 
 class Boolean(Field):
+    def shape(self):
+        return {"type": "boolean"}
+
     def clean(self, value):
         if not isinstance(value, bool):
             raise Invalid("must be true or false")
@@ -114,6 +157,9 @@ class Choice(Field):
         super().__init__(**kw)
         self.choices = tuple(choices)
 
+    def shape(self):
+        return {"enum": list(self.choices)}
+
     def clean(self, value):
         # Exact: `True == 1` and `1.0 == 1` in Python, but not in a JSON contract.
         if not any(type(value) is type(choice) and value == choice for choice in self.choices):
@@ -123,6 +169,9 @@ class Choice(Field):
 
 class Date(Field):
     """A calendar date written YYYY-MM-DD (RFC 3339 full-date), returned as that string."""
+
+    def shape(self):
+        return {"type": "string", "format": "date"}
 
     def clean(self, value):
         if not isinstance(value, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
@@ -148,6 +197,9 @@ class Email(Field):
                         r"(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010ffff-]+)*")
     _LABEL = re.compile(r"[a-z0-9\u0080-\U0010ffff](?:[a-z0-9\u0080-\U0010ffff-]{0,61}"
                         r"[a-z0-9\u0080-\U0010ffff])?")
+
+    def shape(self):
+        return {"type": "string", "format": "email", "maxLength": 254}
 
     def clean(self, value):
         if not isinstance(value, str):
@@ -181,6 +233,9 @@ class TextList(Field):
         self.item = Text(item_min, item_max, lower=lower)
         self.unique = unique
 
+    def shape(self):
+        return {"type": "array", "maxItems": self.max_items, "items": self.item.shape()}
+
     def clean(self, value):
         if not isinstance(value, list):
             raise Invalid("must be a list of strings")
@@ -197,6 +252,17 @@ class TextList(Field):
             if len(items) > self.max_items:  # stop at once: a huge list costs no more than this
                 raise Invalid(f"must have at most {self.max_items} items")
         return items
+
+
+def body_schema(fields, *, partial=False):
+    """The JSON Schema of a body that `validate(data, fields)` accepts: an object of these
+    fields and no others; with `partial=True` (PATCH) none is required."""
+    schema = {"type": "object", "additionalProperties": False,
+              "properties": {name: field.schema() for name, field in fields.items()}}
+    required = [] if partial else [name for name, field in fields.items() if field.required]
+    if required:
+        schema["required"] = required
+    return schema
 
 
 def validate(data, fields, *, partial=False, read_only=()):

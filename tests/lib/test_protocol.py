@@ -581,6 +581,11 @@ def test_connection_close_when_not_keeping_alive():
     assert without_date(raw) == b"HTTP/1.1 400 Bad Request\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx"
 
 
+def test_a_handlers_connection_field_gives_way_to_the_transports_close():
+    raw = encode_response(200, [("connection", "keep-alive"), ("X", "1")], b"x", keep_alive=False)
+    assert without_date(raw) == b"HTTP/1.1 200 OK\r\nX: 1\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx"
+
+
 def test_no_connection_header_when_keeping_alive():
     assert b"Connection:" not in encode_response(200, [], b"x", keep_alive=True)
 

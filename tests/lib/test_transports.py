@@ -72,6 +72,15 @@ def test_many_pipelined_requests_in_one_write_are_answered_in_order(server):
     assert statuses == [200 if n % 3 == 0 else 404 for n in range(60)]
 
 
+def test_a_handler_that_asks_to_close_gets_one_connection_header_and_a_closed_connection(server):
+    with connect(server) as conn:
+        conn.send(request_bytes("GET", "/goodbye") + request_bytes("GET", "/health"))
+        resp = conn.read_response()
+        assert resp.status == 200 and resp.body == b"bye", resp.raw
+        assert resp.header_values("Connection") == ["close"], resp.raw
+        assert conn.read_until_closed() == b""  # the pipelined request is not answered
+
+
 def test_a_request_pipelined_behind_a_blocking_handler_waits_its_turn(server):
     with connect(server) as conn:
         conn.send(request_bytes("GET", "/sleep?ms=150")

@@ -1,10 +1,12 @@
 """lib/validation.py: each field type's accept / refuse cases, and `validate`, which reports every
 bad field in one 422 (unknown and server-owned fields included) or returns cleaned values."""
+import re
+
 import pytest
 
 from lib.problems import ValidationFailed
-from lib.validation import (Boolean, Choice, Date, Email, Integer, Invalid, Text, TextList,
-                            validate)
+from lib.validation import (Boolean, Choice, Date, Email, Field, Integer, Invalid, Text, TextList,
+                            body_schema, validate)
 
 
 def refusal(field, value):
@@ -309,3 +311,57 @@ def test_partial_still_checks_given_values_unknown_and_read_only():
         "title": "must not be empty",
         "x": "is not a known field",
         "owner": "is set by the server and cannot be changed"}
+
+
+# --- the JSON Schema of a declared body (OpenAPI's requestBody) -------------------------------
+
+def test_body_schema_describes_every_field_and_what_is_required():
+    fields = {"title": Text(1, 200, required=True),
+              "tags": TextList(max_items=10, item_max=30),
+              "pinned": Boolean(default=False),
+              "priority": Choice(("low", "high"), nullable=True, default=None),
+              "due": Date(nullable=True),
+              "stars": Integer(0, 5, description="how much you like it"),
+              "email": Email()}
+    assert body_schema(fields) == {
+        "type": "object", "additionalProperties": False, "required": ["title"],
+        "properties": {
+            "title": {"type": "string", "minLength": 1, "maxLength": 200},
+            "tags": {"type": "array", "maxItems": 10,
+                     "items": {"type": "string", "minLength": 1, "maxLength": 30}},
+            "pinned": {"type": "boolean"},
+            "priority": {"enum": ["low", "high", None]},
+            "due": {"type": ["string", "null"], "format": "date"},
+            "stars": {"type": "integer", "minimum": 0, "maximum": 5,
+                      "description": "how much you like it"},
+            "email": {"type": "string", "format": "email", "maxLength": 254}}}
+
+
+def test_a_partial_body_requires_nothing():
+    schema = body_schema({"title": Text(1, 200, required=True)}, partial=True)
+    assert "required" not in schema
+    assert schema["properties"] == {"title": {"type": "string", "minLength": 1, "maxLength": 200}}
+
+
+def test_schema_pattern_is_anchored_like_the_check():
+    field = Text(3, 3, pattern="[A-Z]{3}")
+    pattern = field.schema()["pattern"]
+    assert pattern == "^(?:[A-Z]{3})$"
+    for value in ("USD", "usd", "USDX", "XUSD"):  # JSON Schema searches; the anchors make it whole
+        assert bool(re.search(pattern, value)) == accepts(field, value), value
+
+
+def accepts(field, value):
+    try:
+        field.clean(value)
+    except Invalid:
+        return False
+    return True
+
+
+def test_a_custom_field_without_a_shape_accepts_any_value_in_the_schema():
+    class Anything(Field):
+        pass
+
+    assert body_schema({"x": Anything(description="free-form")})["properties"] == {
+        "x": {"description": "free-form"}}

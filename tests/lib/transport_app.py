@@ -26,6 +26,12 @@ def echo(request):
                                            "X-Sha256": hashlib.sha256(request.body).hexdigest()})
 
 
+@app.get("/goodbye")
+def goodbye(request):
+    """An answer after which the handler wants the connection closed."""
+    return Response(b"bye", headers={"Connection": "close"}, content_type="text/plain")
+
+
 @app.get("/big")
 def big(request):
     return Response(BIG * request.query_int("times", 1, low=1, high=16),
