@@ -16,9 +16,9 @@ Flows:
   email at one attempt in flight, so the login lockout (5 failures per email, counted before
   the password is checked) never trips.
 
-Like loadgen.py it runs N keep-alive sockets in one `selectors` loop and, when the time is up,
-sends nothing new but waits for the requests in flight (up to --drain-timeout). It parses each
-answer only as far as the status, Content-Length and, where the flow needs it, the JSON body.
+The flows run in loadgen.py's closed loop (`run_closed_loop`): N keep-alive sockets in one
+`selectors` loop; when the time is up it sends nothing new but waits for the requests in flight
+(up to --drain-timeout). A flow parses the JSON body of an answer only where it needs it.
 
 Run: python tests/bench/flows.py http://127.0.0.1:8004 notes --connections 32 --duration 5
 Prints one JSON line: requests, ok (2xx), errors, duration_s, rps, p50_ms, p99_ms for the whole
@@ -27,15 +27,12 @@ mix, and `operations`: the same figures for each operation.
 
 import argparse
 import json
-import selectors
-import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from loadgen import RECV_SIZE, Connection, summary
+from loadgen import Flow, build_request, run_closed_loop
 
 LOGIN_PASSWORD = "bench password, long enough"
-Flow = Generator[tuple[str, bytes], tuple[int, bytes], None]
 
 
 def notes_user(index: int) -> str:
@@ -48,12 +45,9 @@ def login_email(index: int) -> str:
 
 def request_bytes(method: str, host: str, target: str, headers: dict[str, str], body: object = None) -> bytes:
     """An HTTP/1.1 request; a body is sent as JSON."""
-    payload = b"" if body is None else json.dumps(body).encode()
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    if body is not None:
-        lines += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload
+    return build_request(method, host, target, b"" if body is None else json.dumps(body).encode(),
+                         None if body is None else "application/json",
+                         [f"{name}: {value}" for name, value in headers.items()])
 
 
 def notes_flow(host: str, index: int) -> Flow:
@@ -84,96 +78,11 @@ def login_flow(host: str, index: int) -> Flow:
 FLOWS: dict[str, Callable[[str, int], Flow]] = {"notes": notes_flow, "login": login_flow}
 
 
-class FlowConnection(Connection):
-    """A keep-alive socket that runs one flow: the operation in flight and the last answer."""
-
-    def __init__(self, address: tuple[str, int], flow: Flow):
-        super().__init__(address)
-        self.flow = flow
-        self.operation = ""
-        self.answer: tuple[int, bytes] | None = None  # None before the first request
-
-
-def split_response(buffer: bytes) -> tuple[int, int] | None:
-    """(end of the head, end of the whole response) of the response at the start of buffer, or
-    None while its head is incomplete."""
-    head_end = buffer.find(b"\r\n\r\n")
-    if head_end < 0:
-        return None
-    head = buffer[:head_end].lower()
-    field = head.find(b"\r\ncontent-length:")
-    if field < 0:
-        return head_end, head_end + 4
-    value_end = head.find(b"\r\n", field + 2)
-    return head_end, head_end + 4 + int(head[field + 17 : value_end if value_end >= 0 else head_end])
-
-
 def run_flows(url: str, flow_name: str, connections: int, duration: float, drain_timeout: float) -> dict:
     parts = urlsplit(url)
-    address = (parts.hostname, parts.port or 80)
     make_flow = FLOWS[flow_name]
-    selector = selectors.DefaultSelector()
-    latencies: dict[str, list[float]] = {}
-    ok: dict[str, int] = {}
-    errors: dict[str, int] = {}
-    broken = 0
-
-    def send_next(connection: FlowConnection) -> None:
-        connection.operation, data = connection.flow.send(connection.answer)
-        connection.sent_at = time.perf_counter()
-        connection.sock.sendall(data)  # a small request into an empty socket buffer: never blocks
-
-    pool = []
-    for index in range(connections):
-        connection = FlowConnection(address, make_flow(parts.netloc, index))
-        selector.register(connection.sock, selectors.EVENT_READ, connection)
-        pool.append(connection)
-    started = time.perf_counter()
-    deadline = started + duration
-    for connection in pool:
-        send_next(connection)
-    in_flight = len(pool)
-
-    while in_flight and time.perf_counter() < deadline + drain_timeout:
-        for key, _ in selector.select(timeout=0.1):
-            connection = key.data
-            try:
-                data = connection.sock.recv(RECV_SIZE)
-            except ConnectionError:
-                data = b""
-            now = time.perf_counter()
-            if not data:  # the server closed the connection: this connection's flow ends
-                selector.unregister(connection.sock)
-                broken += 1
-                in_flight -= 1
-                continue
-            connection.buffer += data
-            bounds = split_response(connection.buffer)
-            if bounds is None or len(connection.buffer) < bounds[1]:
-                continue
-            head_end, end = bounds
-            operation = connection.operation
-            status = int(connection.buffer[9:12])
-            latencies.setdefault(operation, []).append(now - connection.sent_at)
-            if 200 <= status < 300:
-                ok[operation] = ok.get(operation, 0) + 1
-            else:
-                errors[operation] = errors.get(operation, 0) + 1
-            connection.answer = (status, connection.buffer[head_end + 4 : end])
-            connection.buffer = connection.buffer[end:]
-            if now < deadline:
-                send_next(connection)
-            else:
-                in_flight -= 1
-
-    elapsed = time.perf_counter() - started
-    for connection in pool:
-        connection.sock.close()
-    every = [latency for values in latencies.values() for latency in values]
-    result = summary(every, sum(ok.values()), sum(errors.values()) + broken + in_flight, elapsed)
-    result["operations"] = {operation: summary(values, ok.get(operation, 0), errors.get(operation, 0), elapsed)
-                            for operation, values in latencies.items()}
-    return result
+    return run_closed_loop((parts.hostname, parts.port or 80), lambda index: make_flow(parts.netloc, index),
+                           connections, duration, drain_timeout)
 
 
 def main() -> None:

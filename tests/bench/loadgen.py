@@ -7,8 +7,12 @@ recorded. When the time is up no new request is sent, but the requests in flight
 compares it with the value the server stored.
 
 It is written to stay out of the way of the server it measures: the request bytes are built
-once, the sockets are driven by one `selectors` loop with no per-request objects or tasks, and
-a response is parsed only as far as its status code and Content-Length. On a 2-core machine it
+once, the sockets are driven by one `selectors` loop with no per-request tasks, and a response
+is parsed only as far as its status code and Content-Length.
+
+The loop itself runs *flows*: each connection asks a generator for its next request and sends it
+the last answer. A fixed request is the flow `repeat(request)`; tests/bench/flows.py has flows
+where a request uses what the previous answer said. On a 2-core machine it
 drove the minimal asyncio reference at 60k req/s, on a par with wrk. It does not support chunked
 responses (every project server sends Content-Length).
 
@@ -23,6 +27,7 @@ import json
 import selectors
 import socket
 import time
+from collections.abc import Callable, Generator
 from urllib.parse import urlsplit
 
 DRAIN_TIMEOUT_S = 5.0
@@ -39,28 +44,41 @@ def build_request(method: str, host: str, target: str, body: bytes, content_type
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def response_length(buffer: bytes) -> int | None:
-    """The size of the complete response at the start of buffer, or None while its head is incomplete."""
+def split_response(buffer: bytes) -> tuple[int, int] | None:
+    """(end of the head, end of the whole response) of the response at the start of buffer, or
+    None while its head is incomplete. The length comes from Content-Length (no chunked)."""
     head_end = buffer.find(b"\r\n\r\n")
     if head_end < 0:
         return None
     head = buffer[:head_end].lower()
     field = head.find(b"\r\ncontent-length:")
     if field < 0:
-        return head_end + 4
+        return head_end, head_end + 4
     value_end = head.find(b"\r\n", field + 2)
-    return head_end + 4 + int(head[field + 17 : value_end if value_end >= 0 else head_end])
+    return head_end, head_end + 4 + int(head[field + 17 : value_end if value_end >= 0 else head_end])
+
+
+Flow = Generator[tuple[str, bytes], tuple[int, bytes], None]
+
+
+def repeat(request: bytes) -> Flow:
+    """The flow of a fixed request: the same bytes, whatever the answer (what wrk does)."""
+    while True:
+        yield "request", request
 
 
 class Connection:
-    """One keep-alive socket with at most one request in flight."""
+    """One keep-alive socket running one flow, with at most one request in flight."""
 
-    def __init__(self, address: tuple[str, int]):
+    def __init__(self, address: tuple[str, int], flow: Flow):
         self.sock = socket.create_connection(address)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.setblocking(False)
+        self.flow = flow
         self.buffer = b""
-        self.expected_length: int | None = None
+        self.bounds: tuple[int, int] | None = None  # split_response of the answer being read
+        self.operation = ""
+        self.answer: tuple[int, bytes] | None = None  # (status, body); None before the first
         self.sent_at: float | None = None  # None: no request in flight
 
 
@@ -85,76 +103,90 @@ def summary(latencies: list[float], ok: int, errors: int, elapsed: float) -> dic
     }
 
 
-def run_closed_loop(address: tuple[str, int], request: bytes, connections: int, duration: float) -> dict:
-    selector = selectors.DefaultSelector()
-    latencies: list[float] = []
-    ok = errors = 0
+def run_closed_loop(address: tuple[str, int], make_flow: Callable[[int], Flow], connections: int,
+                    duration: float, drain_timeout: float = DRAIN_TIMEOUT_S) -> dict:
+    """Run connection i on `make_flow(i)` for `duration` seconds, then wait for the requests in
+    flight. The summary of the whole run, with `operations`: a summary per operation name.
 
-    def open_connection() -> Connection:
-        connection = Connection(address)
-        selector.register(connection.sock, selectors.EVENT_READ, connection)
+    A connection the server closes counts its request in flight as an error and, before the
+    deadline, is replaced by a new one running a new flow of the same index."""
+    selector = selectors.DefaultSelector()
+    latencies: dict[str, list[float]] = {}
+    ok: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    broken = 0
+
+    def open_connection(index: int) -> Connection:
+        connection = Connection(address, make_flow(index))
+        selector.register(connection.sock, selectors.EVENT_READ, index)
+        pool[connection.sock] = connection
         return connection
 
-    def send_request(connection: Connection) -> None:
+    def send_next(connection: Connection) -> None:
+        connection.operation, data = connection.flow.send(connection.answer)
         connection.sent_at = time.perf_counter()
         try:
-            connection.sock.sendall(request)  # a few hundred bytes into an empty socket buffer: never blocks
+            connection.sock.sendall(data)  # a small request into an empty socket buffer: never blocks
         except ConnectionError:
             pass  # the server closed the connection: the next read sees it
 
-    def close(connection: Connection) -> None:
-        selector.unregister(connection.sock)
-        connection.sock.close()
-
-    pool = [open_connection() for _ in range(connections)]
+    pool: dict[socket.socket, Connection] = {}
+    for index in range(connections):
+        open_connection(index)
     started = time.perf_counter()
     deadline = started + duration
-    for connection in pool:
-        send_request(connection)
+    for connection in list(pool.values()):
+        send_next(connection)
     in_flight = len(pool)
 
-    while in_flight and time.perf_counter() < deadline + DRAIN_TIMEOUT_S:
+    while in_flight and time.perf_counter() < deadline + drain_timeout:
         for key, _ in selector.select(timeout=0.1):
-            connection = key.data
+            connection = pool[key.fileobj]
             try:
                 data = connection.sock.recv(RECV_SIZE)
             except ConnectionError:
                 data = b""
             now = time.perf_counter()
             if not data:  # the server closed the connection
-                close(connection)
-                if connection.sent_at is not None:
-                    errors += 1
-                    in_flight -= 1
+                selector.unregister(connection.sock)
+                connection.sock.close()
+                del pool[connection.sock]
+                broken += 1
+                in_flight -= 1
                 if now < deadline:
-                    replacement = open_connection()
-                    pool.append(replacement)
-                    send_request(replacement)
+                    send_next(open_connection(key.data))
                     in_flight += 1
                 continue
             connection.buffer += data
-            if connection.expected_length is None:
-                connection.expected_length = response_length(connection.buffer)
-            if connection.expected_length is None or len(connection.buffer) < connection.expected_length:
+            if connection.bounds is None:
+                connection.bounds = split_response(connection.buffer)
+            if connection.bounds is None or len(connection.buffer) < connection.bounds[1]:
                 continue
-            latencies.append(now - connection.sent_at)
-            if connection.buffer[9:10] == b"2":  # "HTTP/1.1 200 ..."
-                ok += 1
+            head_end, end = connection.bounds
+            operation = connection.operation
+            status = int(connection.buffer[9:12])  # "HTTP/1.1 200 ..."
+            latencies.setdefault(operation, []).append(now - connection.sent_at)
+            if 200 <= status < 300:
+                ok[operation] = ok.get(operation, 0) + 1
             else:
-                errors += 1
-            connection.buffer = connection.buffer[connection.expected_length :]
-            connection.expected_length = None
-            connection.sent_at = None
+                errors[operation] = errors.get(operation, 0) + 1
+            connection.answer = (status, connection.buffer[head_end + 4:end])
+            connection.buffer = connection.buffer[end:]
+            connection.bounds = None
             if now < deadline:
-                send_request(connection)
+                send_next(connection)
             else:
                 in_flight -= 1
 
-    finished = time.perf_counter()
-    errors += in_flight  # requests still unanswered after the drain timeout
-    for connection in pool:
+    elapsed = time.perf_counter() - started
+    for connection in pool.values():
         connection.sock.close()
-    return summary(latencies, ok, errors, finished - started)
+    every = [latency for values in latencies.values() for latency in values]
+    # Requests still unanswered after the drain timeout are errors too.
+    result = summary(every, sum(ok.values()), sum(errors.values()) + broken + in_flight, elapsed)
+    result["operations"] = {operation: summary(values, ok.get(operation, 0), errors.get(operation, 0), elapsed)
+                            for operation, values in latencies.items()}
+    return result
 
 
 def main() -> None:
@@ -176,7 +208,9 @@ def main() -> None:
     if any(":" not in header for header in args.header):
         parser.error("--header must look like 'Name: value'")
     request = build_request(args.method, url.netloc, target, args.body.encode(), args.content_type, args.header)
-    result = run_closed_loop((url.hostname, url.port or 80), request, args.connections, args.duration)
+    result = run_closed_loop((url.hostname, url.port or 80), lambda index: repeat(request),
+                             args.connections, args.duration)
+    del result["operations"]  # one operation: the same figures as the whole
     print(json.dumps(result), flush=True)
 
 
