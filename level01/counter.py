@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from lib import App, BadRequest, Conflict, Response, json_response, no_content
 from lib.listing import list_params, page
 from lib.trace import trace_event
-from lib.validation import Integer, validate
+from lib.validation import Integer, body_schema, validate
 
 app = App("counter", "Named counters whose value the server owns: durable, exact under "
                      "concurrency, with ETag / If-Match.", port=8002)
@@ -238,9 +238,10 @@ def counter_name(name):
 
 # The request bodies. `validate` (lib/validation.py) refuses unknown fields and the server's own
 # ones, and names every bad field in one 422. Its Integer refuses JSON `true` and `1.0`: Python
-# would take `True == 1`, but a step is an integer.
+# would take `True == 1`, but a step is an integer. `body_schema` turns the same declarations
+# into the routes' request schemas in /openapi.json, so the documentation cannot drift.
 SERVER_OWNED = {"name", "version", "updated_at"}
-STEP = {"by": Integer(1, MAX_STEP, default=1)}
+STEP = {"by": Integer(1, MAX_STEP, default=1, description="how much to add or subtract; default 1")}
 NEW_VALUE = {"value": Integer(INT64_MIN, INT64_MAX, required=True)}
 
 
@@ -301,16 +302,18 @@ def read_counter(request, name):
     return counter_response(state)
 
 
-@app.post("/counters/{name}/increment", responses={200: STATE, 400: BAD_NAME, 409: "would overflow",
-                                                   412: STALE, 422: 'bad "by"'})
+@app.post("/counters/{name}/increment", request_schema=body_schema(STEP),
+          responses={200: STATE, 400: BAD_NAME, 409: "would overflow", 412: STALE,
+                     422: 'bad "by"'})
 def increment_counter(request, name):
     """Add `by` (optional JSON body {"by": 1…1000000000}, default 1)"""
     name = counter_name(name)
     return counter_response(app.state.counters.add(name, step_size(request), precondition(request)))
 
 
-@app.post("/counters/{name}/decrement", responses={200: STATE, 400: BAD_NAME, 409: "would overflow",
-                                                   412: STALE, 422: 'bad "by"'})
+@app.post("/counters/{name}/decrement", request_schema=body_schema(STEP),
+          responses={200: STATE, 400: BAD_NAME, 409: "would overflow", 412: STALE,
+                     422: 'bad "by"'})
 def decrement_counter(request, name):
     """Subtract `by` (optional JSON body {"by": 1…1000000000}, default 1)"""
     name = counter_name(name)
@@ -324,10 +327,8 @@ def reset_counter(request, name):
     return counter_response(app.state.counters.set(name, 0, precondition(request)))
 
 
-@app.put("/counters/{name}", request_schema={
-    "type": "object", "required": ["value"], "additionalProperties": False,
-    "properties": {"value": {"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX}}},
-    responses={200: STATE, 400: BAD_NAME, 412: STALE, 422: 'bad or missing "value"'})
+@app.put("/counters/{name}", request_schema=body_schema(NEW_VALUE),
+         responses={200: STATE, 400: BAD_NAME, 412: STALE, 422: 'bad or missing "value"'})
 def set_counter(request, name):
     """Set the value (JSON body {"value": n}; honours If-Match)"""
     name = counter_name(name)

@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from lib import (App, BadRequest, Conflict, NotFound, UnprocessableContent, UnsupportedMediaType,
                  ValidationFailed, created, json_response, no_content, text_response)
 from lib.listing import Sort, SortKey, list_params, page
-from lib.validation import Email, Field, Invalid, Text, TextList, validate
+from lib.validation import Email, Field, Invalid, Text, TextList, body_schema, validate
 from level02.expenses import csv_document, csv_download, unescape_formula
 from level02.notes import require_user
 
@@ -189,6 +189,11 @@ class EmailList(Field):
 
     item = Email()
 
+    def shape(self):
+        # No uniqueItems: a repeat (in any case) is dropped, not refused. `clean` counts the
+        # distinct addresses, so maxItems is a little stricter than it: the documented contract.
+        return {"type": "array", "maxItems": MAX_EMAILS, "items": self.item.shape()}
+
     def clean(self, value):
         if not isinstance(value, list):
             raise Invalid("must be a list of email addresses")
@@ -207,6 +212,12 @@ class EmailList(Field):
 class PhoneList(Field):
     """Up to 10 phone numbers, sent as strings, cleaned to `{"number": E.164, "label": the
     text as sent}`; a number given twice is kept once."""
+
+    def shape(self):
+        return {"type": "array", "maxItems": MAX_PHONES,
+                "items": {"type": "string", "minLength": 1, "maxLength": 50,
+                          "description": 'with + and country code, like "+1 555 123 4567" '
+                                         "(digits, spaces and ( ) . - / only); kept as E.164"}}
 
     def clean(self, value):
         if not isinstance(value, list):
@@ -227,6 +238,11 @@ class PhoneList(Field):
 
 class Tags(TextList):
     """Tags as in notes (trimmed, lower-cased, de-duplicated), without the CSV list separator."""
+
+    def shape(self):
+        schema = super().shape()
+        schema["items"]["pattern"] = f"^[^{re.escape(LIST_SEPARATOR)}]*$"
+        return schema
 
     def clean(self, value):
         tags = super().clean(value)
@@ -588,16 +604,6 @@ def import_records(owner, header, records):
 
 # --- routes ---------------------------------------------------------------------------------
 
-CONTACT_SCHEMA = {
-    "type": "object", "required": ["name"], "additionalProperties": False,
-    "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": 200},
-        "emails": {"type": "array", "maxItems": MAX_EMAILS, "items": {"type": "string", "format": "email"}},
-        "phones": {"type": "array", "maxItems": MAX_PHONES,
-                   "items": {"type": "string", "description": "with + and country code"}},
-        "company": {"type": "string", "maxLength": 200},
-        "notes": {"type": "string", "maxLength": 10_000},
-        "tags": {"type": "array", "maxItems": 20, "items": {"type": "string", "maxLength": 30}}}}
 USER = {401: "no valid X-User-Id header"}
 STALE = "If-Match names a version that is no longer current; nothing changed"
 FILTERS = {"q": "words (prefixes, any case or accents) of name, company, email; or phone digits",
@@ -609,7 +615,7 @@ CONTACT_ERRORS = {404: "no such contact of yours", 409: "an email belongs to ano
                   412: STALE, 422: "bad, unknown or read-only fields", **USER}
 
 
-@app.post("/contacts", request_schema=CONTACT_SCHEMA,
+@app.post("/contacts", request_schema=body_schema(CONTACT_FIELDS),
           responses={201: "the contact (Location, ETag)", **CONTACT_ERRORS})
 def create_contact(request):
     """Create a contact: {"name", "emails", "phones", "company", "notes", "tags"}"""
@@ -700,7 +706,7 @@ def change_contact(request, owner, contact_id, values):
     return contact_response(contact)
 
 
-@app.put("/contacts/{contact_id:int}", request_schema=CONTACT_SCHEMA,
+@app.put("/contacts/{contact_id:int}", request_schema=body_schema(CONTACT_FIELDS),
          responses={200: "the contact (ETag)", **CONTACT_ERRORS})
 def replace_contact(request, contact_id):
     """Replace a contact: fields left out become empty (honours If-Match)"""
@@ -709,7 +715,7 @@ def replace_contact(request, contact_id):
     return change_contact(request, owner, contact_id, values)
 
 
-@app.patch("/contacts/{contact_id:int}", request_schema={**CONTACT_SCHEMA, "required": []},
+@app.patch("/contacts/{contact_id:int}", request_schema=body_schema(CONTACT_FIELDS, partial=True),
            responses={200: "the contact (ETag)", **CONTACT_ERRORS})
 def update_contact_fields(request, contact_id):
     """Change the fields given; a list given replaces the whole list (honours If-Match)"""

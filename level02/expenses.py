@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from lib import (App, BadRequest, Conflict, NotFound, ValidationFailed, created, json_response,
                  no_content, text_response)
 from lib.listing import Sort, SortKey, list_params, page
-from lib.validation import Date, Field, Integer, Invalid, Text, validate
+from lib.validation import Date, Field, Integer, Invalid, Text, body_schema, validate
 from level02.notes import require_user
 
 app = App("expenses", "Expenses in exact money: decimal strings stored as integer minor units, "
@@ -98,6 +98,9 @@ MINOR_PER_UNIT = 100                          # ISO 4217 exponent 2: 100 cents t
 MAX_AMOUNT = 1_000_000_000 * MINOR_PER_UNIT   # 1,000,000,000.00
 # [0-9], not \d: \d also matches other scripts' digits ("١٢"), which int() would accept.
 DECIMAL_AMOUNT = re.compile(r"(?P<units>[0-9]{1,13})(?:\.(?P<cents>[0-9]{1,2}))?")
+# The same rule in /openapi.json. JSON Schema patterns are ECMA-262 regexes and unanchored: so
+# anchored here, and without Python's group names (`(?P<name>…)`, which ECMA-262 cannot read).
+AMOUNT_PATTERN = "^" + re.sub(r"\(\?P<\w+>", "(", DECIMAL_AMOUNT.pattern) + "$"
 
 
 def parse_amount(text):
@@ -124,6 +127,11 @@ def format_amount(minor):
 class Amount(Field):
     """A positive amount up to 1,000,000,000.00, sent as a decimal string; cleaned to minor
     units."""
+
+    def shape(self):
+        most = format_amount(MAX_AMOUNT)
+        return {"type": "string", "pattern": AMOUNT_PATTERN,
+                "description": f'decimal string, > 0 and ≤ {most}, like "12.30"'}
 
     def clean(self, value):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -363,14 +371,12 @@ def summarise(rows, group_by):
 READ_ONLY = {"id", "owner", "created_at", "updated_at"}
 CATEGORIES_BY_NAME = Sort("name", SortKey("name_key", str), SortKey("id", int))
 CATEGORY_FIELDS = {"name": Text(1, 100, required=True)}
-CATEGORY_SCHEMA = {"type": "object", "required": ["name"], "additionalProperties": False,
-                   "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 100}}}
 USER = {401: "no valid X-User-Id header"}
 STALE = "If-Match names a version that is no longer current; nothing changed"
 PAGE = {"limit": "page size, 1–100 (default 20)", "cursor": "next_cursor of the previous page"}
 
 
-@app.post("/categories", request_schema=CATEGORY_SCHEMA,
+@app.post("/categories", request_schema=body_schema(CATEGORY_FIELDS),
           responses={201: "the category (Location, ETag)", 409: "you already have one by that name",
                      422: "bad or unknown fields", **USER})
 def create_category(request):
@@ -410,7 +416,8 @@ def read_category(request, category_id):
     return json_response(category_json(row), headers={"ETag": etag(row)})
 
 
-@app.patch("/categories/{category_id:int}", request_schema=CATEGORY_SCHEMA,
+@app.patch("/categories/{category_id:int}",
+           request_schema=body_schema(CATEGORY_FIELDS, partial=True),
            responses={404: "no such category of yours", 409: "the new name is taken",
                       412: STALE, 422: "bad or unknown fields", **USER})
 def rename_category(request, category_id):
@@ -464,20 +471,13 @@ def delete_category(request, category_id):
 
 EXPENSE_FIELDS = {
     "amount": Amount(required=True),
-    "currency": currency_field(default=lambda: app.state.currency),
-    "category_id": Integer(1, MAX_ID, nullable=True, default=None),
+    "currency": currency_field(default=lambda: app.state.currency,
+                               description="ISO 4217 code; default: the server's --currency"),
+    "category_id": Integer(1, MAX_ID, nullable=True, default=None,
+                           description="one of your categories; null: uncategorised"),
     "date": Date(required=True),
     "note": Text(0, 1000, default=""),
 }
-EXPENSE_SCHEMA = {
-    "type": "object", "required": ["amount", "date"], "additionalProperties": False,
-    "properties": {
-        "amount": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]{1,2})?$",
-                   "description": 'decimal string, > 0 and ≤ 1000000000.00, like "12.30"'},
-        "currency": {"type": "string", "pattern": "^[A-Z]{3}$", "description": "ISO 4217 code"},
-        "category_id": {"type": ["integer", "null"], "description": "one of your categories"},
-        "date": {"type": "string", "format": "date"},
-        "note": {"type": "string", "maxLength": 1000}}}
 FILTERS = {"from": "on or after this date (YYYY-MM-DD)", "to": "on or before this date",
            "category_id": "only this category", "min": 'amount at least, e.g. "10.00"',
            "max": "amount at most", "currency": "only this ISO 4217 code",
@@ -518,7 +518,7 @@ def change_expense(request, owner, expense_id, values):
     return json_response(expense_json(row), headers={"ETag": etag(row)})
 
 
-@app.post("/expenses", request_schema=EXPENSE_SCHEMA,
+@app.post("/expenses", request_schema=body_schema(EXPENSE_FIELDS),
           responses={201: "the expense (Location, ETag)", **EXPENSE_ERRORS})
 def create_expense(request):
     """Record an expense: {"amount": "12.30", "currency", "category_id", "date", "note"}"""
@@ -597,7 +597,7 @@ def read_expense(request, expense_id):
     return json_response(expense_json(row), headers={"ETag": etag(row)})
 
 
-@app.put("/expenses/{expense_id:int}", request_schema=EXPENSE_SCHEMA,
+@app.put("/expenses/{expense_id:int}", request_schema=body_schema(EXPENSE_FIELDS),
          responses={200: "the expense (ETag)", **EXPENSE_ERRORS})
 def replace_expense(request, expense_id):
     """Replace an expense: fields left out take their defaults (honours If-Match)"""
@@ -606,7 +606,7 @@ def replace_expense(request, expense_id):
     return change_expense(request, owner, expense_id, values)
 
 
-@app.patch("/expenses/{expense_id:int}", request_schema={**EXPENSE_SCHEMA, "required": []},
+@app.patch("/expenses/{expense_id:int}", request_schema=body_schema(EXPENSE_FIELDS, partial=True),
            responses={200: "the expense (ETag)", **EXPENSE_ERRORS})
 def update_expense(request, expense_id):
     """Change the fields given (honours If-Match)"""

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from lib import (App, BadRequest, NotFound, PreconditionFailed, Unauthorized, created,
                  json_response, no_content)
 from lib.listing import Sort, SortKey, list_params, page
-from lib.validation import Boolean, Invalid, Text, TextList, validate
+from lib.validation import Boolean, Invalid, Text, TextList, body_schema, validate
 
 app = App("notes", "Each user's own notes: CRUD, validation, ownership, ETags and keyset pages.",
           port=8004)
@@ -95,6 +95,8 @@ def require_user(request) -> str:
 
 TAGS = TextList(max_items=10, item_max=30, lower=True, default=list)
 
+# A note's body, checked by `validate` and described in /openapi.json by `body_schema`: one
+# declaration, so the documentation cannot drift from what the server accepts.
 NOTE_FIELDS = {
     "title": Text(1, 200, required=True),
     "body": Text(0, 100_000, strip=False, default=""),  # white space may be the formatting
@@ -273,7 +275,7 @@ def one_note(note):
 # Routes
 
 
-@app.post("/notes", summary="Create a note")
+@app.post("/notes", summary="Create a note", request_schema=body_schema(NOTE_FIELDS))
 def create_note(request):
     owner = require_user(request)
     values = validate(request.json_object(), NOTE_FIELDS, read_only=SERVER_OWNED)
@@ -317,7 +319,8 @@ def read_note(request, note_id):
         return one_note(find_owned(conn, "notes", owner, note_id))
 
 
-@app.patch("/notes/{note_id:int}", summary="Change the fields sent (If-Match: the ETag)")
+@app.patch("/notes/{note_id:int}", summary="Change the fields sent (If-Match: the ETag)",
+           request_schema=body_schema(NOTE_FIELDS, partial=True))
 def patch_note(request, note_id):
     owner = require_user(request)
     changes = validate(request.json_object(), NOTE_FIELDS, partial=True, read_only=SERVER_OWNED)
@@ -326,7 +329,8 @@ def patch_note(request, note_id):
     return one_note(note)
 
 
-@app.put("/notes/{note_id:int}", summary="Replace a note: fields left out get their defaults")
+@app.put("/notes/{note_id:int}", summary="Replace a note: fields left out get their defaults",
+         request_schema=body_schema(NOTE_FIELDS))
 def replace_note(request, note_id):
     owner = require_user(request)
     values = validate(request.json_object(), NOTE_FIELDS, read_only=SERVER_OWNED)

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from lib import App, BadRequest, NotFound, created, json_response, no_content
 from lib.listing import Sort, SortKey, list_params, page
-from lib.validation import Boolean, Choice, Date, Field, Invalid, Text, validate
+from lib.validation import Boolean, Choice, Date, Field, Invalid, Text, body_schema, validate
 from level02.notes import (TAGS, delete_owned, etag, find_owned, require_user, tag_filters,
                            text_search, timestamp, update_owned)
 
@@ -79,7 +79,8 @@ TODO_FIELDS = {
     "due": Date(nullable=True, default=None),
     "priority": Choice(PRIORITY_RANK, default="normal"),
     "tags": TAGS,
-    "done": Boolean(default=False),
+    "done": Boolean(default=False, description="true sets completed_at (the server's clock); "
+                                               "false clears it"),
 }
 SERVER_OWNED = {"id", "owner", "completed_at", "version", "created_at", "updated_at"}
 
@@ -208,6 +209,11 @@ def list_filters(request):
 class IdList(Field):
     """1 to `MAX_BULK` ids (positive integers), de-duplicated in order."""
 
+    def shape(self):
+        # No uniqueItems: a repeated id is accepted (and counted once), not refused.
+        return {"type": "array", "minItems": 1, "maxItems": MAX_BULK,
+                "items": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}}
+
     def clean(self, value):
         if not isinstance(value, list) or not value:
             raise Invalid("must be a non-empty list of todo ids")
@@ -278,7 +284,7 @@ def count_todos(db, owner, today):
 # Routes
 
 
-@app.post("/todos", summary="Create a todo")
+@app.post("/todos", summary="Create a todo", request_schema=body_schema(TODO_FIELDS))
 def create_todo(request):
     owner = require_user(request)
     values = validate(request.json_object(), TODO_FIELDS, read_only=SERVER_OWNED)
@@ -323,7 +329,8 @@ def summarise_todos(request):
     return {"time_zone": zone, "today": today.isoformat(), **totals, "by_priority": by_priority}
 
 
-@app.post("/todos/bulk", summary="Complete, reopen or delete many todos at once, all or nothing")
+@app.post("/todos/bulk", summary="Complete, reopen or delete many todos at once, all or nothing",
+          request_schema=body_schema(BULK_FIELDS))
 def bulk_change(request):
     owner = require_user(request)
     values = validate(request.json_object(), BULK_FIELDS)
@@ -338,7 +345,8 @@ def read_todo(request, todo_id):
         return one_todo(find_owned(conn, "todos", owner, todo_id))
 
 
-@app.patch("/todos/{todo_id:int}", summary="Change the fields sent; done sets completed_at")
+@app.patch("/todos/{todo_id:int}", summary="Change the fields sent; done sets completed_at",
+           request_schema=body_schema(TODO_FIELDS, partial=True))
 def patch_todo(request, todo_id):
     owner = require_user(request)
     changes = validate(request.json_object(), TODO_FIELDS, partial=True, read_only=SERVER_OWNED)
@@ -347,7 +355,8 @@ def patch_todo(request, todo_id):
     return one_todo(todo)
 
 
-@app.put("/todos/{todo_id:int}", summary="Replace a todo: fields left out get their defaults")
+@app.put("/todos/{todo_id:int}", summary="Replace a todo: fields left out get their defaults",
+         request_schema=body_schema(TODO_FIELDS))
 def replace_todo(request, todo_id):
     owner = require_user(request)
     values = validate(request.json_object(), TODO_FIELDS, read_only=SERVER_OWNED)

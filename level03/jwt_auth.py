@@ -28,7 +28,8 @@ What other projects import from here (names are stable):
               Auth (Credentials and the token settings, built once in main), create_account,
               authenticate_password, issue_token_pair, token_answer, bearer_token,
               authenticate_bearer, invalid_token, require_user (a middleware step), current_user
-  bodies      SIGN_UP, CREDENTIALS (lib.validation fields), AUTH_BODY_LIMIT (bytes)
+  bodies      SIGN_UP, CREDENTIALS, REFRESH, PASSWORD_CHANGE (lib.validation fields, and
+              with `body_schema` the routes' request schemas), AUTH_BODY_LIMIT (bytes)
   the CLI     add_auth_arguments, add_password_arguments, Auth.from_args,
               Credentials.from_args; argparse types scrypt_cost, at_least_a_second,
               email_argument
@@ -60,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from lib import (App, Conflict, Forbidden, TooManyRequests, Unauthorized, ValidationFailed,
                  created, json_response, no_content, trace_event)
 from lib.app import bounded, exit_usage_error, seconds
-from lib.validation import Email, Field, Invalid, Text, validate
+from lib.validation import Email, Field, Invalid, Text, body_schema, validate
 
 app = App("jwt_auth", "Sign up, log in, and call the API with HS256 JSON Web Tokens.", port=8008)
 
@@ -370,6 +371,18 @@ def password_problem(password, email=None):
 class Password(Field):
     """A lib.validation field for a new password: the policy, minus the email check, which
     needs the other field (`password_problem(value, email)` after `validate`)."""
+
+    def __init__(self, **kw):
+        kw.setdefault("description", f"{MIN_PASSWORD}–{MAX_PASSWORD} characters of any kind, "
+                                     f"counted after Unicode NFKC normalisation; not one of the "
+                                     f"most common passwords, nor the email")
+        super().__init__(**kw)
+
+    def shape(self):
+        # What JSON Schema can say of the policy is its length; the common-password list and the
+        # email rule are in the description. The policy counts characters after NFKC, which a
+        # few (the ligature "ﬁ" becomes "fi") change, so near a bound the server's count wins.
+        return {"type": "string", "minLength": MIN_PASSWORD, "maxLength": MAX_PASSWORD}
 
     def clean(self, value):
         problem = password_problem(value)
@@ -782,13 +795,8 @@ AUTH_BODY_LIMIT = 16 * 1024
 NO_STORE = {"Cache-Control": "no-store"}  # RFC 6749 §5.1: token answers must not be cached
 
 
-def _schema(*names):
-    return {"type": "object", "required": list(names),
-            "properties": {name: {"type": "string"} for name in names}}
-
-
 @app.post("/auth/signup", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
-          request_schema=_schema("email", "password"), responses={201: "The new user"})
+          request_schema=body_schema(SIGN_UP), responses={201: "The new user"})
 def sign_up(request):
     """Create an account"""
     user = create_account(request.app.state.auth, request.json_object())
@@ -796,7 +804,7 @@ def sign_up(request):
 
 
 @app.post("/auth/login", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
-          request_schema=_schema("email", "password"),
+          request_schema=body_schema(CREDENTIALS),
           responses={200: "An access token and a refresh token"})
 def log_in(request):
     """Exchange email and password for an access token and a refresh token"""
@@ -807,7 +815,7 @@ def log_in(request):
 
 
 @app.post("/auth/refresh", public=True, body_limit=AUTH_BODY_LIMIT,
-          request_schema=_schema("refresh_token"), responses={200: "A new pair of tokens"})
+          request_schema=body_schema(REFRESH), responses={200: "A new pair of tokens"})
 def refresh(request):
     """Rotate a refresh token: a new pair, and the old refresh token dies"""
     auth = request.app.state.auth
@@ -822,7 +830,7 @@ def refresh(request):
 
 
 @app.post("/auth/logout", public=True, body_limit=AUTH_BODY_LIMIT,
-          request_schema=_schema("refresh_token"), responses={204: "Logged out"})
+          request_schema=body_schema(REFRESH), responses={204: "Logged out"})
 def log_out(request):
     """Revoke a refresh token and its whole family"""
     values = validate(request.json_object(), REFRESH)
@@ -838,7 +846,7 @@ def read_me(request):
 
 
 @app.post("/auth/password", blocking=True, body_limit=AUTH_BODY_LIMIT,
-          request_schema=_schema("current_password", "new_password"),
+          request_schema=body_schema(PASSWORD_CHANGE),
           responses={204: "Changed; every refresh token of the user is revoked"})
 def change_password(request):
     """Change the password (needs the current one); logs out every session"""

@@ -16,10 +16,11 @@ What it teaches
     login lockout is lifted, and a "your password was changed" email is sent.
   - Where tokens leak in practice, and how this server keeps them in: the access log and the
     trace never print query strings; the reset page is `Referrer-Policy: no-referrer` and
-    `Cache-Control: no-store`; the link's host comes from `--public-url`, never from the
-    request's `Host` header (reset-link poisoning); a `GET` of the link changes nothing, so mail
-    scanners that open links cannot burn it; the mail goes to the address stored on the account,
-    never to the one typed (the Unicode case-folding takeover of CVE-2019-19844).
+    `Cache-Control: no-store`; the link's host comes from `--public-url` (else the server's
+    own address, with the port it really listens on), never from the request's `Host` header
+    (reset-link poisoning); a `GET` of the link changes nothing, so mail scanners that open
+    links cannot burn it; the mail goes to the address stored on the account, never to the one
+    typed (the Unicode case-folding takeover of CVE-2019-19844).
   - A real email: a MIME message (RFC 5322 headers, RFC 2045/2046 multipart/alternative with a
     text and an HTML part) built with `email.message.EmailMessage`, written atomically to an
     outbox folder as an `.eml` file, or sent with `smtplib` (RFC 5321).
@@ -59,11 +60,11 @@ from lib import (App, BadRequest, HTTPError, ValidationFailed, html_response, js
                  no_content, redirect, trace_event)
 from lib.app import bounded, exit_usage_error, http_url
 from lib.storage import REPO_ROOT
-from lib.validation import Email, Text, validate
-from level03.jwt_auth import (AUTH_BODY_LIMIT, SCHEMA as IDENTITY_SCHEMA, Auth, Password,
-                              add_auth_arguments, email_argument, email_key, hash_password, log_in,
-                              log_out, password_problem, read_me, refresh, require_user, sign_up,
-                              token_hash)
+from lib.validation import Email, Text, body_schema, validate
+from level03.jwt_auth import (AUTH_BODY_LIMIT, CREDENTIALS, REFRESH, SCHEMA as IDENTITY_SCHEMA,
+                              SIGN_UP, Auth, Password, add_auth_arguments, email_argument,
+                              email_key, hash_password, log_in, log_out, password_problem,
+                              read_me, refresh, require_user, sign_up, token_hash)
 
 app = App("password_reset", "Forgot your password? A single-use reset link by email, without "
           "telling anyone which accounts exist.", port=8011)
@@ -217,7 +218,8 @@ EML_POLICY = email.policy.SMTPUTF8
 
 class MailSettings(NamedTuple):
     mail_from: str           # `Name <address>`, the From header
-    public_url: str          # where users reach this server: links are built on it
+    public_url: str | None   # `--public-url`, where users reach this server; None: see site_url
+    host: str                # `--host`, which the default public URL names
     token_ttl: float         # seconds a reset link works
     outbox: Path | None      # write .eml files here …
     smtp: tuple | None       # … or send to (host, port)
@@ -246,8 +248,24 @@ def new_message(settings, to, subject):
     return message
 
 
-def reset_link(settings, token):
-    return f"{settings.public_url}/reset?{urlencode({'token': token})}"
+def site_url(settings, port):
+    """Where users reach this server, the base of every link: `--public-url`, else this server
+    itself, `http://localhost:8011` with the defaults. `port` is the one really listened on
+    (`app.port`): under `--port 0` the OS chooses it, so the default is known only once the
+    server listens, and is built per link. Never the request's `Host` header: a client chooses
+    that (see "reset-link poisoning" in password_reset.md)."""
+    if settings.public_url is not None:
+        return settings.public_url
+    host = settings.host
+    if host in ("127.0.0.1", "0.0.0.0", "::", "::1", ""):
+        host = "localhost"
+    elif ":" in host:
+        host = f"[{host}]"   # an IPv6 address in a URL (RFC 3986 §3.2.2)
+    return f"http://{host}:{port}"
+
+
+def reset_link(base_url, token):
+    return f"{base_url}/reset?{urlencode({'token': token})}"
 
 
 def mail_text(*paragraphs):
@@ -257,9 +275,9 @@ def mail_text(*paragraphs):
                        for p in paragraphs) + "\n"
 
 
-def build_reset_message(settings, to, token):
-    """The reset mail: a text part, and an HTML alternative (RFC 2046 §5.1.4) of the same."""
-    link = reset_link(settings, token)
+def build_reset_message(settings, to, link):
+    """The reset mail, around its `reset_link`: a text part, and an HTML alternative
+    (RFC 2046 §5.1.4) of the same."""
     valid = describe_duration(settings.token_ttl)
     intro = f"Someone, hopefully you, asked to reset the password of the account {to}."
     outro = ("The link works once. If you did not ask for it, ignore this mail: your password "
@@ -431,27 +449,22 @@ RESET = {"token": Text(1, 200, required=True), "password": Password(required=Tru
 FORM = "application/x-www-form-urlencoded"
 
 
-def _schema(*names):
-    return {"type": "object", "required": list(names),
-            "properties": {name: {"type": "string"} for name in names}}
-
-
 # Signup, login, refresh, logout and /me are jwt_auth's handlers, unchanged: they read
 # app.state.auth. Login brings jwt_auth's lockout and its equal-time answer for unknown emails.
 app.post("/auth/signup", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
-         request_schema=_schema("email", "password"), responses={201: "The new user"})(sign_up)
+         request_schema=body_schema(SIGN_UP), responses={201: "The new user"})(sign_up)
 app.post("/auth/login", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
-         request_schema=_schema("email", "password"),
+         request_schema=body_schema(CREDENTIALS),
          responses={200: "An access token and a refresh token"})(log_in)
 app.post("/auth/refresh", public=True, body_limit=AUTH_BODY_LIMIT,
-         request_schema=_schema("refresh_token"), responses={200: "A new pair of tokens"})(refresh)
+         request_schema=body_schema(REFRESH), responses={200: "A new pair of tokens"})(refresh)
 app.post("/auth/logout", public=True, body_limit=AUTH_BODY_LIMIT,
-         request_schema=_schema("refresh_token"), responses={204: "Logged out"})(log_out)
+         request_schema=body_schema(REFRESH), responses={204: "Logged out"})(log_out)
 app.get("/me", responses={200: "The user the bearer token names"})(read_me)
 
 
 @app.post("/auth/forgot", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
-          request_schema=_schema("email"),
+          request_schema=body_schema(FORGOT),
           responses={202: "Accepted: a link is mailed if the address has an account"})
 def forgot_password(request):
     """Ask for a password reset link by email (the same answer whether the account exists)"""
@@ -459,7 +472,8 @@ def forgot_password(request):
     values = validate(request.json_object(), FORGOT)
     outcome = request_password_reset(state.auth, values["email"], state.mail.token_ttl)
     if outcome.send_to is not None:
-        state.mailer.post(build_reset_message, outcome.send_to, outcome.token)
+        link = reset_link(site_url(state.mail, request.app.port), outcome.token)
+        state.mailer.post(build_reset_message, outcome.send_to, link)
     # One body for every case; 202 (RFC 9110 §15.3.3): accepted, the outcome not told.
     return json_response({
         "status": "accepted",
@@ -468,7 +482,7 @@ def forgot_password(request):
 
 
 @app.post("/auth/reset", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
-          request_schema=_schema("token", "password"),
+          request_schema=body_schema(RESET),   # JSON; the HTML form posts the same fields
           responses={204: "Password changed; every refresh token of the user is revoked",
                      303: "From the HTML form: on to /reset/done",
                      400: "The token is invalid, expired or used"})
@@ -546,17 +560,6 @@ def smtp_address(text):
     return host, int(port)
 
 
-def default_public_url(args):
-    """`http://localhost:8011` for the defaults; `--port 0` cannot be known here, so it needs
-    `--public-url`. Never the request's Host header: see "reset-link poisoning"."""
-    host = args.host
-    if host in ("127.0.0.1", "0.0.0.0", "::", "::1", ""):
-        host = "localhost"
-    elif ":" in host:
-        host = f"[{host}]"   # an IPv6 address in a URL (RFC 3986 §3.2.2)
-    return f"http://{host}:{args.port}"
-
-
 def main(argv=None):
     parser = app.arg_parser(database=True)
     add_auth_arguments(parser, app.name)
@@ -571,7 +574,8 @@ def main(argv=None):
                         help="the From of every mail (default %(default)s)")
     parser.add_argument("--public-url", type=http_url,
                         help="where users reach this server; reset links are built on it "
-                             "(default http://localhost:PORT; set it when using --port 0)")
+                             "(default http://localhost:PORT, the port really listened on, "
+                             "also under --port 0; set it behind a proxy)")
     parser.add_argument("--token-ttl", default=float(DEFAULT_TOKEN_TTL_S),
                         type=bounded(float, f"a duration from 1 to {MAX_TOKEN_TTL_S} s",
                                      at_least=1, at_most=MAX_TOKEN_TTL_S),
@@ -587,8 +591,8 @@ def main(argv=None):
             exit_usage_error(f"cannot create the outbox {outbox}: {err.strerror or err}")
         if not os.access(outbox, os.W_OK | os.X_OK):
             exit_usage_error(f"cannot write to the outbox {outbox}")
-    settings = MailSettings(args.mail_from, args.public_url or default_public_url(args),
-                            args.token_ttl, outbox, args.smtp)
+    settings = MailSettings(args.mail_from, args.public_url, args.host, args.token_ttl, outbox,
+                            args.smtp)
 
     db = app.open_database(args, SCHEMA)
     app.state.auth = Auth.from_args(db, args)

@@ -30,10 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from lib import App, Conflict, Forbidden, NotFound, created, json_response, no_content
 from lib.app import exit_usage_error
 from lib.listing import list_params, page
-from lib.validation import Choice, Text, validate
-from level03.jwt_auth import (AUTH_BODY_LIMIT, SCHEMA as IDENTITY_SCHEMA, Auth,
-                              add_auth_arguments, create_account, current_user, email_argument,
-                              email_key, log_in, log_out, refresh, require_user, utc_now_text)
+from lib.validation import Choice, Text, body_schema, validate
+from level03.jwt_auth import (AUTH_BODY_LIMIT, CREDENTIALS, REFRESH, SCHEMA as IDENTITY_SCHEMA,
+                              SIGN_UP, Auth, add_auth_arguments, create_account, current_user,
+                              email_argument, email_key, log_in, log_out, refresh, require_user,
+                              utc_now_text)
 
 app = App("rbac", "Roles and permissions: users, moderators and admins over a small posts API.",
           port=8010)
@@ -178,6 +179,7 @@ def list_roles(request):
 
 
 @app.post("/auth/signup", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
+          request_schema=body_schema(SIGN_UP),
           responses={201: "The new user, with the role `user` (or `admin` for --admin-email)"})
 def sign_up(request):
     """Create an account"""
@@ -195,11 +197,12 @@ def sign_up(request):
 
 # Login, refresh and logout are jwt_auth's handlers, unchanged: they read app.state.auth.
 app.post("/auth/login", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
+         request_schema=body_schema(CREDENTIALS),
          responses={200: "An access token and a refresh token"})(log_in)
 app.post("/auth/refresh", public=True, body_limit=AUTH_BODY_LIMIT,
-         responses={200: "A new pair of tokens"})(refresh)
+         request_schema=body_schema(REFRESH), responses={200: "A new pair of tokens"})(refresh)
 app.post("/auth/logout", public=True, body_limit=AUTH_BODY_LIMIT,
-         responses={204: "Logged out"})(log_out)
+         request_schema=body_schema(REFRESH), responses={204: "Logged out"})(log_out)
 
 
 @app.get("/me", permission="me:read")
@@ -229,6 +232,7 @@ def list_users(request):
 
 
 @app.put("/users/{user_id:int}/role", permission="users:role:update",
+         request_schema=body_schema(ROLE_CHANGE),
          responses={200: "The user with the new role", 409: "It would leave no admin"})
 def change_role(request, user_id):
     """Set a user's role (admins only); the last admin cannot be demoted"""
@@ -309,7 +313,8 @@ def post_response(row, status=200):
     return json_response(post_json(row), status, {"ETag": etag(row)})
 
 
-@app.post("/posts", permission="posts:create", responses={201: "The new post"})
+@app.post("/posts", permission="posts:create", request_schema=body_schema(POST_FIELDS),
+          responses={201: "The new post"})
 def create_post(request):
     """Write a post"""
     values = validate(request.json_object(), POST_FIELDS, read_only=POST_READ_ONLY)
@@ -341,7 +346,8 @@ def read_post(request, post_id):
     return post_response(visible_post(request, post_id))
 
 
-@app.patch("/posts/{post_id:int}", permission="posts:update:own")
+@app.patch("/posts/{post_id:int}", permission="posts:update:own",
+           request_schema=body_schema(POST_FIELDS, partial=True))
 def update_post(request, post_id):
     """Edit a post: your own, or anyone's with posts:update:any"""
     values = validate(request.json_object(), POST_FIELDS, partial=True, read_only=POST_READ_ONLY)

@@ -51,11 +51,11 @@ from lib import (App, BadRequest, Forbidden, NotFound, Unauthorized, html_respon
                  json_response, no_content, trace_event)
 from lib.app import http_url
 from lib.listing import list_params, page
-from lib.validation import validate
-from level03.jwt_auth import (AUTH_BODY_LIMIT, CREDENTIALS, LOGIN_FAILURES_SCHEMA, USERS_SCHEMA,
-                              Credentials, add_password_arguments, at_least_a_second,
-                              authenticate_password, create_account, current_user, token_hash,
-                              user_json, utc_now_text)
+from lib.validation import body_schema, validate
+from level03.jwt_auth import (AUTH_BODY_LIMIT, CREDENTIALS, LOGIN_FAILURES_SCHEMA, SIGN_UP,
+                              USERS_SCHEMA, Credentials, add_password_arguments,
+                              at_least_a_second, authenticate_password, create_account,
+                              current_user, token_hash, user_json, utc_now_text)
 
 app = App("session_auth", "Log in once; a cookie carries a server-side session, guarded "
           "against fixation and CSRF.", port=8009)
@@ -402,16 +402,13 @@ def signed_out(request):
     return no_content({"Set-Cookie": cleared_cookie(request.app.state.secure_cookies)})
 
 
-def _schema(*names):
-    return {"type": "object", "required": list(names),
-            "properties": {name: {"type": "string"} for name in names}}
-
-
 SIGNED_IN = "The user, the session, and its csrf_token; Set-Cookie: sid"
+# Signup and login take JSON or an HTML form post with the same fields (`request.fields()`);
+# the request schema (in /openapi.json) describes the JSON body.
 
 
 @app.post("/auth/signup", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
-          request_schema=_schema("email", "password"), responses={201: SIGNED_IN})
+          request_schema=body_schema(SIGN_UP), responses={201: SIGNED_IN})
 def sign_up(request):
     """Create an account and sign in (JSON or an HTML form)"""
     user = create_account(request.app.state.auth, request.fields())
@@ -419,7 +416,7 @@ def sign_up(request):
 
 
 @app.post("/auth/login", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
-          request_schema=_schema("email", "password"), responses={200: SIGNED_IN})
+          request_schema=body_schema(CREDENTIALS), responses={200: SIGNED_IN})
 def log_in(request):
     """Check email and password (JSON or an HTML form); start a new session"""
     values = validate(request.fields(), CREDENTIALS)

@@ -57,6 +57,10 @@ class Field:
                 schema["enum"] = [*schema["enum"], None]
             elif "type" in schema:
                 schema["type"] = [schema["type"], "null"]
+        if isinstance(self.default, type):  # `default=list`: a fresh [] each time
+            schema["default"] = self.default()
+        elif self.default is not MISSING and not callable(self.default):  # a computed one varies
+            schema["default"] = self.default
         if self.description:
             schema["description"] = self.description
         return schema
@@ -257,8 +261,11 @@ class TextList(Field):
 def body_schema(fields, *, partial=False):
     """The JSON Schema of a body that `validate(data, fields)` accepts: an object of these
     fields and no others; with `partial=True` (PATCH) none is required."""
-    schema = {"type": "object", "additionalProperties": False,
-              "properties": {name: field.schema() for name, field in fields.items()}}
+    properties = {name: field.schema() for name, field in fields.items()}
+    if partial:  # a PATCH leaves out what it does not change: no default is filled in
+        for schema in properties.values():
+            schema.pop("default", None)
+    schema = {"type": "object", "additionalProperties": False, "properties": properties}
     required = [] if partial else [name for name, field in fields.items() if field.required]
     if required:
         schema["required"] = required

@@ -567,3 +567,52 @@ def test_openapi_documents_every_counter_route(counters):
         assert "200" in operation["responses"] and "201" not in operation["responses"]
     assert "204" in paths["/counters/{name}"]["delete"]["responses"]
     assert "counters" in doc["info"]["description"].lower()
+
+
+def request_schemas(counters):
+    """{(METHOD, path): JSON Schema} of every operation in /openapi.json that takes a body."""
+    doc = expect_json(counters.session.get(counters.url + "/openapi.json", timeout=TIMEOUT), 200)
+    return {(method.upper(), path): body["content"]["application/json"]["schema"]
+            for path, operations in doc["paths"].items()
+            for method, operation in operations.items()
+            if (body := operation.get("requestBody"))}
+
+
+def without_description(schema):
+    return {key: value for key, value in schema.items() if key != "description"}
+
+
+def test_openapi_request_bodies_are_the_ones_the_server_checks(counters):
+    schemas = request_schemas(counters)
+    assert set(schemas) == {("PUT", "/counters/{name}"), ("POST", "/counters/{name}/increment"),
+                            ("POST", "/counters/{name}/decrement")}, "reset and GET take no body"
+    assert schemas["PUT", "/counters/{name}"] == {
+        "type": "object", "additionalProperties": False, "required": ["value"],
+        "properties": {"value": {"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX}}}
+    for action in ("increment", "decrement"):
+        step = schemas["POST", f"/counters/{{name}}/{action}"]
+        assert (step["type"], step["additionalProperties"]) == ("object", False)
+        assert "required" not in step, "the body, and `by` in it, are optional"
+        assert list(step["properties"]) == ["by"]
+        assert without_description(step["properties"]["by"]) == {
+            "type": "integer", "minimum": 1, "maximum": 1_000_000_000, "default": 1}
+
+
+def test_the_documented_limits_are_the_enforced_ones(counters):
+    schemas = request_schemas(counters)
+    by = schemas["POST", "/counters/{name}/increment"]["properties"]["by"]
+    name = fresh()
+    assert expect_json(counters.post(name, "increment", {"by": by["maximum"]}), 200)["value"] == \
+        by["maximum"]
+    assert expect_json(counters.post(name, "decrement", {"by": by["minimum"]}), 200)["value"] == \
+        by["maximum"] - by["minimum"]
+    for bad in (by["maximum"] + 1, by["minimum"] - 1):
+        expect_problem(counters.post(name, "increment", {"by": bad}), 422)
+    expect_problem(counters.post(name, "increment", {"by": 1, "extra": 1}), 422)  # no additional
+    value = schemas["PUT", "/counters/{name}"]["properties"]["value"]
+    for edge in (value["maximum"], value["minimum"]):
+        assert expect_json(counters.put(name, {"value": edge}), 200)["value"] == edge
+    for bad in (value["maximum"] + 1, value["minimum"] - 1):
+        expect_problem(counters.put(name, {"value": bad}), 422)
+    expect_problem(counters.put(name, {}), 422)  # `value` is required
+    assert counters.state(name)["value"] == value["minimum"], "nothing refused was written"

@@ -585,3 +585,67 @@ def test_vcard_lines_are_folded_at_75_octets_without_splitting_characters(client
     assert f"FN:{name.strip()}" in text.split("\r\n")
     assert f"NOTE:{notes}" in text.split("\r\n")
     assert any(line.startswith(b" ") for line in raw.split(b"\r\n"))   # it did fold
+
+
+# --------------------------------------------------------------------------------------------
+# The OpenAPI document: the request bodies it describes are the ones the server checks
+
+
+def request_schemas(server):
+    """{(METHOD, path): JSON Schema} of every operation in /openapi.json that takes a JSON body."""
+    doc = expect_json(requests.get(server.url + "/openapi.json", timeout=TIMEOUT), 200)
+    return {(method.upper(), path): body["content"]["application/json"]["schema"]
+            for path, operations in doc["paths"].items()
+            for method, operation in operations.items()
+            if (body := operation.get("requestBody"))}
+
+
+def test_openapi_describes_every_contact_body(server):
+    schemas = request_schemas(server)
+    assert set(schemas) == {("POST", "/contacts"), ("PUT", "/contacts/{contact_id}"),
+                            ("PATCH", "/contacts/{contact_id}")}
+    for key, schema in schemas.items():
+        assert (schema["type"], schema["additionalProperties"]) == ("object", False), key
+        assert set(schema["properties"]) == {"name", "emails", "phones", "company", "notes",
+                                             "tags"}, "id, owner, created_at… are not properties"
+        assert schema.get("required") == (None if key[0] == "PATCH" else ["name"]), key
+        properties = schema["properties"]
+        # POST and PUT fill in what is left out; a PATCH leaves it as it is
+        empty_text, no_items = ({}, {}) if key[0] == "PATCH" else ({"default": ""}, {"default": []})
+        assert properties["name"] == {"type": "string", "minLength": 1, "maxLength": 200}
+        assert properties["company"] == {"type": "string", "minLength": 0, "maxLength": 200, **empty_text}
+        assert properties["notes"] == {"type": "string", "minLength": 0, "maxLength": 10_000, **empty_text}
+        assert properties["emails"] == {"type": "array", "maxItems": 10, "items": {
+            "type": "string", "format": "email", "maxLength": 254}, **no_items}
+        phones = properties["phones"]
+        assert (phones["type"], phones["maxItems"], phones.get("default")) == \
+            ("array", 10, no_items.get("default"))
+        assert {k: v for k, v in phones["items"].items() if k != "description"} == {
+            "type": "string", "minLength": 1, "maxLength": 50}
+        assert "with + and country code" in phones["items"]["description"]
+        assert properties["tags"] == {"type": "array", "maxItems": 20, "items": {
+            "type": "string", "minLength": 1, "maxLength": 30, "pattern": "^[^;]*$"}, **no_items}
+
+
+def test_the_documented_limits_are_the_enforced_ones(server, client):
+    properties = request_schemas(server)["POST", "/contacts"]["properties"]
+    phone_max = properties["phones"]["items"]["maxLength"]
+    longest_phone = "+1" + " " * (phone_max - 12) + "5550104477"   # spaces are allowed
+    tags = properties["tags"]
+    contact = client.contact("n" * properties["name"]["maxLength"], phones=[longest_phone],
+                             tags=[f"t{i}" for i in range(tags["maxItems"])])
+    assert contact["phones"] == [{"number": "+15550104477", "label": longest_phone}]
+    assert len(contact["tags"]) == tags["maxItems"]
+    assert re.search(tags["items"]["pattern"], "work") and \
+        not re.search(tags["items"]["pattern"], "a;b")
+    for bad, field in [({"name": "n" * (properties["name"]["maxLength"] + 1)}, "name"),
+                       ({"phones": [longest_phone + "4"]}, "phones"),
+                       ({"tags": ["a;b"]}, "tags"),   # the CSV list separator: the pattern
+                       ({"tags": [f"t{i}" for i in range(tags["maxItems"] + 1)]}, "tags"),
+                       ({"emails": [f"e{i}@example.com"
+                                    for i in range(properties["emails"]["maxItems"] + 1)]},
+                        "emails")]:
+        problem = expect_problem(client.patch(f"/contacts/{contact['id']}", bad), 422)
+        assert error_fields(problem) == {field}, bad
+    patched = expect_json(client.patch(f"/contacts/{contact['id']}", {"company": "Acme"}), 200)
+    assert patched["company"] == "Acme", "PATCH requires nothing, as its schema says"

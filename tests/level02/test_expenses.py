@@ -5,6 +5,7 @@ Most tests share one server; each uses its own X-User-Id, so they cannot see eac
 data. Tests that need a flag, a restart or real parallelism start their own.
 """
 import concurrent.futures
+import re
 
 import pytest
 import requests
@@ -582,3 +583,101 @@ def test_data_survives_a_restart(start_server, tmp_path):
     again = Client(second, client.user)
     assert expect_json(again.get(f"/expenses/{expense['id']}"), 200) == expense
     assert expect_json(again.get("/expenses/summary"), 200)["totals"] == {"USD": "19.99"}
+
+
+# --------------------------------------------------------------------------------------------
+# The OpenAPI document: the request bodies it describes are the ones the server checks
+
+
+def request_schemas(server):
+    """{(METHOD, path): JSON Schema} of every operation in /openapi.json that takes a body."""
+    doc = expect_json(requests.get(server.url + "/openapi.json", timeout=TIMEOUT), 200)
+    return {(method.upper(), path): body["content"]["application/json"]["schema"]
+            for path, operations in doc["paths"].items()
+            for method, operation in operations.items()
+            if (body := operation.get("requestBody"))}
+
+
+def without_description(schema):
+    return {key: value for key, value in schema.items() if key != "description"}
+
+
+AMOUNT_PATTERN = r"^([0-9]{1,13})(?:\.([0-9]{1,2}))?$"
+
+
+def test_openapi_describes_every_category_and_expense_body(server):
+    schemas = request_schemas(server)
+    assert set(schemas) == {("POST", "/categories"), ("PATCH", "/categories/{category_id}"),
+                            ("POST", "/expenses"), ("PUT", "/expenses/{expense_id}"),
+                            ("PATCH", "/expenses/{expense_id}")}, "DELETE takes no body"
+    name = {"name": {"type": "string", "minLength": 1, "maxLength": 100}}
+    assert schemas["POST", "/categories"] == {"type": "object", "additionalProperties": False,
+                                              "properties": name, "required": ["name"]}
+    assert schemas["PATCH", "/categories/{category_id}"] == {
+        "type": "object", "additionalProperties": False, "properties": name}
+    for key in (("POST", "/expenses"), ("PUT", "/expenses/{expense_id}"),
+                ("PATCH", "/expenses/{expense_id}")):
+        schema = schemas[key]
+        assert (schema["type"], schema["additionalProperties"]) == ("object", False), key
+        assert set(schema["properties"]) == {"amount", "currency", "category_id", "date", "note"}
+        assert schema.get("required") == (None if key[0] == "PATCH" else ["amount", "date"]), key
+        properties = schema["properties"]
+        filled_in = key[0] != "PATCH"  # POST and PUT fill in what is left out; PATCH keeps it
+        assert properties["amount"] == {
+            "type": "string", "pattern": AMOUNT_PATTERN,
+            "description": 'decimal string, > 0 and ≤ 1000000000.00, like "12.30"'}
+        assert without_description(properties["currency"]) == {
+            "type": "string", "minLength": 3, "maxLength": 3, "pattern": "^(?:[A-Z]{3})$"}
+        assert "ISO 4217 code" in properties["currency"]["description"]
+        assert without_description(properties["category_id"]) == {
+            "type": ["integer", "null"], "minimum": 1, "maximum": 2**63 - 1,
+            **({"default": None} if filled_in else {})}
+        assert "default" not in properties["currency"], "the server's --currency: not fixed"
+        assert "one of your categories" in properties["category_id"]["description"]
+        assert properties["date"] == {"type": "string", "format": "date"}
+        assert properties["note"] == {"type": "string", "minLength": 0, "maxLength": 1000,
+                                      **({"default": ""} if filled_in else {})}
+
+
+@pytest.mark.parametrize("amount, stored", [
+    ("12.30", "12.30"), ("12.3", "12.30"), ("12", "12.00"), ("0.01", "0.01"), ("007.5", "7.50"),
+    ("1000000000.00", "1000000000.00"),
+])
+def test_an_amount_the_pattern_allows_is_accepted(client, amount, stored):
+    assert re.search(AMOUNT_PATTERN, amount)
+    assert client.expense(amount)["amount"] == stored
+
+
+@pytest.mark.parametrize("amount", ["12.345", "1e3", "-1", "+1", " 1", "12.30 ", "1,000",
+                                    "\u0661\u0662", "12.", ".5", "", "12345678901234"])
+def test_an_amount_the_pattern_excludes_is_refused(client, amount):
+    assert not re.search(AMOUNT_PATTERN, amount)
+    resp = client.post("/expenses", {"amount": amount, "date": "2026-03-01"})
+    assert error_fields(expect_problem(resp, 422)) == {"amount"}
+
+
+def test_the_documented_limits_are_the_enforced_ones(server, client):
+    schemas = request_schemas(server)
+    properties = schemas["POST", "/expenses"]["properties"]
+    # The range is the description's: "> 0 and ≤ 1000000000.00" (the pattern allows both).
+    for amount in ("0.00", "1000000000.01", 12.3):
+        resp = client.post("/expenses", {"amount": amount, "date": "2026-03-01"})
+        assert error_fields(expect_problem(resp, 422)) == {"amount"}, amount
+    currency = properties["currency"]["pattern"]
+    assert re.search(currency, "EUR") and not re.search(currency, "eur") \
+        and not re.search(currency, "EURO")
+    longest = "n" * properties["note"]["maxLength"]
+    expense = client.expense(currency="EUR", category_id=None, note=longest)
+    assert (expense["currency"], expense["category_id"], expense["note"]) == ("EUR", None, longest)
+    for bad, field in [({"note": longest + "n"}, "note"), ({"currency": "eur"}, "currency"),
+                       ({"currency": "EURO"}, "currency"), ({"category_id": 0}, "category_id"),
+                       ({"date": "2026-02-30"}, "date")]:
+        problem = expect_problem(client.patch(f"/expenses/{expense['id']}", bad), 422)
+        assert error_fields(problem) == {field}, bad
+    patched = expect_json(client.patch(f"/expenses/{expense['id']}", {"note": "lunch"}), 200)
+    assert patched["note"] == "lunch", "PATCH requires nothing, as its schema says"
+    name = schemas["POST", "/categories"]["properties"]["name"]["maxLength"]
+    category = client.category("c" * name)
+    resp = client.patch(f"/categories/{category['id']}", {"name": "c" * (name + 1)})
+    assert error_fields(expect_problem(resp, 422)) == {"name"}
+    assert expect_json(client.patch(f"/categories/{category['id']}", {}), 200) == category

@@ -528,3 +528,56 @@ def test_notes_survive_a_restart(start_server):
     first.stop()
     second = start_server(SCRIPT, db=first.db_path)
     assert Api(second, api.user).note(note["id"]) == note
+
+
+# --------------------------------------------------------------------------------------------
+# The OpenAPI document: the request bodies it describes are the ones the server checks
+
+
+def request_schemas(server):
+    """{(METHOD, path): JSON Schema} of every operation in /openapi.json that takes a body."""
+    doc = expect_json(requests.get(server.url + "/openapi.json", timeout=TIMEOUT), 200)
+    return {(method.upper(), path): body["content"]["application/json"]["schema"]
+            for path, operations in doc["paths"].items()
+            for method, operation in operations.items()
+            if (body := operation.get("requestBody"))}
+
+
+NOTE_PROPERTIES = {  # as a PATCH sees them; POST and PUT also show the defaults they fill in
+    "title": {"type": "string", "minLength": 1, "maxLength": 200},
+    "body": {"type": "string", "minLength": 0, "maxLength": 100_000},
+    "tags": {"type": "array", "maxItems": 10,
+             "items": {"type": "string", "minLength": 1, "maxLength": 30}},
+    "pinned": {"type": "boolean"},
+}
+NOTE_DEFAULTS = {"body": "", "tags": [], "pinned": False}
+
+
+def test_openapi_describes_every_note_body(server):
+    schemas = request_schemas(server)
+    assert set(schemas) == {("POST", "/notes"), ("PUT", "/notes/{note_id}"),
+                            ("PATCH", "/notes/{note_id}")}, "archive and unarchive take no body"
+    for key in (("POST", "/notes"), ("PUT", "/notes/{note_id}")):
+        properties = {name: {**schema, **({"default": NOTE_DEFAULTS[name]} if name in NOTE_DEFAULTS else {})}
+                      for name, schema in NOTE_PROPERTIES.items()}
+        assert schemas[key] == {"type": "object", "additionalProperties": False,
+                                "properties": properties, "required": ["title"]}, key
+    # PATCH: the same fields, none required; server-owned ones (archived, version…) are absent.
+    assert schemas["PATCH", "/notes/{note_id}"] == {"type": "object", "additionalProperties": False,
+                                                    "properties": NOTE_PROPERTIES}
+
+
+def test_the_documented_limits_are_the_enforced_ones(server, alice):
+    fields = request_schemas(server)["POST", "/notes"]["properties"]
+    title, tags = fields["title"]["maxLength"], fields["tags"]
+    note = alice.create(title="t" * title, tags=[f"{i:0{tags['items']['maxLength']}d}"
+                                                   for i in range(tags["maxItems"])])
+    assert len(note["title"]) == title and len(note["tags"]) == tags["maxItems"]
+    for bad, field in [({"title": "t" * (title + 1)}, "title"),
+                       ({"tags": [f"t{i}" for i in range(tags["maxItems"] + 1)]}, "tags"),
+                       ({"tags": ["t" * (tags["items"]["maxLength"] + 1)]}, "tags"),
+                       ({"pinned": "true"}, "pinned")]:
+        problem = expect_problem(alice.patch(f"/notes/{note['id']}", json=bad), 422)
+        assert error_fields(problem) == {field}
+    patched = expect_json(alice.patch(f"/notes/{note['id']}", json={"pinned": True}), 200)
+    assert patched["pinned"] is True, "PATCH requires nothing, as its schema says"

@@ -485,3 +485,67 @@ def test_bulk_takes_a_hundred_ids(alice):
     ids = [alice.create(title=f"t{i}")["id"] for i in range(100)]
     assert expect_json(alice.bulk(ids, "complete"), 200)["changed"] == 100
     assert alice.summary()["done"] == 100
+
+
+# --------------------------------------------------------------------------------------------
+# The OpenAPI document: the request bodies it describes are the ones the server checks
+
+
+def request_schemas(server):
+    """{(METHOD, path): JSON Schema} of every operation in /openapi.json that takes a body."""
+    doc = expect_json(requests.get(server.url + "/openapi.json", timeout=TIMEOUT), 200)
+    return {(method.upper(), path): body["content"]["application/json"]["schema"]
+            for path, operations in doc["paths"].items()
+            for method, operation in operations.items()
+            if (body := operation.get("requestBody"))}
+
+
+def test_openapi_describes_every_todo_body(server):
+    schemas = request_schemas(server)
+    assert set(schemas) == {("POST", "/todos"), ("PUT", "/todos/{todo_id}"),
+                            ("PATCH", "/todos/{todo_id}"), ("POST", "/todos/bulk")}
+    for key in (("POST", "/todos"), ("PUT", "/todos/{todo_id}"), ("PATCH", "/todos/{todo_id}")):
+        schema = schemas[key]
+        assert (schema["type"], schema["additionalProperties"]) == ("object", False), key
+        # `done` is the client's side of completed_at, which is the server's (not a property).
+        assert set(schema["properties"]) == {"title", "notes", "due", "priority", "tags", "done"}
+        assert schema.get("required") == (None if key[0] == "PATCH" else ["title"]), key
+        properties = schema["properties"]
+        # POST and PUT fill in what is left out, and say with what; a PATCH leaves it as it is
+        default = (lambda value: {}) if key[0] == "PATCH" else (lambda value: {"default": value})
+        assert properties["title"] == {"type": "string", "minLength": 1, "maxLength": 200}
+        assert properties["notes"] == {"type": "string", "minLength": 0, "maxLength": 10_000, **default("")}
+        assert properties["due"] == {"type": ["string", "null"], "format": "date", **default(None)}
+        assert properties["priority"] == {"enum": ["low", "normal", "high"], **default("normal")}
+        assert properties["tags"] == {"type": "array", "maxItems": 10, **default([]),
+                                      "items": {"type": "string", "minLength": 1, "maxLength": 30}}
+        assert (properties["done"]["type"], properties["done"].get("default")) == \
+            ("boolean", None if key[0] == "PATCH" else False)
+    bulk = schemas["POST", "/todos/bulk"]
+    assert bulk == {"type": "object", "additionalProperties": False, "required": ["ids", "action"],
+                    "properties": {
+                        "ids": {"type": "array", "minItems": 1, "maxItems": 100,
+                                "items": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}},
+                        "action": {"enum": ["complete", "reopen", "delete"]}}}
+
+
+def test_the_documented_limits_are_the_enforced_ones(server, alice):
+    schemas = request_schemas(server)
+    todo = schemas["POST", "/todos"]["properties"]
+    for priority in todo["priority"]["enum"]:
+        assert alice.create(priority=priority)["priority"] == priority
+    assert alice.create(due=None)["due"] is None, "due is nullable"
+    for bad, field in [({"priority": "urgent"}, "priority"), ({"due": "2026-02-30"}, "due"),
+                       ({"title": "t" * (todo["title"]["maxLength"] + 1)}, "title")]:
+        problem = expect_problem(alice.post("/todos", json={"title": "t", **bad}), 422)
+        assert error_fields(problem) == {field}
+    ids = schemas["POST", "/todos/bulk"]["properties"]["ids"]
+    one = alice.create()["id"]
+    # maxItems counts the ids as sent: a repeated id is accepted (counted once), not refused.
+    changed = expect_json(alice.bulk([one] * ids["maxItems"], "complete"), 200)
+    assert (changed["ids"], changed["changed"]) == ([one], 1)
+    for bad in ([one] * (ids["maxItems"] + 1), [], [ids["items"]["minimum"] - 1],
+                [ids["items"]["maximum"] + 1]):
+        assert error_fields(expect_problem(alice.bulk(bad, "reopen"), 422)) == {"ids"}
+    for action in schemas["POST", "/todos/bulk"]["properties"]["action"]["enum"]:
+        assert expect_json(alice.bulk([one], action), 200)["action"] == action

@@ -3,12 +3,18 @@
 Every level03 project signs users up with `POST /auth/signup` and logs them in with
 `POST /auth/login`, under jwt_auth's rules (imported by each). Tests run the servers at the
 lowest scrypt cost they accept (`LOW_COST`), and each test uses emails of its own.
+
+They also share jwt_auth's request bodies, so `/openapi.json` must describe them alike: the
+JSON Schemas below (`SIGN_UP_BODY`, `LOGIN_BODY`, `REFRESH_BODY`) are what each project's
+`request_bodies` must hold, exactly, and `check_password_bounds` proves that the schema's
+password lengths are the ones the server really enforces.
 """
+import copy
 import uuid
 
 import requests
 
-from tests.harness import expect_json
+from tests.harness import expect, expect_json, expect_problem
 
 PASSWORD = "correct horse battery staple"
 LOW_COST = ("--scrypt-n", "1024")   # the lowest --scrypt-n: a signup or login hashes fast
@@ -41,3 +47,85 @@ class AccountClient:
 
     def login(self, email, password=PASSWORD):
         return expect_json(self.login_response(email, password), 200)
+
+
+# --------------------------------------------------------------------------------------------
+# Request bodies, as /openapi.json describes them (JSON Schema 2020-12, OpenAPI 3.1)
+
+
+def body_schema(properties, required):
+    """An object of exactly these properties (an unknown field is a 422), `required` of them."""
+    schema = {"type": "object", "additionalProperties": False, "properties": properties}
+    if required:
+        schema["required"] = required
+    return schema
+
+
+EMAIL_SCHEMA = {"type": "string", "format": "email", "maxLength": 254}
+NEW_PASSWORD_SCHEMA = {"type": "string", "minLength": 8, "maxLength": 128}  # the policy's 8–128
+GIVEN_PASSWORD_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 512}  # checked, not judged
+REFRESH_TOKEN_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 200}
+
+SIGN_UP_BODY = body_schema({"email": EMAIL_SCHEMA, "password": NEW_PASSWORD_SCHEMA},
+                           ["email", "password"])
+LOGIN_BODY = body_schema({"email": EMAIL_SCHEMA, "password": GIVEN_PASSWORD_SCHEMA},
+                         ["email", "password"])
+REFRESH_BODY = body_schema({"refresh_token": REFRESH_TOKEN_SCHEMA}, ["refresh_token"])
+
+
+def request_bodies(url):
+    """{(METHOD, path): (schema, {field: description})} for every operation of the server's
+    /openapi.json that takes a body: the schema with its fields' descriptions taken out (they
+    are prose; the rest is compared exactly), and the descriptions apart."""
+    doc = expect_json(requests.get(url + "/openapi.json", timeout=TIMEOUT), 200)
+    bodies = {}
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            if "requestBody" not in operation:
+                continue
+            content = operation["requestBody"]["content"]
+            assert list(content) == ["application/json"], f"{method} {path}: {list(content)}"
+            schema = copy.deepcopy(content["application/json"]["schema"])
+            descriptions = {name: field.pop("description")
+                            for name, field in schema.get("properties", {}).items()
+                            if "description" in field}
+            bodies[(method.upper(), path)] = schema, descriptions
+    return bodies
+
+
+def assert_policy_described(description):
+    """A new password's description says what its schema cannot: the rest of the policy."""
+    assert "8–128 characters" in description and "common passwords" in description, description
+    assert "email" in description, description
+
+
+def password_of_length(length):
+    """A password of exactly `length` characters (ASCII: the same after NFKC), on no list of
+    common passwords and equal to no email."""
+    return ("v7Kq-" * (length // 5 + 1))[:length]
+
+
+def check_password_bounds(schema, field, send, accepted):
+    """The lengths `schema` gives `field` are the ones the server enforces: a password one
+    character outside either bound is a 422 naming `field`, and one exactly at a bound gets
+    `accepted` (201, 204 …). `send(password)` makes one request (on an account or a token of
+    its own, if an accepted one uses it up) and returns the response."""
+    low, high = schema["properties"][field]["minLength"], schema["properties"][field]["maxLength"]
+    for length in (low - 1, high + 1):
+        problem = expect_problem(send(password_of_length(length)), 422)
+        assert [e["field"] for e in problem["errors"]] == [field], (length, problem)
+        assert problem["errors"][0]["message"] == (f"must be at least {low} characters"
+                                                   if length < low else
+                                                   f"must be at most {high} characters")
+    for length in (low, high):
+        expect(send(password_of_length(length)), accepted)
+
+
+def check_bodies_name_their_fields(bodies, send):
+    """What each schema says about fields is what the server does: a body of one field the
+    schema does not name (`additionalProperties: false`) is one 422 that names it and every
+    field the schema requires, and no other. `send(method, path, body)` returns the response."""
+    for (method, path), (schema, _) in bodies.items():
+        problem = expect_problem(send(method, path, {"unexpected": 1}), 422)
+        assert sorted(e["field"] for e in problem["errors"]) == \
+            sorted(["unexpected", *schema.get("required", [])]), (method, path, problem)

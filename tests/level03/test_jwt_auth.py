@@ -25,7 +25,11 @@ import pytest
 import requests
 
 from tests.harness import ROOT, clean_env, expect, expect_json, expect_problem, run_once
-from tests.level03.accounts import LOW_COST, PASSWORD, TIMEOUT, AccountClient, fresh_email
+from tests.level03.accounts import (GIVEN_PASSWORD_SCHEMA, LOGIN_BODY, LOW_COST,
+                                    NEW_PASSWORD_SCHEMA, PASSWORD, REFRESH_BODY, SIGN_UP_BODY,
+                                    TIMEOUT, AccountClient, assert_policy_described, body_schema,
+                                    check_bodies_name_their_fields, check_password_bounds,
+                                    fresh_email, request_bodies)
 
 SCRIPT = "level03/jwt_auth.py"
 SECRET = "test-secret-0123456789-abcdefghijklmnop"      # ≥ 32 bytes
@@ -648,6 +652,54 @@ def test_raising_the_cost_rehashes_at_the_next_login(start_server, tmp_path):
     client.login(email)                              # the new hash verifies
     expect_problem(client.login_response(email, "not it at all"), 401)
     assert stored_hash(db, email) == after, "no re-hash when the cost is current"
+
+
+# --------------------------------------------------------------------------------------------
+# The request bodies in /openapi.json: generated from the fields the server validates
+
+PASSWORD_CHANGE_BODY = body_schema({"current_password": GIVEN_PASSWORD_SCHEMA,
+                                    "new_password": NEW_PASSWORD_SCHEMA},
+                                   ["current_password", "new_password"])
+
+
+def test_openapi_describes_each_body_exactly(client):
+    bodies = request_bodies(client.url)
+    assert {route: schema for route, (schema, _) in bodies.items()} == {
+        ("POST", "/auth/signup"): SIGN_UP_BODY,
+        ("POST", "/auth/login"): LOGIN_BODY,
+        ("POST", "/auth/refresh"): REFRESH_BODY,
+        ("POST", "/auth/logout"): REFRESH_BODY,
+        ("POST", "/auth/password"): PASSWORD_CHANGE_BODY,
+    }
+    described = {(route, name): text for route, (_, texts) in bodies.items()
+                 for name, text in texts.items()}
+    assert set(described) == {(("POST", "/auth/signup"), "password"),
+                              (("POST", "/auth/password"), "new_password")}
+    for text in described.values():
+        assert_policy_described(text)
+
+
+def test_the_schemas_fields_are_the_ones_the_server_checks(client):
+    _, tokens = client.account("fields")
+    check_bodies_name_their_fields(
+        request_bodies(client.url),
+        lambda method, path, body: client.post(path, body, tokens["access_token"]))
+
+
+def test_the_schemas_password_lengths_are_the_policys(client):
+    bodies = request_bodies(client.url)
+    check_password_bounds(bodies[("POST", "/auth/signup")][0], "password",
+                          lambda password: client.post("/auth/signup", {"email": fresh_email("len"),
+                                                                        "password": password}),
+                          201)
+
+    def change_password(password):   # an account each: an accepted change uses the old one up
+        _, tokens = client.account("len")
+        return client.post("/auth/password", {"current_password": PASSWORD,
+                                              "new_password": password}, tokens["access_token"])
+
+    check_password_bounds(bodies[("POST", "/auth/password")][0], "new_password", change_password,
+                          204)
 
 
 # --------------------------------------------------------------------------------------------

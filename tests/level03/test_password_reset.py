@@ -32,7 +32,11 @@ import pytest
 import requests
 
 from tests.harness import expect, expect_json, expect_problem, run_once
-from tests.level03.accounts import LOW_COST, PASSWORD, TIMEOUT, AccountClient, fresh_email
+from tests.level03.accounts import (EMAIL_SCHEMA, LOGIN_BODY, LOW_COST, NEW_PASSWORD_SCHEMA,
+                                    PASSWORD, REFRESH_BODY, SIGN_UP_BODY, TIMEOUT, AccountClient,
+                                    assert_policy_described, body_schema,
+                                    check_bodies_name_their_fields, check_password_bounds,
+                                    fresh_email, request_bodies)
 
 SCRIPT = "level03/password_reset.py"
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
@@ -591,6 +595,63 @@ def test_known_and_unknown_addresses_take_the_same_time_with_a_slow_mail_server(
     expect(client.reset(token_of(message)), 204)
     notice = parse_mail(smtp_sink.wait_for(len(accounts) + 1)[-1][1])
     assert notice["Subject"] == CHANGED_SUBJECT and notice["To"] == message["To"]
+
+
+# --------------------------------------------------------------------------------------------
+# The request bodies in /openapi.json: generated from the fields the server validates
+
+
+def test_openapi_describes_each_body_exactly(client):
+    bodies = request_bodies(client.url)
+    assert {route: schema for route, (schema, _) in bodies.items()} == {
+        ("POST", "/auth/signup"): SIGN_UP_BODY,
+        ("POST", "/auth/login"): LOGIN_BODY,
+        ("POST", "/auth/refresh"): REFRESH_BODY,
+        ("POST", "/auth/logout"): REFRESH_BODY,
+        ("POST", "/auth/forgot"): body_schema({"email": EMAIL_SCHEMA}, ["email"]),
+        ("POST", "/auth/reset"): body_schema(
+            {"token": {"type": "string", "minLength": 1, "maxLength": 200},
+             "password": NEW_PASSWORD_SCHEMA}, ["token", "password"]),
+    }
+    described = {(route, name): text for route, (_, texts) in bodies.items()
+                 for name, text in texts.items()}
+    assert set(described) == {(("POST", "/auth/signup"), "password"),
+                              (("POST", "/auth/reset"), "password")}
+    for text in described.values():
+        assert_policy_described(text)
+
+
+def test_the_schemas_are_what_the_server_checks(client, outbox):
+    bodies = request_bodies(client.url)
+    check_bodies_name_their_fields(bodies, lambda method, path, body: client.http.request(
+        method, client.url + path, json=body, timeout=TIMEOUT))
+
+    def reset(password):   # an account and a link each: an accepted password uses the link up
+        address = fresh_email("len")
+        client.signup(address)
+        return client.reset(reset_token_for(client, outbox, address), password)
+
+    check_password_bounds(bodies[("POST", "/auth/reset")][0], "password", reset, 204)
+
+
+# --------------------------------------------------------------------------------------------
+# The link without --public-url: the port really listened on, also under --port 0
+
+
+def test_the_default_link_names_the_port_really_listened_on(start_server, tmp_path):
+    server = start_server(SCRIPT, "--port", "0", "--outbox", tmp_path / "outbox", *LOW_COST)
+    assert server.port != 0
+    client, outbox = Client(server), Outbox(tmp_path / "outbox")
+    address = fresh_email("port")
+    client.signup(address)
+    expect(client.forgot(address), 202)
+    link = link_of(outbox.wait_for(address)[-1])
+    parts = urlsplit(link)
+    (token,) = parse_qs(parts.query)["token"]
+    assert TOKEN_SHAPE.fullmatch(token), token
+    assert link == f"http://localhost:{server.port}/reset?token={token}"
+    expect(client.reset_page(token), 200)         # and it is this server's own link
+    expect(client.reset(token), 204)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,10 @@ import pytest
 import requests
 
 from tests.harness import ROOT, clean_env, expect, expect_json, expect_problem
-from tests.level03.accounts import LOW_COST, TIMEOUT, AccountClient, fresh_email
+from tests.level03.accounts import (LOGIN_BODY, LOW_COST, REFRESH_BODY, SIGN_UP_BODY, TIMEOUT,
+                                    AccountClient, assert_policy_described, body_schema,
+                                    check_bodies_name_their_fields, check_password_bounds,
+                                    fresh_email, request_bodies)
 
 SCRIPT = "level03/rbac.py"
 SECRET = "rbac-test-secret-0123456789abcdefghijkl"
@@ -368,3 +371,54 @@ def test_posts_list_pages_newest_first(api):
         if not cursor:
             break
     assert seen == sorted(seen, reverse=True) and set(made) <= set(seen)
+
+
+# --------------------------------------------------------------------------------------------
+# The request bodies in /openapi.json: generated from the fields the server validates
+
+POST_FIELDS = {"title": {"type": "string", "minLength": 1, "maxLength": 200},  # as PATCH shows them
+               "body": {"type": "string", "minLength": 0, "maxLength": 20000}}
+
+
+def test_openapi_describes_each_body_exactly(api):
+    bodies = request_bodies(api.url)
+    assert {route: schema for route, (schema, _) in bodies.items()} == {
+        ("POST", "/auth/signup"): SIGN_UP_BODY,
+        ("POST", "/auth/login"): LOGIN_BODY,
+        ("POST", "/auth/refresh"): REFRESH_BODY,
+        ("POST", "/auth/logout"): REFRESH_BODY,
+        ("PUT", "/users/{user_id}/role"): body_schema(
+            {"role": {"enum": ["user", "moderator", "admin"]}}, ["role"]),
+        ("POST", "/posts"): body_schema({**POST_FIELDS, "body": {**POST_FIELDS["body"], "default": ""}},
+                                        ["title"]),
+        ("PATCH", "/posts/{post_id}"): body_schema(POST_FIELDS, []),   # PATCH: nothing required
+    }
+    described = {(route, name): text for route, (_, texts) in bodies.items()
+                 for name, text in texts.items()}
+    assert list(described) == [(("POST", "/auth/signup"), "password")]
+    assert_policy_described(described[(("POST", "/auth/signup"), "password")])
+
+
+def test_the_schemas_are_what_the_server_checks(api, admin):
+    user = api.signup(fresh_email("target"))
+    post = new_post(admin)
+    bodies = request_bodies(api.url)
+
+    def send(method, path, body):
+        path = path.replace("{user_id}", str(user["id"])).replace("{post_id}", str(post["id"]))
+        return admin.request(method, path, json=body)
+
+    check_bodies_name_their_fields(bodies, send)
+    check_password_bounds(bodies[("POST", "/auth/signup")][0], "password",
+                          lambda password: api.post("/auth/signup", {"email": fresh_email("len"),
+                                                                     "password": password}),
+                          201)
+    for field, schema in POST_FIELDS.items():
+        longest = "x" * schema["maxLength"]
+        expect(admin.patch(f"/posts/{post['id']}", json={field: longest}), 200)
+        problem = expect_problem(admin.patch(f"/posts/{post['id']}", json={field: longest + "x"}),
+                                 422)
+        message = f"must be at most {schema['maxLength']} characters"
+        assert problem["errors"] == [{"field": field, "message": message}]
+    problem = expect_problem(set_role(admin, user["id"], "superuser"), 422)
+    assert [e["field"] for e in problem["errors"]] == ["role"]

@@ -20,7 +20,10 @@ import pytest
 import requests
 
 from tests.harness import expect, expect_json, expect_problem, run_once
-from tests.level03.accounts import LOW_COST, PASSWORD, TIMEOUT, fresh_email
+from tests.level03.accounts import (LOGIN_BODY, LOW_COST, PASSWORD, SIGN_UP_BODY, TIMEOUT,
+                                    assert_policy_described, check_bodies_name_their_fields,
+                                    check_password_bounds, fresh_email, password_of_length,
+                                    request_bodies)
 
 SCRIPT = "level03/session_auth.py"
 SAFE = {"GET", "HEAD", "OPTIONS"}
@@ -491,6 +494,34 @@ def test_five_failures_lock_the_email_with_retry_after(server):
     expect_problem(resp, 429)
     assert 0 < int(resp.headers["Retry-After"]) <= 900
     assert set_cookie_headers(resp) == []
+
+
+# --------------------------------------------------------------------------------------------
+# The request bodies in /openapi.json: jwt_auth's fields, JSON or a form
+
+
+def test_openapi_describes_signup_and_login_exactly(server):
+    bodies = request_bodies(server.url)
+    assert {route: schema for route, (schema, _) in bodies.items()} == {
+        ("POST", "/auth/signup"): SIGN_UP_BODY, ("POST", "/auth/login"): LOGIN_BODY}
+    assert bodies[("POST", "/auth/login")][1] == {}
+    descriptions = bodies[("POST", "/auth/signup")][1]
+    assert list(descriptions) == ["password"]
+    assert_policy_described(descriptions["password"])
+
+
+def test_the_schemas_are_what_the_server_checks(server):
+    bodies = request_bodies(server.url)
+    check_bodies_name_their_fields(
+        bodies, lambda method, path, body: Browser(server).request(method, path, json=body))
+    sign_up = bodies[("POST", "/auth/signup")][0]
+    check_password_bounds(sign_up, "password", lambda password: Browser(server).post(
+        "/auth/signup", json={"email": fresh_email("len"), "password": password}), 201)
+    # The form takes the same fields, under the same rules.
+    short = password_of_length(sign_up["properties"]["password"]["minLength"] - 1)
+    problem = expect_problem(Browser(server).post("/auth/signup", data={"email": fresh_email("len"),
+                                                                        "password": short}), 422)
+    assert [e["field"] for e in problem["errors"]] == ["password"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -317,7 +317,7 @@ def test_partial_still_checks_given_values_unknown_and_read_only():
 
 def test_body_schema_describes_every_field_and_what_is_required():
     fields = {"title": Text(1, 200, required=True),
-              "tags": TextList(max_items=10, item_max=30),
+              "tags": TextList(max_items=10, item_max=30, default=list),
               "pinned": Boolean(default=False),
               "priority": Choice(("low", "high"), nullable=True, default=None),
               "due": Date(nullable=True),
@@ -328,19 +328,26 @@ def test_body_schema_describes_every_field_and_what_is_required():
         "properties": {
             "title": {"type": "string", "minLength": 1, "maxLength": 200},
             "tags": {"type": "array", "maxItems": 10,
-                     "items": {"type": "string", "minLength": 1, "maxLength": 30}},
-            "pinned": {"type": "boolean"},
-            "priority": {"enum": ["low", "high", None]},
+                     "items": {"type": "string", "minLength": 1, "maxLength": 30}, "default": []},
+            "pinned": {"type": "boolean", "default": False},
+            "priority": {"enum": ["low", "high", None], "default": None},
             "due": {"type": ["string", "null"], "format": "date"},
             "stars": {"type": "integer", "minimum": 0, "maximum": 5,
                       "description": "how much you like it"},
             "email": {"type": "string", "format": "email", "maxLength": 254}}}
 
 
+def test_a_computed_default_is_not_shown():
+    field = Text(3, 3, default=lambda: "EUR")  # e.g. a server setting: it may differ per run
+    assert "default" not in field.schema()
+
+
 def test_a_partial_body_requires_nothing():
-    schema = body_schema({"title": Text(1, 200, required=True)}, partial=True)
+    schema = body_schema({"title": Text(1, 200, required=True), "pinned": Boolean(default=False)},
+                         partial=True)
     assert "required" not in schema
-    assert schema["properties"] == {"title": {"type": "string", "minLength": 1, "maxLength": 200}}
+    assert schema["properties"] == {"title": {"type": "string", "minLength": 1, "maxLength": 200},
+                                    "pinned": {"type": "boolean"}}  # PATCH fills in no default
 
 
 def test_schema_pattern_is_anchored_like_the_check():
