@@ -72,7 +72,7 @@ class AsyncioServer:
         server = await self.loop.create_server(lambda: HTTPConnection(self), sock=self.sock,
                                                backlog=transport.BACKLOG)
         if not self.app.tracing:  # a trace block follows its request's access line at once
-            middleware.access_log.batch_on(self.loop)
+            middleware.access_log.batch_on_loop(self.loop)
         sweeper = asyncio.create_task(self._close_expired())
         announce()
         await stop.wait()

@@ -14,6 +14,7 @@ cost as much as the steps' own work):
 problem+json, anything else is logged with its traceback on stderr and answered with a 500 that
 says nothing about the code.
 """
+import collections
 import os
 import random
 import re
@@ -66,40 +67,77 @@ class AccessLog:
     """Where access log lines go: stderr, straight to the file descriptor.
 
     By default each line is one write(2): a write this small is atomic, so lines from many
-    threads never interleave, and it skips the text layer's buffering. An event loop serves many
-    requests per turn, and a system call per line costs about as much as the rest of the
-    logging, so the asyncio transport calls `batch_on(loop)`: lines written on the loop's thread
-    are then gathered and written together at the next turn of the loop (a millisecond later at
-    most; `batch_off` writes what is left). Lines from other threads (the worker pool) are
-    still written at once."""
+    threads never interleave, and it skips the text layer's buffering. Under load a system call
+    per line costs more than the rest of the logging, so a server gathers the lines and writes
+    them together, a millisecond or so later:
+
+    - the asyncio transport calls `batch_on_loop(loop)`: lines written on the loop's thread
+      are written at the next turn of the loop (lines from the worker pool still at once);
+    - the threaded transport calls `batch_in_thread()`: lines go to a queue that a writer
+      thread empties. With a thread per connection each write(2) is also a hand-over of the
+      GIL among every thread that waits for it, which is what lengthened the slowest answers.
+
+    `batch_off` writes what is left. Should the queue grow past `MAX_PENDING` lines (stderr
+    blocked), lines are written at once again, so a blocked log slows the server down rather
+    than filling its memory."""
+
+    MAX_PENDING = 10_000
 
     def __init__(self, fd):
         self.fd = fd
-        self.loop = None
-        self.loop_thread = None
-        self.pending = []
+        self.schedule = None       # how to get a batch written soon; None: write at once
+        self.loop_thread = None    # batch_on_loop: only lines of this thread are gathered
+        self.pending = collections.deque()  # append and popleft are atomic under the GIL
+        self.scheduled = False
+        self.wakeup = threading.Event()
+        self.flushing = threading.Lock()
+        self.writer = None
 
     def write(self, line):
         data = line.encode("utf-8", "replace")
-        if self.loop is None or threading.get_ident() != self.loop_thread:
+        if self.schedule is None or len(self.pending) > self.MAX_PENDING or (
+                self.loop_thread is not None and threading.get_ident() != self.loop_thread):
             os.write(self.fd, data)
             return
-        if not self.pending:
-            self.loop.call_soon(self.flush)
-        self.pending.append(data)
+        self.pending.append(data)  # first append, then look: see flush
+        if not self.scheduled:
+            self.scheduled = True
+            self.schedule()
 
-    def batch_on(self, loop):
-        self.loop, self.loop_thread = loop, threading.get_ident()
+    def batch_on_loop(self, loop):
+        self.loop_thread = threading.get_ident()
+        self.schedule = lambda: loop.call_soon(self.flush)
+
+    def batch_in_thread(self):
+        if self.writer is None:
+            self.writer = threading.Thread(target=self._write_batches, name="access-log", daemon=True)
+            self.writer.start()
+        self.schedule = self.wakeup.set
 
     def batch_off(self):
+        self.schedule = self.loop_thread = None
         self.flush()
-        self.loop = self.loop_thread = None
+
+    def _write_batches(self):
+        while True:
+            self.wakeup.wait()
+            self.wakeup.clear()
+            try:
+                self.flush()
+            except OSError:
+                pass  # stderr is gone: the lines are lost, the server goes on
 
     def flush(self):
-        data = b"".join(self.pending)
-        self.pending.clear()
-        while data:
-            data = data[os.write(self.fd, data):]
+        # `scheduled` is cleared before the queue is emptied, and a writer appends before it
+        # looks at it: a line is either in this batch or its writer schedules the next one.
+        self.scheduled = False
+        with self.flushing:  # one batch at a time, so batches keep the order of their lines
+            lines = []
+            while self.pending:
+                lines.append(self.pending.popleft())
+            data = b"".join(lines)
+            while data:
+                data = data[os.write(self.fd, data):]
 
 
 access_log = AccessLog(fd=2)

@@ -8,20 +8,24 @@ It keeps `socketserver`'s accept loop and thread per connection, and replaces
 `BaseHTTPRequestHandler`'s parsing with `lib.protocol`, so both transports parse alike. The
 stock server's traps (PERFORMANCE.md) are avoided here:
 
-1. Nagle + delayed ACK: each answer goes out in one `sendall`, and `TCP_NODELAY` is set.
+1. Nagle + delayed ACK: each answer goes to the kernel in one write, and `TCP_NODELAY` is set.
 2. Listen backlog 5: the socket listens with `BACKLOG` (128).
 3. Tracebacks on disconnect: a client that goes away ends its connection quietly.
+4. `settimeout` runs poll(2) before every recv and send: the timeouts are the kernel's instead
+   (`ClientSocket`), one system call per read or write.
 
 Shared state under threads: handlers run in many threads at once, so whatever they share needs
 its own locking — the sqlite layer gives each thread its own connection for that reason.
 """
 import socket
 import socketserver
+import struct
+import sys
 import threading
 import time
 from http.server import ThreadingHTTPServer
 
-from lib import transport
+from lib import middleware, transport
 from lib.problems import HTTPError
 from lib.protocol import (CHUNKED, CONTINUE, MAX_HEAD, MAX_REQUEST_LINE, ChunkedDecoder, ProtocolError,
                           body_length, parse_head, wants_continue)
@@ -31,8 +35,20 @@ class ClientGone(Exception):
     """The peer closed the connection, or a deadline passed."""
 
 
-class SocketReader:
-    """Buffered reads from a blocking socket, each bounded by a deadline."""
+# Where the kernel takes a read and write timeout on a blocking socket as a `struct timeval`
+# (two C longs: Linux, macOS, the BSDs). Windows takes a DWORD of milliseconds instead, and keeps
+# Python's own timeouts (`settimeout`).
+KERNEL_TIMEOUTS = sys.platform != "win32"
+
+
+class ClientSocket:
+    """A client's blocking socket: buffered reads and whole writes, each bounded in time.
+
+    The bounds are the kernel's (SO_RCVTIMEO, SO_SNDTIMEO) on a socket left blocking, not
+    Python's `settimeout`: that makes the socket non-blocking and runs poll(2) before every
+    recv and send, so each read or write costs two system calls, and the thread gives up and
+    takes back the GIL around each. Setting a bound is a system call too, made only when it
+    changes by more than the slack: on a keep-alive connection, once or twice in all."""
 
     TIMEOUT_SLACK = 0.25  # s a wait may overrun its deadline, to spare a system call per read
 
@@ -41,22 +57,44 @@ class SocketReader:
         self.buffer = b""
         self.timeout = None
 
-    def wait_at_most(self, seconds):
-        """Bound the socket's next waits (reads and `sendall`). `settimeout` is a system call
-        (it switches the socket's blocking mode), so it is made only when the bound changes by
-        more than the slack: on a keep-alive connection, once or twice in all."""
-        if self.timeout is None or abs(seconds - self.timeout) > self.TIMEOUT_SLACK:
+    def _wait_at_most(self, seconds):
+        """Bound each of the socket's next blocking calls (a recv, a send)."""
+        if self.timeout is not None and abs(seconds - self.timeout) <= self.TIMEOUT_SLACK:
+            return
+        self.timeout = seconds
+        if not KERNEL_TIMEOUTS:
             self.sock.settimeout(seconds)
-            self.timeout = seconds
+            return
+        seconds = max(seconds, 0.001)  # a zero timeval means "wait for ever"
+        whole = int(seconds)
+        timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+    def send_all(self, data, seconds):
+        """All of `data`, taken by the client within `seconds` (as the asyncio transport's
+        paused writes are): a client that stops reading, or reads too slowly, is dropped rather
+        than holding the thread. Usually one send does it all."""
+        deadline = time.monotonic() + seconds
+        with memoryview(data) as view:
+            while view:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ClientGone("the client did not take the answer in time")
+                self._wait_at_most(remaining)
+                try:
+                    view = view[self.sock.send(view):]
+                except OSError:  # the kernel's timeout (EAGAIN), Python's, a reset
+                    raise ClientGone("timed out or reset") from None
 
     def _fill(self, deadline):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise ClientGone("timed out")
-        self.wait_at_most(remaining)
+        self._wait_at_most(remaining)
         try:
             data = self.sock.recv(65536)
-        except (socket.timeout, OSError):
+        except OSError:  # the kernel's timeout (EAGAIN), Python's (socket.timeout), a reset
             raise ClientGone("timed out or reset") from None
         if not data:
             raise ClientGone("closed")
@@ -107,7 +145,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             sock.sendall(transport.overloaded_answer(server.app, self.client_address))
             self._linger(sock)
             return
-        reader = SocketReader(sock)
+        client = ClientSocket(sock)
         first = True
         try:
             while True:
@@ -116,21 +154,21 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                     return
                 deadline = time.monotonic() + transport.head_timeout(first, server.idle_timeout)
                 try:
-                    data = reader.read_head(deadline)
+                    data = client.read_head(deadline)
                 except ProtocolError as error:
                     request = transport.unparsed_request(server.app, self.client_address)
-                    self._answer_failure(sock, None, request, error)
+                    self._answer_failure(client, None, request, error)
                     return
                 state["idle"] = False
                 first = False
-                if not self._exchange(sock, reader, data):
+                if not self._exchange(client, data):
                     return
         except (ClientGone, ConnectionError, OSError):
             pass  # PERFORMANCE.md trap 3: a client that leaves is not an error
         finally:
             server.untrack(sock)
 
-    def _exchange(self, sock, reader, data):
+    def _exchange(self, client, data):
         server = self.server
         app = server.app
         head = None
@@ -143,41 +181,41 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 transport.check_body_length(length, limit)
                 request.has_body = True
                 if wants_continue(head):
-                    sock.sendall(CONTINUE)
+                    client.send_all(CONTINUE, server.idle_timeout)
                 if length == CHUNKED:
-                    request.body = reader.read_chunked(limit, server.idle_timeout)
+                    request.body = client.read_chunked(limit, server.idle_timeout)
                 else:
-                    request.body = reader.read_exactly(length, server.idle_timeout)
+                    request.body = client.read_exactly(length, server.idle_timeout)
         except HTTPError as error:
             if head is None:
                 request = transport.unparsed_request(app, self.client_address)
-            self._answer_failure(sock, head, request, error)
+            self._answer_failure(client, head, request, error)
             return False
         response = app.handle(request)
         keep_alive = transport.keeps_alive(app, head, response, None)
-        reader.wait_at_most(server.idle_timeout)  # a client that does not read cannot hold us forever
         if response.streaming and head.method != "HEAD":
-            self._stream(sock, head, response, keep_alive)
+            self._stream(client, head, response, keep_alive)
         else:
-            sock.sendall(transport.encode_whole(response, head, keep_alive))
+            client.send_all(transport.encode_whole(response, head, keep_alive), server.idle_timeout)
         return keep_alive
 
-    def _answer_failure(self, sock, head, request, error):
+    def _answer_failure(self, client, head, request, error):
         response = self.server.app.handle(request, error)
-        sock.settimeout(self.server.idle_timeout)
-        sock.sendall(transport.encode_whole(response, head, False))
-        self._linger(sock)
+        client.send_all(transport.encode_whole(response, head, False), self.server.idle_timeout)
+        self._linger(client.sock)
 
-    def _stream(self, sock, head, response, keep_alive):
-        sock.sendall(transport.encode_stream_head(response, head, keep_alive))
+    def _stream(self, client, head, response, keep_alive):
+        """Each piece as it comes, each taken by the client within the idle timeout."""
+        idle_timeout = self.server.idle_timeout
+        client.send_all(transport.encode_stream_head(response, head, keep_alive), idle_timeout)
         chunks = response.chunks
         try:
             for piece in chunks:
                 if piece:
-                    sock.sendall(transport.frame_chunk(head, piece))
+                    client.send_all(transport.frame_chunk(head, piece), idle_timeout)
                     response.sent += len(piece)
-            sock.sendall(transport.frame_chunk(head, b""))
-        except OSError:
+            client.send_all(transport.frame_chunk(head, b""), idle_timeout)
+        except ClientGone:
             raise
         except Exception:
             transport.report_broken_stream()
@@ -242,6 +280,8 @@ class ThreadedServer(ThreadingHTTPServer):
         transport.on_stop_signals(stop.set)
         worker = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
                                   name="accept", daemon=True)
+        if not self.app.tracing:  # a trace block follows its request's access line at once
+            middleware.access_log.batch_in_thread()
         worker.start()
         announce()
         while not stop.wait(0.5):
@@ -264,3 +304,4 @@ class ThreadedServer(ThreadingHTTPServer):
                         pass
             time.sleep(0.02)
         self.server_close()
+        middleware.access_log.batch_off()
