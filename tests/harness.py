@@ -383,6 +383,20 @@ def expect_json(resp, status):
         raise AssertionError("body is not JSON\n" + describe_exchange(resp)) from None
 
 
+def request_schemas(get, url):
+    """{(METHOD, path): JSON Schema} of every operation in the server's /openapi.json that takes
+    a JSON body; `get` is `requests.get` or a session's."""
+    doc = expect_json(get(url + "/openapi.json", timeout=10), 200)
+    return {(method.upper(), path): body["content"]["application/json"]["schema"]
+            for path, operations in doc["paths"].items()
+            for method, operation in operations.items()
+            if (body := operation.get("requestBody"))}
+
+
+def without_description(schema):
+    return {key: value for key, value in schema.items() if key != "description"}
+
+
 def expect_problem(resp, status):
     """An RFC 9457 problem: `application/problem+json` with type, title and the same status,
     and no stack trace. Returns the decoded problem."""

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests.harness import (RawConnection, expect, expect_json, expect_problem, request_bytes,
-                           run_once)
+                           request_schemas, run_once, without_description)
 
 SCRIPT = "level01/counter.py"
 TIMEOUT = 10
@@ -569,21 +569,8 @@ def test_openapi_documents_every_counter_route(counters):
     assert "counters" in doc["info"]["description"].lower()
 
 
-def request_schemas(counters):
-    """{(METHOD, path): JSON Schema} of every operation in /openapi.json that takes a body."""
-    doc = expect_json(counters.session.get(counters.url + "/openapi.json", timeout=TIMEOUT), 200)
-    return {(method.upper(), path): body["content"]["application/json"]["schema"]
-            for path, operations in doc["paths"].items()
-            for method, operation in operations.items()
-            if (body := operation.get("requestBody"))}
-
-
-def without_description(schema):
-    return {key: value for key, value in schema.items() if key != "description"}
-
-
 def test_openapi_request_bodies_are_the_ones_the_server_checks(counters):
-    schemas = request_schemas(counters)
+    schemas = request_schemas(counters.session.get, counters.url)
     assert set(schemas) == {("PUT", "/counters/{name}"), ("POST", "/counters/{name}/increment"),
                             ("POST", "/counters/{name}/decrement")}, "reset and GET take no body"
     assert schemas["PUT", "/counters/{name}"] == {
@@ -599,7 +586,7 @@ def test_openapi_request_bodies_are_the_ones_the_server_checks(counters):
 
 
 def test_the_documented_limits_are_the_enforced_ones(counters):
-    schemas = request_schemas(counters)
+    schemas = request_schemas(counters.session.get, counters.url)
     by = schemas["POST", "/counters/{name}/increment"]["properties"]["by"]
     name = fresh()
     assert expect_json(counters.post(name, "increment", {"by": by["maximum"]}), 200)["value"] == \

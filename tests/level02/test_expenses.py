@@ -10,7 +10,8 @@ import re
 import pytest
 import requests
 
-from tests.harness import expect, expect_json, expect_problem, run_once
+from tests.harness import (expect, expect_json, expect_problem, request_schemas, run_once,
+                           without_description)
 from tests.level02.clients import UserClient, error_fields, read_csv
 
 SCRIPT = "level02/expenses.py"
@@ -589,24 +590,11 @@ def test_data_survives_a_restart(start_server, tmp_path):
 # The OpenAPI document: the request bodies it describes are the ones the server checks
 
 
-def request_schemas(server):
-    """{(METHOD, path): JSON Schema} of every operation in /openapi.json that takes a body."""
-    doc = expect_json(requests.get(server.url + "/openapi.json", timeout=TIMEOUT), 200)
-    return {(method.upper(), path): body["content"]["application/json"]["schema"]
-            for path, operations in doc["paths"].items()
-            for method, operation in operations.items()
-            if (body := operation.get("requestBody"))}
-
-
-def without_description(schema):
-    return {key: value for key, value in schema.items() if key != "description"}
-
-
 AMOUNT_PATTERN = r"^([0-9]{1,13})(?:\.([0-9]{1,2}))?$"
 
 
 def test_openapi_describes_every_category_and_expense_body(server):
-    schemas = request_schemas(server)
+    schemas = request_schemas(requests.get, server.url)
     assert set(schemas) == {("POST", "/categories"), ("PATCH", "/categories/{category_id}"),
                             ("POST", "/expenses"), ("PUT", "/expenses/{expense_id}"),
                             ("PATCH", "/expenses/{expense_id}")}, "DELETE takes no body"
@@ -657,7 +645,7 @@ def test_an_amount_the_pattern_excludes_is_refused(client, amount):
 
 
 def test_the_documented_limits_are_the_enforced_ones(server, client):
-    schemas = request_schemas(server)
+    schemas = request_schemas(requests.get, server.url)
     properties = schemas["POST", "/expenses"]["properties"]
     # The range is the description's: "> 0 and ≤ 1000000000.00" (the pattern allows both).
     for amount in ("0.00", "1000000000.01", 12.3):

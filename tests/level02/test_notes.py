@@ -11,7 +11,7 @@ import threading
 import pytest
 import requests
 
-from tests.harness import expect, expect_json, expect_problem
+from tests.harness import expect, expect_json, expect_problem, request_schemas
 from tests.level02.clients import CollectionClient, error_fields, fresh_user
 
 SCRIPT = "level02/notes.py"
@@ -534,15 +534,6 @@ def test_notes_survive_a_restart(start_server):
 # The OpenAPI document: the request bodies it describes are the ones the server checks
 
 
-def request_schemas(server):
-    """{(METHOD, path): JSON Schema} of every operation in /openapi.json that takes a body."""
-    doc = expect_json(requests.get(server.url + "/openapi.json", timeout=TIMEOUT), 200)
-    return {(method.upper(), path): body["content"]["application/json"]["schema"]
-            for path, operations in doc["paths"].items()
-            for method, operation in operations.items()
-            if (body := operation.get("requestBody"))}
-
-
 NOTE_PROPERTIES = {  # as a PATCH sees them; POST and PUT also show the defaults they fill in
     "title": {"type": "string", "minLength": 1, "maxLength": 200},
     "body": {"type": "string", "minLength": 0, "maxLength": 100_000},
@@ -554,7 +545,7 @@ NOTE_DEFAULTS = {"body": "", "tags": [], "pinned": False}
 
 
 def test_openapi_describes_every_note_body(server):
-    schemas = request_schemas(server)
+    schemas = request_schemas(requests.get, server.url)
     assert set(schemas) == {("POST", "/notes"), ("PUT", "/notes/{note_id}"),
                             ("PATCH", "/notes/{note_id}")}, "archive and unarchive take no body"
     for key in (("POST", "/notes"), ("PUT", "/notes/{note_id}")):
@@ -568,7 +559,7 @@ def test_openapi_describes_every_note_body(server):
 
 
 def test_the_documented_limits_are_the_enforced_ones(server, alice):
-    fields = request_schemas(server)["POST", "/notes"]["properties"]
+    fields = request_schemas(requests.get, server.url)["POST", "/notes"]["properties"]
     title, tags = fields["title"]["maxLength"], fields["tags"]
     note = alice.create(title="t" * title, tags=[f"{i:0{tags['items']['maxLength']}d}"
                                                    for i in range(tags["maxItems"])])

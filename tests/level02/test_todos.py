@@ -12,7 +12,7 @@ import zoneinfo
 import pytest
 import requests
 
-from tests.harness import expect, expect_json, expect_problem
+from tests.harness import expect, expect_json, expect_problem, request_schemas
 from tests.level02.clients import CollectionClient, error_fields, fresh_user
 
 SCRIPT = "level02/todos.py"
@@ -491,17 +491,8 @@ def test_bulk_takes_a_hundred_ids(alice):
 # The OpenAPI document: the request bodies it describes are the ones the server checks
 
 
-def request_schemas(server):
-    """{(METHOD, path): JSON Schema} of every operation in /openapi.json that takes a body."""
-    doc = expect_json(requests.get(server.url + "/openapi.json", timeout=TIMEOUT), 200)
-    return {(method.upper(), path): body["content"]["application/json"]["schema"]
-            for path, operations in doc["paths"].items()
-            for method, operation in operations.items()
-            if (body := operation.get("requestBody"))}
-
-
 def test_openapi_describes_every_todo_body(server):
-    schemas = request_schemas(server)
+    schemas = request_schemas(requests.get, server.url)
     assert set(schemas) == {("POST", "/todos"), ("PUT", "/todos/{todo_id}"),
                             ("PATCH", "/todos/{todo_id}"), ("POST", "/todos/bulk")}
     for key in (("POST", "/todos"), ("PUT", "/todos/{todo_id}"), ("PATCH", "/todos/{todo_id}")):
@@ -530,7 +521,7 @@ def test_openapi_describes_every_todo_body(server):
 
 
 def test_the_documented_limits_are_the_enforced_ones(server, alice):
-    schemas = request_schemas(server)
+    schemas = request_schemas(requests.get, server.url)
     todo = schemas["POST", "/todos"]["properties"]
     for priority in todo["priority"]["enum"]:
         assert alice.create(priority=priority)["priority"] == priority

@@ -5,7 +5,7 @@ Every level03 project signs users up with `POST /auth/signup` and logs them in w
 lowest scrypt cost they accept (`LOW_COST`), and each test uses emails of its own.
 
 They also share jwt_auth's request bodies, so `/openapi.json` must describe them alike: the
-JSON Schemas below (`SIGN_UP_BODY`, `LOGIN_BODY`, `REFRESH_BODY`) are what each project's
+JSON Schemas below (`SIGN_UP_BODY`, `LOGIN_BODY`, `REFRESH_BODY`, `TOKEN_ROUTE_BODIES`) are what each project's
 `request_bodies` must hold, exactly, and `check_password_bounds` proves that the schema's
 password lengths are the ones the server really enforces.
 """
@@ -71,6 +71,9 @@ SIGN_UP_BODY = body_schema({"email": EMAIL_SCHEMA, "password": NEW_PASSWORD_SCHE
 LOGIN_BODY = body_schema({"email": EMAIL_SCHEMA, "password": GIVEN_PASSWORD_SCHEMA},
                          ["email", "password"])
 REFRESH_BODY = body_schema({"refresh_token": REFRESH_TOKEN_SCHEMA}, ["refresh_token"])
+# jwt_auth's token routes, which jwt_auth, rbac and password_reset all serve
+TOKEN_ROUTE_BODIES = {("POST", "/auth/signup"): SIGN_UP_BODY, ("POST", "/auth/login"): LOGIN_BODY,
+                      ("POST", "/auth/refresh"): REFRESH_BODY, ("POST", "/auth/logout"): REFRESH_BODY}
 
 
 def request_bodies(url):

@@ -25,9 +25,9 @@ import pytest
 import requests
 
 from tests.harness import ROOT, clean_env, expect, expect_json, expect_problem, run_once
-from tests.level03.accounts import (GIVEN_PASSWORD_SCHEMA, LOGIN_BODY, LOW_COST,
-                                    NEW_PASSWORD_SCHEMA, PASSWORD, REFRESH_BODY, SIGN_UP_BODY,
-                                    TIMEOUT, AccountClient, assert_policy_described, body_schema,
+from tests.level03.accounts import (GIVEN_PASSWORD_SCHEMA, LOW_COST, NEW_PASSWORD_SCHEMA, PASSWORD,
+                                    TIMEOUT, TOKEN_ROUTE_BODIES, AccountClient,
+                                    assert_policy_described, body_schema,
                                     check_bodies_name_their_fields, check_password_bounds,
                                     fresh_email, request_bodies)
 
@@ -665,10 +665,7 @@ PASSWORD_CHANGE_BODY = body_schema({"current_password": GIVEN_PASSWORD_SCHEMA,
 def test_openapi_describes_each_body_exactly(client):
     bodies = request_bodies(client.url)
     assert {route: schema for route, (schema, _) in bodies.items()} == {
-        ("POST", "/auth/signup"): SIGN_UP_BODY,
-        ("POST", "/auth/login"): LOGIN_BODY,
-        ("POST", "/auth/refresh"): REFRESH_BODY,
-        ("POST", "/auth/logout"): REFRESH_BODY,
+        **TOKEN_ROUTE_BODIES,
         ("POST", "/auth/password"): PASSWORD_CHANGE_BODY,
     }
     described = {(route, name): text for route, (_, texts) in bodies.items()

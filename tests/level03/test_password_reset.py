@@ -32,11 +32,10 @@ import pytest
 import requests
 
 from tests.harness import expect, expect_json, expect_problem, run_once
-from tests.level03.accounts import (EMAIL_SCHEMA, LOGIN_BODY, LOW_COST, NEW_PASSWORD_SCHEMA,
-                                    PASSWORD, REFRESH_BODY, SIGN_UP_BODY, TIMEOUT, AccountClient,
-                                    assert_policy_described, body_schema,
-                                    check_bodies_name_their_fields, check_password_bounds,
-                                    fresh_email, request_bodies)
+from tests.level03.accounts import (EMAIL_SCHEMA, LOW_COST, NEW_PASSWORD_SCHEMA, PASSWORD, TIMEOUT,
+                                    TOKEN_ROUTE_BODIES, AccountClient, assert_policy_described,
+                                    body_schema, check_bodies_name_their_fields,
+                                    check_password_bounds, fresh_email, request_bodies)
 
 SCRIPT = "level03/password_reset.py"
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
@@ -604,10 +603,7 @@ def test_known_and_unknown_addresses_take_the_same_time_with_a_slow_mail_server(
 def test_openapi_describes_each_body_exactly(client):
     bodies = request_bodies(client.url)
     assert {route: schema for route, (schema, _) in bodies.items()} == {
-        ("POST", "/auth/signup"): SIGN_UP_BODY,
-        ("POST", "/auth/login"): LOGIN_BODY,
-        ("POST", "/auth/refresh"): REFRESH_BODY,
-        ("POST", "/auth/logout"): REFRESH_BODY,
+        **TOKEN_ROUTE_BODIES,
         ("POST", "/auth/forgot"): body_schema({"email": EMAIL_SCHEMA}, ["email"]),
         ("POST", "/auth/reset"): body_schema(
             {"token": {"type": "string", "minLength": 1, "maxLength": 200},

@@ -19,8 +19,8 @@ import pytest
 import requests
 
 from tests.harness import ROOT, clean_env, expect, expect_json, expect_problem
-from tests.level03.accounts import (LOGIN_BODY, LOW_COST, REFRESH_BODY, SIGN_UP_BODY, TIMEOUT,
-                                    AccountClient, assert_policy_described, body_schema,
+from tests.level03.accounts import (LOW_COST, TIMEOUT, TOKEN_ROUTE_BODIES, AccountClient,
+                                    assert_policy_described, body_schema,
                                     check_bodies_name_their_fields, check_password_bounds,
                                     fresh_email, request_bodies)
 
@@ -383,10 +383,7 @@ POST_FIELDS = {"title": {"type": "string", "minLength": 1, "maxLength": 200},  #
 def test_openapi_describes_each_body_exactly(api):
     bodies = request_bodies(api.url)
     assert {route: schema for route, (schema, _) in bodies.items()} == {
-        ("POST", "/auth/signup"): SIGN_UP_BODY,
-        ("POST", "/auth/login"): LOGIN_BODY,
-        ("POST", "/auth/refresh"): REFRESH_BODY,
-        ("POST", "/auth/logout"): REFRESH_BODY,
+        **TOKEN_ROUTE_BODIES,
         ("PUT", "/users/{user_id}/role"): body_schema(
             {"role": {"enum": ["user", "moderator", "admin"]}}, ["role"]),
         ("POST", "/posts"): body_schema({**POST_FIELDS, "body": {**POST_FIELDS["body"], "default": ""}},
