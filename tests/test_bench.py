@@ -1,0 +1,51 @@
+"""The benchmark still runs: tests/bench/run.py is not part of the suite (its figures are judged by
+a person, never by a timed assertion), but its machinery is, so that it cannot rot unnoticed.
+
+Short runs of the Python load generator (the one that needs no wrk) through the scenarios that
+use each of its parts: the fixed-request closed loop and the raw sqlite reference (counter, with
+its check that the stored value equals the increments answered) and the request flows (crud).
+Only what the run did is asserted — every row measured, no errors, the check passed — never a
+speed.
+"""
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.harness import ROOT, clean_env
+
+
+def run_bench(scenario):
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "bench" / "run.py"), "--only", scenario,
+                           "--tool", "python", "--duration", "1", "--connections", "4"],
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def table_rows(output, scenario):
+    """(server, req/s, errors) of each row of the results table for `scenario`."""
+    rows = []
+    for line in output.splitlines():
+        found = re.fullmatch(rf"{scenario}\s+(.+?)\s+([\d,]+)\s+[\d.]+\s+[\d.]+\s+(\d+)", line.strip())
+        if found:
+            rows.append((found.group(1), int(found.group(2).replace(",", "")), int(found.group(3))))
+    return rows
+
+
+@pytest.mark.parametrize("scenario, servers", [
+    ("counter", ["counter.py POST /counters/bench/increment", "raw sqlite"]),
+    ("crud", ["notes.py mix", "POST /notes", "GET /notes?limit=20", "GET /notes/{id}",
+              "PATCH /notes/{id}", "health_check --server asyncio"]),
+])
+def test_a_short_benchmark_run_measures_every_row_without_errors(scenario, servers):
+    output = run_bench(scenario)
+    assert "load generator: Python load generator" in output, output
+    rows = table_rows(output, scenario)
+    for server in servers:
+        measured = [row for row in rows if server in row[0]]
+        assert measured, f"no row for {server!r}:\n{output}"
+        assert all(rps > 0 and errors == 0 for _, rps, errors in measured), output
+    if scenario == "counter":
+        assert "counter check OK" in output, output
