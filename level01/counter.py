@@ -302,7 +302,7 @@ def read_counter(request, name):
     return counter_response(state)
 
 
-@app.post("/counters/{name}/increment", request_schema=body_schema(STEP),
+@app.post("/counters/{name}/increment", request_schema=body_schema(STEP), body_required=False,
           responses={200: STATE, 400: BAD_NAME, 409: "would overflow", 412: STALE,
                      422: 'bad "by"'})
 def increment_counter(request, name):
@@ -311,7 +311,7 @@ def increment_counter(request, name):
     return counter_response(app.state.counters.add(name, step_size(request), precondition(request)))
 
 
-@app.post("/counters/{name}/decrement", request_schema=body_schema(STEP),
+@app.post("/counters/{name}/decrement", request_schema=body_schema(STEP), body_required=False,
           responses={200: STATE, 400: BAD_NAME, 409: "would overflow", 412: STALE,
                      422: 'bad "by"'})
 def decrement_counter(request, name):

@@ -51,13 +51,15 @@ class Route:
 
     `blocking` marks a handler that may block for a while (a password hash, an SMTP exchange,
     a sleep): the asyncio transport runs it in the worker pool instead of on the event loop.
-    `body_limit` caps the request body in bytes. `meta` carries whatever a project's middleware
+    `body_limit` caps the request body in bytes. `request_schema` is the JSON body's schema for
+    the OpenAPI document (`lib.validation.body_schema`), `body_required=False` when the body may
+    be left out altogether. `meta` carries whatever a project's middleware
     reads from the route (a permission, an auth requirement); by convention `public=True` says
     the route needs no credentials (lib's built-in `/`, `/openapi.json` and `/health` carry it)."""
 
     def __init__(self, method, pattern, handler, *, summary=None, blocking=False,
-                 body_limit=None, request_schema=None, query=None, responses=None, tags=None,
-                 **meta):
+                 body_limit=None, request_schema=None, body_required=True, query=None,
+                 responses=None, tags=None, **meta):
         self.method = method.upper()
         self.pattern = pattern
         self.handler = handler
@@ -66,6 +68,7 @@ class Route:
         self.blocking = blocking
         self.body_limit = body_limit
         self.request_schema = request_schema
+        self.body_required = body_required
         self.query = query or {}
         self.responses = responses or {}
         self.tags = tags
@@ -160,7 +163,7 @@ class Router:
                 operation["parameters"] = parameters
             if route.request_schema is not None:
                 operation["requestBody"] = {
-                    "required": True,
+                    "required": route.body_required,
                     "content": {"application/json": {"schema": route.request_schema}}}
             responses = {str(status): {"description": text} for status, text in route.responses.items()}
             if not any(code.startswith("2") for code in responses):  # a declared 200/204 stands

@@ -585,6 +585,17 @@ def test_openapi_request_bodies_are_the_ones_the_server_checks(counters):
             "type": "integer", "minimum": 1, "maximum": 1_000_000_000, "default": 1}
 
 
+def test_openapi_says_which_bodies_may_be_left_out(counters):
+    document = counters.session.get(counters.url + "/openapi.json", timeout=TIMEOUT)
+    paths = expect_json(document, 200)["paths"]
+    assert paths["/counters/{name}"]["put"]["requestBody"]["required"] is True
+    for action in ("increment", "decrement"):
+        assert paths[f"/counters/{{name}}/{action}"]["post"]["requestBody"]["required"] is False
+        # and indeed: no body at all is a step of 1
+        assert expect_json(counters.session.post(f"{counters.url}/counters/{fresh()}/{action}",
+                                                 timeout=TIMEOUT), 200)["value"] in (1, -1)
+
+
 def test_the_documented_limits_are_the_enforced_ones(counters):
     schemas = request_schemas(counters.session.get, counters.url)
     by = schemas["POST", "/counters/{name}/increment"]["properties"]["by"]

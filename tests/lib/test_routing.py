@@ -330,6 +330,14 @@ def test_openapi_request_body_only_when_a_schema_is_given():
     assert "parameters" not in paths["/notes"]["post"]
 
 
+def test_openapi_request_body_may_be_optional():
+    router = Router()
+    router.add(Route("POST", "/counters/{name}/increment", lambda request, name: None,
+                     request_schema={"type": "object"}, body_required=False))
+    operation = router.openapi("t", "d", "1")["paths"]["/counters/{name}/increment"]["post"]
+    assert operation["requestBody"]["required"] is False
+
+
 def test_openapi_responses():
     paths = documented_router().openapi("t", "d", "1")["paths"]
     post = paths["/notes"]["post"]["responses"]
