@@ -76,16 +76,16 @@ class ClientSocket:
         paused writes are): a client that stops reading, or reads too slowly, is dropped rather
         than holding the thread. Usually one send does it all."""
         deadline = time.monotonic() + seconds
-        with memoryview(data) as view:
-            while view:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ClientGone("the client did not take the answer in time")
-                self._wait_at_most(remaining)
-                try:
-                    view = view[self.sock.send(view):]
-                except OSError:  # the kernel's timeout (EAGAIN), Python's, a reset
-                    raise ClientGone("timed out or reset") from None
+        view = memoryview(data)
+        while view:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ClientGone("the client did not take the answer in time")
+            self._wait_at_most(remaining)
+            try:
+                view = view[self.sock.send(view):]
+            except OSError:  # the kernel's timeout (EAGAIN), Python's, a reset
+                raise ClientGone("timed out or reset") from None
 
     def _fill(self, deadline):
         remaining = deadline - time.monotonic()
