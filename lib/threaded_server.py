@@ -20,7 +20,6 @@ its own locking — the sqlite layer gives each thread its own connection for th
 import socket
 import socketserver
 import struct
-import sys
 import threading
 import time
 from http.server import ThreadingHTTPServer
@@ -33,12 +32,6 @@ from lib.protocol import (CHUNKED, CONTINUE, MAX_HEAD, MAX_REQUEST_LINE, Chunked
 
 class ClientGone(Exception):
     """The peer closed the connection, or a deadline passed."""
-
-
-# Where the kernel takes a read and write timeout on a blocking socket as a `struct timeval`
-# (two C longs: Linux, macOS, the BSDs). Windows takes a DWORD of milliseconds instead, and keeps
-# Python's own timeouts (`settimeout`).
-KERNEL_TIMEOUTS = sys.platform != "win32"
 
 
 class ClientSocket:
@@ -62,11 +55,10 @@ class ClientSocket:
         if self.timeout is not None and abs(seconds - self.timeout) <= self.TIMEOUT_SLACK:
             return
         self.timeout = seconds
-        if not KERNEL_TIMEOUTS:
-            self.sock.settimeout(seconds)
-            return
         seconds = max(seconds, 0.001)  # a zero timeval means "wait for ever"
         whole = int(seconds)
+        # struct timeval: two C longs (Linux, macOS; the asyncio transport's signal handling
+        # already needs a POSIX system)
         timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
@@ -84,7 +76,7 @@ class ClientSocket:
             self._wait_at_most(remaining)
             try:
                 view = view[self.sock.send(view):]
-            except OSError:  # the kernel's timeout (EAGAIN), Python's, a reset
+            except OSError:  # the timeout (EAGAIN), a reset
                 raise ClientGone("timed out or reset") from None
 
     def _fill(self, deadline):
@@ -94,7 +86,7 @@ class ClientSocket:
         self._wait_at_most(remaining)
         try:
             data = self.sock.recv(65536)
-        except OSError:  # the kernel's timeout (EAGAIN), Python's (socket.timeout), a reset
+        except OSError:  # the timeout (EAGAIN), a reset
             raise ClientGone("timed out or reset") from None
         if not data:
             raise ClientGone("closed")
