@@ -79,7 +79,7 @@ def redact_query(query_string):
         return ""
     pairs = []
     for pair in query_string.split("&"):
-        name, equals, _ = pair.partition("=")
+        name = pair.partition("=")[0]
         if is_secret_name(unquote_plus(name, errors="replace")):
             pair = f"{name}={REDACTED}"
         pairs.append(pair)
