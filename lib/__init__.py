@@ -6,7 +6,8 @@ teach them; this package only moves HTTP. Read it in this order — level 01 is 
     protocol.py         HTTP/1.1 bytes ⇄ objects, pure functions (no sockets)
     problems.py         errors that carry their status; RFC 9457 problem details
     request.py          what a handler reads: query, JSON, forms, cookies, If-Match
-    validation.py       declared body fields → cleaned values, or one 422 naming every bad field
+    validation.py       declared body fields → cleaned values, or one 422 naming every bad field;
+                        the same fields → the body's JSON Schema in /openapi.json
     listing.py          the list contract: limit, opaque keyset cursors, {"items", "next_cursor"}
     response.py         what a handler returns: JSON, HTML, problems, streams
     routing.py          path patterns → handlers; 404 / 405 + Allow; OpenAPI and the index
@@ -16,7 +17,8 @@ teach them; this package only moves HTTP. Read it in this order — level 01 is 
     app.py              App: routes + middleware + the command line
     transport.py        what both transports share (timeouts, keep-alive, encoding)
     asyncio_server.py   the default transport: an asyncio event loop, a Protocol per connection
-    threaded_server.py  `--server threaded`: http.server's ThreadingHTTPServer
+    threaded_server.py  `--server threaded`: http.server's ThreadingHTTPServer, a thread per
+                        connection, kernel socket timeouts
     runner.py           bind, announce, signals, graceful drain
 
 A project imports what it needs from here:
