@@ -163,7 +163,8 @@ class App:
         parser.add_argument("--trace", action="store_true",
                             help="print each request's flow (middleware, handler, SQL, timings) to stderr")
         parser.add_argument("--server", choices=("asyncio", "threaded"), default="asyncio",
-                            help="transport: asyncio streams (default) or threaded http.server")
+                            help="transport: asyncio, one event loop (default), or threaded, "
+                                 "http.server with a thread per connection")
         parser.add_argument("--idle-timeout", type=seconds, default=15.0,
                             help="close a keep-alive connection idle this long (default 15 s)")
         parser.add_argument("--shutdown-delay", type=seconds, default=0.0,
