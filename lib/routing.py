@@ -52,10 +52,10 @@ class Route:
     `blocking` marks a handler that may block for a while (a password hash, an SMTP exchange,
     a sleep): the asyncio transport runs it in the worker pool instead of on the event loop.
     `body_limit` caps the request body in bytes. `request_schema` is the JSON body's schema for
-    the OpenAPI document (`lib.validation.body_schema`), `body_required=False` when the body may
-    be left out altogether. `meta` carries whatever a project's middleware
-    reads from the route (a permission, an auth requirement); by convention `public=True` says
-    the route needs no credentials (lib's built-in `/`, `/openapi.json` and `/health` carry it)."""
+    the OpenAPI document (`lib.validation.body_schema`); `body_required=False` when the body may
+    be left out altogether. `meta` carries whatever a project's middleware reads from the route
+    (a permission, an auth requirement); by convention `public=True` says the route needs no
+    credentials (lib's built-in `/`, `/openapi.json` and `/health` carry it)."""
 
     def __init__(self, method, pattern, handler, *, summary=None, blocking=False,
                  body_limit=None, request_schema=None, body_required=True, query=None,
