@@ -4,7 +4,7 @@ What it teaches:
 
 - State that lives on the server and survives the client, the process, and a crash: every
   change is committed to sqlite before the answer is sent, so an acknowledged increment is never
-  lost, even to `kill -9` (WAL journal, `synchronous=NORMAL`; see lib/storage.py).
+  lost, even to `kill -9` (WAL journal, `synchronous=NORMAL`, group commit; see lib/storage.py).
 - Concurrent writes without lost updates. Reading a value into Python, adding one and writing it
   back loses increments when two requests interleave. Here the database does the arithmetic in
   one statement (`INSERT … ON CONFLICT DO UPDATE SET value = value + :delta … RETURNING`), which
@@ -158,9 +158,10 @@ class SqliteCounters:
     def _write(self, name, check, sql, params):
         """Run one writing statement and return its rows (RETURNING); committed on return."""
         if check is None:
-            # One statement is a transaction of its own (autocommit): sqlite takes the write
-            # lock, runs it and commits before the last row is fetched. No BEGIN or COMMIT
-            # round trips: this is the hot path of every increment.
+            # One statement: no BEGIN or COMMIT of its own, this is the hot path of every
+            # increment. sqlite runs it atomically, and lib/storage.py commits it before the
+            # answer goes out: alone (autocommit), or with the other writes of the same turn
+            # of the event loop (group commit).
             return self.db.execute_returning(sql, params)
         # Check, then write: two statements, so they need a transaction around them, and an
         # IMMEDIATE one, which takes the write lock first; no other writer can change the

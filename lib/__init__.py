@@ -13,7 +13,7 @@ teach them; this package only moves HTTP. Read it in this order — level 01 is 
     routing.py          path patterns → handlers; 404 / 405 + Allow; OpenAPI and the index
     middleware.py       the chain: request id → access log → timing → errors → handler
     trace.py            `--trace`: each request's flow, SQL and timings on stderr
-    storage.py          sqlite: WAL, a connection per thread, transactions, SQL trace
+    storage.py          sqlite: WAL, a connection per thread, transactions, group commit, SQL trace
     app.py              App: routes + middleware + the command line
     transport.py        what both transports share (timeouts, keep-alive, encoding)
     asyncio_server.py   the default transport: an asyncio event loop, a Protocol per connection

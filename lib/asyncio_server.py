@@ -23,7 +23,8 @@ awaited on the loop.
 Order and back-pressure: a connection answers its requests one at a time, in order (pipelining,
 RFC 9112 §9.3.2). While an answer is pending (in the pool, streaming, or queued faster than the
 client reads it) later bytes wait in the buffer, and reading pauses once they exceed a head's
-worth — a client cannot make the server buffer without bound.
+worth — a client cannot make the server buffer without bound. An answer made while writes of
+this turn of the loop await their group commit (`lib.storage.GroupCommit`) waits for it too.
 
 Timeouts: each connection carries a deadline (see `lib.transport`), and one sweeper task closes
 the connections that passed theirs — cheaper than a timer per read.
@@ -38,6 +39,8 @@ from lib import middleware, transport
 from lib.problems import HTTPError
 from lib.protocol import (CHUNKED, CONTINUE, MAX_HEAD, MAX_REQUEST_LINE, ChunkedDecoder,
                           ContentLengthDecoder, ProtocolError, body_length, parse_head, wants_continue)
+from lib.response import problem_response
+from lib.storage import group_commit
 
 WORKER_THREADS = 32
 _END = object()
@@ -71,8 +74,9 @@ class AsyncioServer:
             self.loop.add_signal_handler(sig, on_signal)
         server = await self.loop.create_server(lambda: HTTPConnection(self), sock=self.sock,
                                                backlog=transport.BACKLOG)
-        if not self.app.tracing:  # a trace block follows its request's access line at once
+        if not self.app.tracing:  # a trace shows one request at a time, with its own commit
             middleware.access_log.batch_on_loop(self.loop)
+            group_commit.start(self.loop)
         sweeper = asyncio.create_task(self._close_expired())
         announce()
         await stop.wait()
@@ -95,6 +99,7 @@ class AsyncioServer:
         sweeper.cancel()
         self.pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.sleep(0)  # let the aborted connections run their clean-up
+        group_commit.stop()
         middleware.access_log.batch_off()
 
     async def _close_expired(self):
@@ -268,11 +273,11 @@ class HTTPConnection(asyncio.Protocol):
         if self.blocking and failure is None:
             self.busy = True
             future = self.loop.run_in_executor(self.server.pool, self.app.handle, request)
-            future.add_done_callback(lambda done: self._handled(head, done))
+            future.add_done_callback(lambda done: self._handled(request, head, done))
         else:
-            self._send(head, self.app.handle(request, failure), failure)
+            self._send(request, head, self.app.handle(request, failure), failure)
 
-    def _handled(self, head, done):
+    def _handled(self, request, head, done):
         """A blocking handler finished in the pool (called on the loop)."""
         self.busy = False
         if self.closed or done.cancelled():
@@ -282,10 +287,20 @@ class HTTPConnection(asyncio.Protocol):
         except Exception:
             self.transport.abort()
             raise  # the loop logs it with its traceback
-        self._send(head, response, None)
+        self._send(request, head, response, None)
         self._process()
 
-    def _send(self, head, response, failure):
+    def _send(self, request, head, response, failure):
+        if group_commit.open:
+            # Writes of this turn are not committed yet, and the answer may rest on them: it
+            # waits for the group's commit (lib.storage.GroupCommit).
+            self.busy = True
+            group_commit.after_commit(
+                lambda error: self._committed(error, request, head, response, failure))
+            return
+        self._write_answer(head, response, failure)
+
+    def _write_answer(self, head, response, failure):
         keep_alive = transport.keeps_alive(self.app, head, response, failure)
         if response.streaming and head is not None and head.method != "HEAD":
             self.busy = True
@@ -293,6 +308,22 @@ class HTTPConnection(asyncio.Protocol):
             return
         self.transport.write(transport.encode_whole(response, head, keep_alive))
         self._answered(keep_alive, failure)
+
+    def _committed(self, error, request, head, response, failure):
+        """The group commit an answer waited for is done; `error` if it failed."""
+        self.busy = False
+        if self.closed:
+            return
+        if error is not None:  # nothing the answer rests on was saved: say so instead
+            response = problem_response(error)
+            response.headers.append(("X-Request-Id", request.request_id))
+            self.transport.write(transport.encode_whole(response, head, False))
+            self._close()
+            return
+        # Written at once, even if the callbacks before this one began the next group: the
+        # answer was made before it, so it cannot rest on that group's writes.
+        self._write_answer(head, response, failure)
+        self._process()
 
     def _answered(self, keep_alive, failure):
         if failure is not None:

@@ -84,7 +84,7 @@ class Server:
     `kill9()`, `send_signal()`."""
 
     def __init__(self, script, *args, workdir, db="auto", env=None,
-                 start_timeout=START_TIMEOUT):
+                 start_timeout=START_TIMEOUT, preexec_fn=None):
         self.script = str(script)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +114,7 @@ class Server:
         with open(self.stderr_path, "ab") as stderr:
             self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=stderr,
                                          stdin=subprocess.DEVNULL, cwd=self.workdir,
-                                         env=clean_env(env))
+                                         env=clean_env(env), preexec_fn=preexec_fn)
         self._reader = threading.Thread(target=self._read_stdout, daemon=True,
                                         name=f"stdout-{Path(self.script).stem}")
         self._reader.start()
@@ -278,11 +278,12 @@ class ServerGroup:
         return Path(tempfile.mkdtemp(prefix=f"{stem}-"))
 
     def start(self, script, *args, db="auto", env=None, workdir=None,
-              start_timeout=START_TIMEOUT):
+              start_timeout=START_TIMEOUT, preexec_fn=None):
         """Start `script` ("level01/counter.py") with `--port 0`, a fresh `--db` when the project
-        takes one (or `db=PATH` to reuse a file, `db=None` for none) and `args`."""
+        takes one (or `db=PATH` to reuse a file, `db=None` for none) and `args`. `preexec_fn`
+        runs in the child before the server starts (e.g. to set a resource limit)."""
         server = Server(script, *args, workdir=workdir or self._workdir(script), db=db, env=env,
-                        start_timeout=start_timeout)
+                        start_timeout=start_timeout, preexec_fn=preexec_fn)
         self.servers.append(server)
         return server
 

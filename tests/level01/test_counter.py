@@ -7,6 +7,7 @@ point is a fresh server (listing, durability, tracing, the exactness runs) start
 import http.client
 import json
 import re
+import resource
 import threading
 import uuid
 
@@ -448,6 +449,34 @@ def test_concurrent_writers_with_the_same_if_match_only_one_wins(start_server, a
     assert state["version"] == 2 and 100 <= state["value"] < 120
 
 
+def test_a_refused_conditional_write_undoes_only_itself(start_server):
+    # On asyncio, requests answered in the same turn of the loop share one transaction (group
+    # commit); a stale If-Match inside it must roll back its own savepoint, not the increments
+    # of the other requests, which were answered 200.
+    server = start_server(SCRIPT)
+    expect_json(Client(server).put("mixed", {"value": 0}), 200)  # version 1: "0" is stale forever
+    statuses = []
+
+    def send(method, path, times, **kw):
+        with requests.Session() as session:
+            for _ in range(times):
+                resp = session.request(method, f"{server.url}/counters/mixed{path}", timeout=TIMEOUT, **kw)
+                statuses.append((method, resp.status_code))
+
+    threads = ([threading.Thread(target=send, args=("POST", "/increment", 100)) for _ in range(6)]
+               + [threading.Thread(target=send, args=("PUT", "", 100),
+                                   kwargs={"json": {"value": -1}, "headers": {"If-Match": '"0"'}})
+                  for _ in range(4)])
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(set(statuses)) == [("POST", 200), ("PUT", 412)]
+    assert len(statuses) == 1000
+    state = Client(server).state("mixed")
+    assert (state["value"], state["version"]) == (600, 601)
+
+
 # --------------------------------------------------------------------------------------------
 # Durability, and what --memory does not promise
 
@@ -475,6 +504,46 @@ def test_kill_9_loses_no_acknowledged_increment(start_server):
     again = Client(start_server(SCRIPT, db=server.db_path))
     assert again.state("durable")["value"] == 200
     assert again.state("durable-set") == put
+
+
+def limit_file_size(size):
+    """For `preexec_fn`: files of the server may not grow past `size` bytes, as on a full disk.
+    A write past it fails with EFBIG (Python ignores SIGXFSZ), so sqlite's commits start to fail."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+
+@pytest.mark.parametrize("transport", ["asyncio", "threaded"])
+def test_an_increment_whose_commit_fails_is_never_acknowledged(start_server, transport):
+    # On asyncio the writes of one loop turn are committed together (lib.storage.GroupCommit):
+    # when that commit fails, every answer that waited for it must become an error, and the
+    # value on disk must be exactly the increments answered 200.
+    server = start_server(SCRIPT, "--server", transport, preexec_fn=limit_file_size(192 * 1024))
+    answered = {"ok": 0, "failed": 0}
+    lock = threading.Lock()
+
+    def client():
+        with requests.Session() as session:
+            for _ in range(1000):
+                resp = session.post(f"{server.url}/counters/full/increment", timeout=TIMEOUT)
+                with lock:
+                    if resp.status_code == 200:
+                        answered["ok"] += 1
+                        continue
+                    answered["failed"] += 1
+                expect_problem(resp, 500)
+                return
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert answered["failed"] == 8, answered  # every client met the full disk
+    assert answered["ok"] > 0, answered
+    server.stop()
+
+    again = Client(start_server(SCRIPT, db=server.db_path))
+    assert again.state("full")["value"] == answered["ok"]
 
 
 def test_sigterm_and_restart_keep_the_counters(start_server):
