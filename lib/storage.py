@@ -302,6 +302,8 @@ class GroupCommit:
         self.waiting.append(callback)
 
     def commit(self):
+        """Commit the turn's transactions (scheduled by the first write of the turn), then
+        release the answers that waited: told None, or `CommitFailed` if any commit failed."""
         opened, self.open = self.open, {}
         waiting, self.waiting = self.waiting, []
         error = None
