@@ -74,7 +74,7 @@ class AsyncioServer:
             self.loop.add_signal_handler(sig, on_signal)
         server = await self.loop.create_server(lambda: HTTPConnection(self), sock=self.sock,
                                                backlog=transport.BACKLOG)
-        if not self.app.tracing:  # a trace shows one request at a time, with its own commit
+        if not self.app.tracing:  # with --trace, each request's log line and commit come with its trace
             middleware.access_log.batch_on_loop(self.loop)
             group_commit.start(self.loop)
         sweeper = asyncio.create_task(self._close_expired())
