@@ -18,7 +18,7 @@ import binascii
 import json
 from typing import NamedTuple
 
-from lib.problems import BadRequest
+from lib.request import bad_query
 from lib.validation import is_unicode_text
 
 DEFAULT_LIMIT = 20
@@ -39,8 +39,7 @@ def encode_cursor(values):
 
 
 def invalid_cursor():
-    return BadRequest("query parameter 'cursor' is not a cursor this server issued",
-                      errors=[{"field": "cursor", "message": "invalid cursor"}])
+    return bad_query("cursor", "is not a cursor this server issued")
 
 
 def decode_cursor(text, shape):

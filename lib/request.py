@@ -3,17 +3,36 @@
 Readers raise the right 4xx themselves, so a handler reads `request.json()` and never parses or
 checks a content type by hand: a wrong `Content-Type` is a 415, malformed JSON a 400, a missing
 body where one is required a 411 (no length at all) or 422 (empty), a body that is not a JSON
-object a 422 (common.md's table).
+object a 422 (common.md's table). A project that reads a query parameter of its own refuses a
+bad one with `bad_query`, so every such 400 names its parameter the same way.
+
+`utc_timestamp` writes the other direction's times: RFC 3339 UTC text, as common.md wants.
 """
 import datetime
 import json
 import re
+import time
 from urllib.parse import parse_qsl, unquote
 
 from lib.problems import (BadRequest, LengthRequired, PreconditionFailed, UnprocessableContent,
                           UnsupportedMediaType)
 
 _FULL_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")  # RFC 3339 full-date: exactly this shape
+
+
+def utc_timestamp(when=None, *, timespec="seconds"):
+    """`when` (seconds since the epoch; default now) as RFC 3339 UTC text, to the `timespec` of
+    `datetime.isoformat`: 2026-11-24T06:41:00Z, …00.123Z ("milliseconds"), …00.123456Z
+    ("microseconds"). Fixed width, so comparing two such texts compares the times."""
+    moment = datetime.datetime.fromtimestamp(time.time() if when is None else when,
+                                             datetime.timezone.utc)
+    return moment.replace(tzinfo=None).isoformat(timespec=timespec) + "Z"
+
+
+def bad_query(name, message):
+    """The 400 for query parameter `name` (common.md): `message` says what a good value is."""
+    return BadRequest(f"query parameter '{name}' {message}",
+                      errors=[{"field": name, "message": message}])
 
 
 def _is_plain_integer(text):
@@ -91,9 +110,8 @@ class Request:
             value = int(text) if _is_plain_integer(text) else None
         except ValueError:
             value = None
-        if value is None or not _is_plain_integer(text) or not low <= value <= high:
-            raise BadRequest(f"query parameter '{name}' must be an integer from {low} to {high}",
-                             errors=[{"field": name, "message": f"must be an integer from {low} to {high}"}])
+        if value is None or not low <= value <= high:
+            raise bad_query(name, f"must be an integer from {low} to {high}")
         return value
 
     def query_choice(self, name, choices, default=None):
@@ -102,9 +120,7 @@ class Request:
         if value is None or value == "":
             return default
         if value not in choices:
-            allowed = ", ".join(choices)
-            raise BadRequest(f"query parameter '{name}' must be one of: {allowed}",
-                             errors=[{"field": name, "message": f"must be one of: {allowed}"}])
+            raise bad_query(name, "must be one of: " + ", ".join(choices))
         return value
 
     def query_bool(self, name, default=None):
@@ -114,8 +130,7 @@ class Request:
         if value is None or value == "":
             return default
         if value not in ("true", "false"):
-            raise BadRequest(f"query parameter '{name}' must be true or false",
-                             errors=[{"field": name, "message": "must be true or false"}])
+            raise bad_query(name, "must be true or false")
         return value == "true"
 
     def query_date(self, name, default=None):
@@ -129,9 +144,7 @@ class Request:
         except ValueError:
             date = None
         if date is None:
-            message = "must be a real date written YYYY-MM-DD"
-            raise BadRequest(f"query parameter '{name}' {message}",
-                             errors=[{"field": name, "message": message}])
+            raise bad_query(name, "must be a real date written YYYY-MM-DD")
         return date
 
     # --- body ---------------------------------------------------------------------------

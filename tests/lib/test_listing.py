@@ -24,7 +24,7 @@ def cursor_refusal(text, shape):
         decode_cursor(text, shape)
     error = caught.value
     assert error.status == 400
-    assert error.errors == [{"field": "cursor", "message": "invalid cursor"}]
+    assert error.errors == [{"field": "cursor", "message": "is not a cursor this server issued"}]
     return error
 
 
@@ -194,7 +194,7 @@ def test_cursor_of_another_sort_is_400():
     cursor = decode_cursor(encode_cursor(["-updated", "2026-03-01", 7]), BY_DUE.shape)
     with pytest.raises(BadRequest) as caught:
         BY_DUE.after(cursor)
-    assert caught.value.errors == [{"field": "cursor", "message": "invalid cursor"}]
+    assert caught.value.errors == [{"field": "cursor", "message": "is not a cursor this server issued"}]
 
 
 def test_cursor_of_another_shape_is_400():

@@ -1,12 +1,13 @@
 """lib/request.py: what a handler reads, and the 4xx each reader raises by itself (common.md's
 table): query parameters, JSON and form bodies, cookies, If-Match / If-None-Match."""
 import datetime
+import re
 
 import pytest
 
 from lib.problems import HTTPError
 from lib.protocol import parse_head
-from lib.request import Request
+from lib.request import Request, bad_query, utc_timestamp
 
 
 def with_query(query_string):
@@ -352,3 +353,30 @@ def test_if_match_fails_with_412(header, etag):
 ])
 def test_if_none_match(header, etag, fresh):
     assert with_header("if-none-match", header).if_none_match(etag) is fresh
+
+
+# --- times on the wire and the query's 400 ----------------------------------------------------
+
+
+@pytest.mark.parametrize("timespec, text", [
+    ("seconds", "2026-11-24T06:41:00Z"),
+    ("milliseconds", "2026-11-24T06:41:00.123Z"),
+    ("microseconds", "2026-11-24T06:41:00.123456Z"),
+])
+def test_utc_timestamp_is_rfc3339_utc_at_a_fixed_width(timespec, text):
+    when = datetime.datetime(2026, 11, 24, 6, 41, 0, 123456, datetime.timezone.utc).timestamp()
+    assert utc_timestamp(when, timespec=timespec) == text
+
+
+def test_utc_timestamp_defaults_to_now():
+    before = utc_timestamp(timespec="microseconds")
+    now = utc_timestamp()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", now)
+    assert before[:19] <= now[:19] <= utc_timestamp(timespec="microseconds")[:19]
+
+
+def test_bad_query_names_the_parameter():
+    error = bad_query("tz", "must be an IANA time zone name")
+    assert error.status == 400
+    assert error.detail == "query parameter 'tz' must be an IANA time zone name"
+    assert error.errors == [{"field": "tz", "message": "must be an IANA time zone name"}]
