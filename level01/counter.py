@@ -31,13 +31,13 @@ import re
 import sqlite3
 import sys
 import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
 from lib import App, BadRequest, Conflict, Response, json_response, no_content
 from lib.listing import list_params, page
+from lib.request import utc_timestamp
 from lib.trace import trace_event
 from lib.validation import Integer, body_schema, validate
 
@@ -84,23 +84,6 @@ RETURNING value, version, updated_at
 # --- the domain: counters and their two stores ----------------------------------------------
 
 
-# (second, its RFC 3339 text): formatting a time costs more than comparing two integers, and
-# every write needs one, so it is formatted once a second. One tuple, replaced whole, so a thread
-# never sees a second paired with another second's text.
-_last_formatted = (None, None)
-
-
-def utc_now():
-    """Now as RFC 3339 UTC to the second, e.g. 2026-11-24T06:41:00Z."""
-    global _last_formatted
-    second, text = _last_formatted
-    now = int(time.time())
-    if now != second:
-        text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
-        _last_formatted = (now, text)
-    return text
-
-
 def counter_state(name, value=0, version=0, updated_at=None):
     """What a counter looks like to a client. Never touched (or deleted): 0, version 0."""
     return {"name": name, "value": value, "version": version, "updated_at": updated_at}
@@ -142,14 +125,15 @@ class SqliteCounters:
 
     def add(self, name, delta, check=None):
         low, high = start_values_allowing(delta)
-        rows = self._write(name, check, ADD_TO_COUNTER, {"name": name, "delta": delta,
-                                                         "now": utc_now(), "low": low, "high": high})
+        rows = self._write(name, check, ADD_TO_COUNTER, {"name": name, "delta": delta, "low": low,
+                                                         "high": high, "now": utc_timestamp()})
         if not rows:
             refuse_overflow(name, delta)
         return counter_state(name, *rows[0])
 
     def set(self, name, value, check=None):
-        rows = self._write(name, check, SET_COUNTER, {"name": name, "value": value, "now": utc_now()})
+        rows = self._write(name, check, SET_COUNTER,
+                           {"name": name, "value": value, "now": utc_timestamp()})
         return counter_state(name, *rows[0])
 
     def delete(self, name, check=None):
@@ -203,7 +187,7 @@ class MemoryCounters:
                 check(version)
             if not INT64_MIN <= value + delta <= INT64_MAX:
                 refuse_overflow(name, delta)
-            row = self._rows[name] = (value + delta, version + 1, utc_now())
+            row = self._rows[name] = (value + delta, version + 1, utc_timestamp())
         trace_event(f"memory: {'+' if delta > 0 else ''}{delta} under the lock")
         return counter_state(name, *row)
 
@@ -212,7 +196,7 @@ class MemoryCounters:
             _, version, _ = self._rows.get(name, (0, 0, None))
             if check:
                 check(version)
-            row = self._rows[name] = (value, version + 1, utc_now())
+            row = self._rows[name] = (value, version + 1, utc_timestamp())
         trace_event(f"memory: set to {value} under the lock")
         return counter_state(name, *row)
 
@@ -258,7 +242,10 @@ def new_value(request):
 
 
 def etag(version):
-    return f'"{version}"'  # a strong validator: the version changes with every write
+    """A strong entity tag (RFC 9110 §8.8.3): the version counter, quoted: it changes with every
+    write, so a client's tag that still matches means nobody wrote since it read. Level 02
+    imports it from here."""
+    return f'"{version}"'
 
 
 def precondition(request):

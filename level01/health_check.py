@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from lib import App, ServiceUnavailable, trace_event
 from lib.app import bounded
+from lib.request import utc_timestamp
 
 app = App("health_check", "Liveness and readiness: is the process up, and may it take traffic?",
           port=8001)
@@ -52,11 +53,7 @@ LOCK_WAIT = 2.0              # s the db check waits for sqlite's write lock befo
 STARTED_MONOTONIC = time.monotonic()  # uptime on the monotonic clock: NTP may step the wall clock
 
 
-def rfc3339(timestamp):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
-
-
-STARTED_AT = rfc3339(app.started_at)
+STARTED_AT = utc_timestamp(app.started_at)
 
 
 # --- the checks --------------------------------------------------------------------------------
@@ -137,7 +134,7 @@ class Check:
         with self._lock:
             changed, self.passing = passing != self.passing, passing
         if changed:
-            sys.stderr.write(f"{rfc3339(time.time())} readiness check {self.name}: {result}\n")
+            sys.stderr.write(f"{utc_timestamp()} readiness check {self.name}: {result}\n")
 
 
 def run_checks(checks, timeout):

@@ -9,8 +9,9 @@ What it teaches:
 - Structured logging: each request becomes one JSON object on one line ("JSON Lines"), so a
   machine can filter it (`jq 'select(.status >= 500)'`) and a log shipper can forward it.
 - Keeping secrets out of logs: `Authorization`, `Cookie`, `Set-Cookie` (and headers named like a
-  key or token) and query parameters named like `token`, `password`, `secret` or `key` are
-  written as "[REDACTED]". Bodies are never logged, only their size.
+  key, token or session) and query parameters named like `token`, `password`, `secret`, `key`,
+  `signature`, `passwd`, `pwd`, `auth`, `sig` or `code` (an OAuth code) are written as
+  "[REDACTED]". Bodies are never logged, only their size.
 - Appending from many threads: one `write` of one whole line under a lock, to a file opened in
   append mode, so lines never interleave or tear; size-based rotation (`.1`, `.2`, …), written
   by hand here to show what `logging.handlers.RotatingFileHandler` does.
@@ -33,7 +34,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import unquote_plus
 
@@ -43,6 +44,7 @@ from lib import App, BadRequest, HTTPError, Response, json_response, trace_event
 from lib.app import bounded, exit_usage_error
 from lib.listing import list_params, page
 from lib.middleware import error_response
+from lib.request import utc_timestamp
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LOG = REPO_ROOT / "data" / "request_logger.log"
@@ -55,13 +57,19 @@ app = App("request_logger", "Logs every request as one JSON line; read them back
 
 REDACTED = "[REDACTED]"
 SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie", "set-cookie"}
-# A name containing one of these words names a secret: `api_key`, `access_token`, `X-Api-Key`.
-SECRET_WORDS = ("token", "password", "secret", "key")
+# A name containing one of these words names a secret: `api_key`, `access_token`, `X-Api-Key`,
+# `passwd`, `X-Amz-Signature`.
+SECRET_WORDS = ("token", "password", "passwd", "secret", "key", "signature")
+# Words too short to look for inside others (`code` is in `zipcode`, `auth` in `author`): a name
+# holding one as a word of its own names a secret: `code`, `auth_code`, `sig`, `X-Session`.
+SECRET_NAME_WORDS = {"pwd", "auth", "sig", "code", "session"}
+NAME_WORDS = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|[0-9]+")  # authCode → auth, Code
 
 
 def is_secret_name(name):
     lowered = name.lower()
-    return any(word in lowered for word in SECRET_WORDS)
+    return (any(word in lowered for word in SECRET_WORDS)
+            or any(word.lower() in SECRET_NAME_WORDS for word in NAME_WORDS.findall(name)))
 
 
 def redact_headers(headers):
@@ -90,13 +98,6 @@ def redact_query(query_string):
 
 READ_BLOCK = 64 * 1024        # bytes read at a time when reading a file backwards
 MAX_LINE = 1024 * 1024        # a longer line is not one of ours; it is skipped, never buffered
-
-
-def rfc3339(moment):
-    """RFC 3339, UTC, milliseconds: 2026-11-24T06:41:00.123Z. Fixed width, so that comparing
-    two of them as text compares the times."""
-    utc = moment.astimezone(timezone.utc).replace(tzinfo=None)
-    return utc.isoformat(timespec="milliseconds") + "Z"
 
 
 def parse_entry(line):
@@ -175,7 +176,7 @@ class RequestLog:
     def record(self, fields):
         """Give `fields` its `seq` and `ts`, append it as one line, keep it in the ring."""
         with self.lock:
-            entry = {"ts": rfc3339(datetime.now(timezone.utc)), "seq": self.next_seq, **fields}
+            entry = {"ts": utc_timestamp(timespec="milliseconds"), "seq": self.next_seq, **fields}
             self.next_seq += 1
             line = (json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
             if not self.closed:
@@ -371,7 +372,8 @@ def parse_log_filters(request):
         try:
             if not _RFC3339.match(since):
                 raise ValueError
-            since_ts = rfc3339(datetime.fromisoformat(since.upper().replace(" ", "T")))
+            since_ts = utc_timestamp(datetime.fromisoformat(since.upper().replace(" ", "T")),
+                                     timespec="milliseconds")
         except (ValueError, OverflowError):
             bad("since", "must be an RFC 3339 date-time with a time zone, e.g. 2026-11-24T06:41:00Z")
     if errors:

@@ -21,12 +21,13 @@ _FULL_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")  # RFC 3339 full-date: ex
 
 
 def utc_timestamp(when=None, *, timespec="seconds"):
-    """`when` (seconds since the epoch; default now) as RFC 3339 UTC text, to the `timespec` of
-    `datetime.isoformat`: 2026-11-24T06:41:00Z, …00.123Z ("milliseconds"), …00.123456Z
-    ("microseconds"). Fixed width, so comparing two such texts compares the times."""
-    moment = datetime.datetime.fromtimestamp(time.time() if when is None else when,
-                                             datetime.timezone.utc)
-    return moment.replace(tzinfo=None).isoformat(timespec=timespec) + "Z"
+    """`when` (an aware datetime, or seconds since the epoch; default now) as RFC 3339 UTC text,
+    to the `timespec` of `datetime.isoformat`: 2026-11-24T06:41:00Z, …00.123Z ("milliseconds"),
+    …00.123456Z ("microseconds"). Fixed width, so comparing two such texts compares the times."""
+    if not isinstance(when, datetime.datetime):
+        when = datetime.datetime.fromtimestamp(time.time() if when is None else when,
+                                               datetime.timezone.utc)
+    return when.astimezone(datetime.timezone.utc).replace(tzinfo=None).isoformat(timespec=timespec) + "Z"
 
 
 def bad_query(name, message):

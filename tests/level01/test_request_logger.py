@@ -144,10 +144,15 @@ def test_head_logs_no_bytes_out(server, log_path):
 
 
 SECRET_HEADERS = {"Authorization": "Bearer sekrit-bearer", "Cookie": "session=sekrit-cookie",
-                  "Set-Cookie": "sid=sekrit-set-cookie", "X-Api-Key": "sekrit-api-key"}
+                  "Set-Cookie": "sid=sekrit-set-cookie", "X-Api-Key": "sekrit-api-key",
+                  "X-Session": "sekrit-session"}
 SECRET_PARAMS = {"token": "sekrit-t1", "password": "sekrit-p1", "secret": "sekrit-s1",
                  "key": "sekrit-k1", "api_key": "sekrit-k2", "Access_Token": "sekrit-t2",
-                 "userPassword": "sekrit-p2"}
+                 "userPassword": "sekrit-p2", "passwd": "sekrit-p3", "pwd": "sekrit-p4",
+                 "auth": "sekrit-a1", "authCode": "sekrit-a2", "sig": "sekrit-g1",
+                 "X-Amz-Signature": "sekrit-g2", "code": "sekrit-c1", "session_id": "sekrit-s2"}
+# Names that merely contain a short secret word are not secrets: `code` is in `zipcode`.
+PLAIN_PARAMS = {"q": "shoes", "zipcode": "75001", "author": "ann", "design": "flat"}
 
 
 def test_secret_headers_are_redacted_in_the_file_and_in_echo(server, log_path):
@@ -164,15 +169,16 @@ def test_secret_headers_are_redacted_in_the_file_and_in_echo(server, log_path):
 
 
 def test_secret_query_parameters_are_redacted_everywhere(server, log_path):
-    params = {**SECRET_PARAMS, "q": "shoes"}
+    params = {**SECRET_PARAMS, **PLAIN_PARAMS}
     resp = get(server, "/echo", params=params, headers={"X-Request-Id": "redact-q"})
     query = expect_json(resp, 200)["query"]
     for name in SECRET_PARAMS:
         assert query[name] == ["[REDACTED]"], query
-    assert query["q"] == ["shoes"]
+    for name, value in PLAIN_PARAMS.items():
+        assert query[name] == [value], query
     logged = entry_for(log_path, "redact-q")["query"]
     pairs = dict(pair.split("=", 1) for pair in logged.split("&"))
-    assert pairs == {**{name: "[REDACTED]" for name in SECRET_PARAMS}, "q": "shoes"}, logged
+    assert pairs == {**{name: "[REDACTED]" for name in SECRET_PARAMS}, **PLAIN_PARAMS}, logged
     listed = expect_json(get(server, "/logs?limit=1"), 200)["items"][0]
     assert listed["query"] == logged
     for place, text in (("the log file", log_path.read_text()),

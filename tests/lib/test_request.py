@@ -364,8 +364,10 @@ def test_if_none_match(header, etag, fresh):
     ("microseconds", "2026-11-24T06:41:00.123456Z"),
 ])
 def test_utc_timestamp_is_rfc3339_utc_at_a_fixed_width(timespec, text):
-    when = datetime.datetime(2026, 11, 24, 6, 41, 0, 123456, datetime.timezone.utc).timestamp()
-    assert utc_timestamp(when, timespec=timespec) == text
+    when = datetime.datetime(2026, 11, 24, 6, 41, 0, 123456, datetime.timezone.utc)
+    assert utc_timestamp(when.timestamp(), timespec=timespec) == text
+    paris = datetime.timezone(datetime.timedelta(hours=1))
+    assert utc_timestamp(when.astimezone(paris), timespec=timespec) == text
 
 
 def test_utc_timestamp_defaults_to_now():
