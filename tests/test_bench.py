@@ -3,9 +3,10 @@ a person, never by a timed assertion), but its machinery is, so that it cannot r
 
 Short runs of the Python load generator (the one that needs no wrk) through the scenarios that
 use each of its parts: the fixed-request closed loop and the raw sqlite reference (counter, with
-its check that the stored value equals the increments answered) and the request flows (crud).
-Only what the run did is asserted — every row measured, no errors, the check passed — never a
-speed.
+its check that the stored value equals the increments answered) and the request flows (crud);
+and the idle keep-alive connections scenario with a few connections. Only what the run did is
+asserted — every row measured, no errors, the check passed, every connection answered — never a
+speed or a memory figure. None of them needs the optional uvicorn reference.
 """
 import re
 import subprocess
@@ -16,9 +17,9 @@ import pytest
 from tests.harness import ROOT, clean_env
 
 
-def run_bench(scenario):
+def run_bench(scenario, *options):
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "bench" / "run.py"), "--only", scenario,
-                           "--tool", "python", "--duration", "1", "--connections", "4"],
+                           "--tool", "python", "--duration", "1", "--connections", "4", *options],
                           cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
@@ -49,3 +50,11 @@ def test_a_short_benchmark_run_measures_every_row_without_errors(scenario, serve
         assert all(rps > 0 and errors == 0 for _, rps, errors in measured), output
     if scenario == "counter":
         assert "counter check OK" in output, output
+
+
+def test_a_short_run_holds_idle_connections_and_serves_each_of_them():
+    output = run_bench("connections", "--idle-connections", "20")
+    assert re.search(r"20 keep-alive connections on health_check asyncio, each answered 200\s+20/20\s+all\s+PASS",
+                     output), output
+    assert re.search(r"health_check --server asyncio: memory per idle connection\s+-?[\d.]+ KiB", output), output
+    assert "health_check --server asyncio: 20/20 answered 200" in output, output

@@ -30,8 +30,10 @@ from pathlib import Path
 
 from loadgen import summary
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "level01"))
-from counter import ADD_TO_COUNTER, SCHEMA, start_values_allowing, utc_now  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "level01")]
+from counter import ADD_TO_COUNTER, SCHEMA, start_values_allowing  # noqa: E402
+from lib.request import utc_timestamp  # noqa: E402  (the counter's own timestamp)
 
 
 def run_commits(db_path: str, duration: float) -> dict:
@@ -46,7 +48,7 @@ def run_commits(db_path: str, duration: float) -> dict:
     deadline = started + duration
     now = started
     while now < deadline:
-        params = {"name": "bench", "delta": 1, "now": utc_now(), "low": low, "high": high}
+        params = {"name": "bench", "delta": 1, "now": utc_timestamp(), "low": low, "high": high}
         db.execute(ADD_TO_COUNTER, params).fetchall()  # committed when the statement ends
         finished = time.perf_counter()
         latencies.append(finished - now)
