@@ -44,19 +44,20 @@ import json
 import re
 import sqlite3
 import sys
-import time
 import unicodedata
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
-from lib import (App, BadRequest, Conflict, NotFound, UnprocessableContent, UnsupportedMediaType,
+from lib import (App, BadRequest, Conflict, UnprocessableContent, UnsupportedMediaType,
                  ValidationFailed, created, json_response, no_content, text_response)
 from lib.listing import Sort, SortKey, list_params, page
 from lib.validation import Email, Field, Invalid, Text, TextList, body_schema, validate
 from level02.expenses import csv_document, csv_download, unescape_formula
-from level02.notes import require_user
+from level01.counter import etag
+from level02.notes import (delete_owned, find_owned, owned_for_update, require_user, timestamp,
+                           write_owned)
 
 app = App("contacts", "Contacts with normalised emails and phones, accent-insensitive search, "
                       "CSV and vCard export, CSV import, duplicate detection.", port=8007)
@@ -268,23 +269,17 @@ CONTACT_FIELDS = {
 # that transaction.
 
 
-def utc_now():
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def etag(contact):
-    return f'"{contact["version"]}"'
-
-
-def derived_columns(values):
-    """The columns computed from a contact's fields, for sorting, filtering and search."""
+def contact_columns(values):
+    """A contact's own columns: its single fields, and those computed from all of its fields
+    for sorting, filtering and search."""
     name, company = fold(values["name"]), fold(values["company"])
     name_words = WORD.findall(name)
     found = name_words + WORD.findall(company)
     for address in values["emails"]:
         found += words(address)
     digits = [phone["number"][1:] for phone in values["phones"]]
-    return {"name_key": name,
+    return {"name": values["name"], "company": values["company"], "notes": values["notes"],
+            "name_key": name,
             "person_key": " ".join(sorted(name_words)),
             "company_key": company,
             # Spaces around every word: `instr(search, ' ali')` is "a word starting with ali".
@@ -325,32 +320,28 @@ def write_children(conn, owner, contact_id, values):
 
 def insert_contact(conn, owner, values):
     """Write a new contact and its child rows inside the caller's transaction; returns its id."""
-    now = utc_now()
-    derived = derived_columns(values)
+    now = timestamp()
+    columns = {"owner": owner, **contact_columns(values), "created_at": now, "updated_at": now}
     contact_id = conn.execute(
-        "INSERT INTO contacts (owner, name, company, notes, name_key, person_key, company_key, "
-        "search, phone_digits, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (owner, values["name"], values["company"], values["notes"], derived["name_key"],
-         derived["person_key"], derived["company_key"], derived["search"], derived["phone_digits"],
-         now, now)).lastrowid
+        f"INSERT INTO contacts ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+        tuple(columns.values())).lastrowid   # column names from the code, values as parameters
     write_children(conn, owner, contact_id, values)
     return contact_id
 
 
-def update_contact(conn, owner, contact, values):
-    """Write `values` over `contact` (a dict from `contacts_with_details`)."""
+def update_contact(conn, owner, row, values):
+    """Write `values` over the caller's contact `row`, read by notes' `owned_for_update` in this
+    same transaction: its columns by notes' `write_owned` (the version goes up), its lists
+    replaced, not merged. A change to nothing is no change: the contact and its ETag stay."""
+    contact = contacts_with_details([row])[0]
     merged = {name: values.get(name, contact[name]) for name in CONTACT_FIELDS}
-    derived = derived_columns(merged)
-    conn.execute(
-        "UPDATE contacts SET name = ?, company = ?, notes = ?, name_key = ?, person_key = ?, "
-        "company_key = ?, search = ?, phone_digits = ?, version = version + 1, updated_at = ? "
-        "WHERE id = ?",
-        (merged["name"], merged["company"], merged["notes"], derived["name_key"],
-         derived["person_key"], derived["company_key"], derived["search"], derived["phone_digits"],
-         utc_now(), contact["id"]))
-    for table in ("contact_emails", "contact_phones", "contact_tags"):   # replaced, not merged
-        conn.execute(f"DELETE FROM {table} WHERE contact_id = ?", (contact["id"],))
-    write_children(conn, owner, contact["id"], merged)
+    if all(merged[name] == contact[name] for name in CONTACT_FIELDS):
+        return contact
+    write_owned(conn, "contacts", row, contact_columns(merged))
+    for table in ("contact_emails", "contact_phones", "contact_tags"):
+        conn.execute(f"DELETE FROM {table} WHERE contact_id = ?", (row["id"],))
+    write_children(conn, owner, row["id"], merged)
+    return own_contact(conn, owner, row["id"])
 
 
 def contacts_with_details(rows):
@@ -373,13 +364,9 @@ def contacts_with_details(rows):
              "updated_at": row["updated_at"]} for row in rows]
 
 
-def own_contact(owner, contact_id):
+def own_contact(conn, owner, contact_id):
     """The caller's contact with its details, or 404 — also when it is someone else's."""
-    row = app.state.db.query_one("SELECT * FROM contacts WHERE id = ? AND owner = ?",
-                                 (contact_id, owner))
-    if row is None:
-        raise NotFound(f"contact {contact_id} not found")
-    return contacts_with_details([row])[0]
+    return contacts_with_details([find_owned(conn, "contacts", owner, contact_id)])[0]
 
 
 def contact_json(contact):
@@ -387,7 +374,7 @@ def contact_json(contact):
 
 
 def contact_response(contact, status=200):
-    headers = {"ETag": etag(contact)}
+    headers = {"ETag": etag(contact["version"])}
     if status == 201:
         return created(contact_json(contact), f"/contacts/{contact['id']}", headers=headers)
     return json_response(contact_json(contact), headers=headers)
@@ -509,7 +496,8 @@ def vcard(contact):
         lines.append(f"NOTE:{vcard_text(contact['notes'])}")
     if contact["tags"]:
         lines.append("CATEGORIES:" + ",".join(vcard_text(tag) for tag in contact["tags"]))
-    lines += [f"REV:{contact['updated_at'].replace('-', '').replace(':', '')}", "END:VCARD"]
+    # REV is a timestamp (§4.3.5): basic format, no fraction of a second
+    lines += [f"REV:{re.sub(r'[-:]|[.][0-9]+', '', contact['updated_at'])}", "END:VCARD"]
     return "".join(fold_line(line) + "\r\n" for line in lines)
 
 
@@ -622,7 +610,7 @@ def create_contact(request):
     owner = require_user(request)
     values = validate(request.json_object(), CONTACT_FIELDS, read_only=READ_ONLY)
     with app.state.db.transaction() as conn:
-        contact = own_contact(owner, insert_contact(conn, owner, values))
+        contact = own_contact(conn, owner, insert_contact(conn, owner, values))
     return contact_response(contact, 201)
 
 
@@ -692,17 +680,16 @@ def import_contacts(request):
 @app.get("/contacts/{contact_id:int}", responses={200: "the contact (ETag)", **CONTACT_ERRORS})
 def read_contact(request, contact_id):
     """One of your contacts"""
-    return contact_response(own_contact(require_user(request), contact_id))
+    with app.state.db.reading() as conn:
+        row = find_owned(conn, "contacts", require_user(request), contact_id)
+    return contact_response(contacts_with_details([row])[0])
 
 
 def change_contact(request, owner, contact_id, values):
     """PUT and PATCH: check If-Match and write, in one transaction."""
     with app.state.db.transaction() as conn:
-        contact = own_contact(owner, contact_id)
-        request.require_if_match(etag(contact))
-        if values:
-            update_contact(conn, owner, contact, values)
-            contact = own_contact(owner, contact_id)
+        row = owned_for_update(conn, "contacts", owner, contact_id, request.require_if_match)
+        contact = update_contact(conn, owner, row, values)
     return contact_response(contact)
 
 
@@ -727,10 +714,9 @@ def update_contact_fields(request, contact_id):
 @app.delete("/contacts/{contact_id:int}", responses={204: "deleted", **CONTACT_ERRORS})
 def delete_contact(request, contact_id):
     """Delete a contact and its emails, phones and tags (honours If-Match)"""
-    owner = require_user(request)
-    with app.state.db.transaction() as conn:
-        request.require_if_match(etag(own_contact(owner, contact_id)))
-        conn.execute("DELETE FROM contacts WHERE id = ?", (contact_id,))   # children: ON DELETE CASCADE
+    # The emails, phones and tags go with it: ON DELETE CASCADE.
+    delete_owned(app.state.db, "contacts", require_user(request), contact_id,
+                 request.require_if_match)
     return no_content()
 
 

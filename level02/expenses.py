@@ -37,17 +37,18 @@ import io
 import re
 import sqlite3
 import sys
-import time
 import unicodedata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
-from lib import (App, BadRequest, Conflict, NotFound, ValidationFailed, created, json_response,
-                 no_content, text_response)
+from lib import App, Conflict, ValidationFailed, created, json_response, no_content, text_response
 from lib.listing import Sort, SortKey, list_params, page
+from lib.request import bad_query
 from lib.validation import Date, Field, Integer, Invalid, Text, body_schema, validate
-from level02.notes import require_user
+from level01.counter import etag
+from level02.notes import (delete_owned, find_owned, owned_for_update, require_user, timestamp,
+                           update_owned)
 
 app = App("expenses", "Expenses in exact money: decimal strings stored as integer minor units, "
                       "per-user categories, summaries per currency, CSV export.", port=8006)
@@ -197,12 +198,9 @@ def csv_download(text, filename):
 # --- the domain: categories and expenses ----------------------------------------------------
 
 
-def utc_now():
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def etag(row):
-    return f'"{row["version"]}"'
+def tagged(row):
+    """The headers of an answer that is one row: its ETag, the row's version."""
+    return {"ETag": etag(row["version"])}
 
 
 def category_key(name):
@@ -225,28 +223,12 @@ def expense_json(row):
 
 # Every lookup by id also matches the owner: another user's row is simply not found, so the
 # answer is the same 404 whether it exists or not (level02.md: never reveal it with a 403).
+# notes.py's find_owned, update_owned and delete_owned do that for every row read or written
+# by id; the check below is the same rule for a reference inside a body.
 #
-# These read with `app.state.db.query_one`, inside a transaction or not: lib/storage.py gives
-# each thread one connection, so on the thread that runs `with db.transaction()` a query *is*
-# part of that transaction and sees (and is protected by) it.
-
-
-def own_category(owner, category_id):
-    """The caller's category, or 404."""
-    row = app.state.db.query_one("SELECT * FROM categories WHERE id = ? AND owner = ?",
-                                 (category_id, owner))
-    if row is None:
-        raise NotFound(f"category {category_id} not found")
-    return row
-
-
-def own_expense(owner, expense_id):
-    """The caller's expense, or 404."""
-    row = app.state.db.query_one("SELECT * FROM expenses WHERE id = ? AND owner = ?",
-                                 (expense_id, owner))
-    if row is None:
-        raise NotFound(f"expense {expense_id} not found")
-    return row
+# It reads with `app.state.db.query_one`, inside a transaction or not: lib/storage.py gives each
+# thread one connection, so on the thread that runs `with db.transaction()` a query *is* part of
+# that transaction and sees (and is protected by) it.
 
 
 def require_category_reference(owner, category_id, field="category_id"):
@@ -271,22 +253,6 @@ def name_taken(owner, name):
 # --- reading the query string of lists, summaries and exports -------------------------------
 
 
-def bad_query(name, message):
-    return BadRequest(f"query parameter '{name}' {message}", errors=[{"field": name, "message": message}])
-
-
-def query_date(request, name):
-    """A YYYY-MM-DD query parameter, checked by the same `Date` field as bodies; an impossible
-    date (2026-02-30) is a 400 here, since it is a bad query parameter (common.md)."""
-    text = request.query_param(name)
-    if not text:
-        return None
-    try:
-        return Date().clean(text)
-    except Invalid as err:
-        raise bad_query(name, str(err)) from None
-
-
 def query_amount(request, name):
     text = request.query_param(name)
     if not text:
@@ -302,7 +268,8 @@ def expense_filter(request, owner):
     for the list, the summary and the export, so the three always agree. Values are always
     parameters, never pasted into the SQL text."""
     where, params = ["e.owner = ?"], [owner]
-    start, end = query_date(request, "from"), query_date(request, "to")
+    # An impossible date (2026-02-30) is a 400 here: a bad query parameter (common.md).
+    start, end = request.query_date("from"), request.query_date("to")
     if start and end and start > end:
         raise bad_query("from", "must not be after 'to'")
     low, high = query_amount(request, "min"), query_amount(request, "max")
@@ -313,6 +280,7 @@ def expense_filter(request, owner):
     if currency and not CURRENCY_CODE.fullmatch(currency):
         raise bad_query("currency", "must be an ISO 4217 code: three capital letters")
     q = (request.query_param("q") or "").strip().casefold()
+    start, end = start and start.isoformat(), end and end.isoformat()
     for clause, value in (("e.date >= ?", start), ("e.date <= ?", end),
                           ("e.amount_minor >= ?", low), ("e.amount_minor <= ?", high),
                           ("e.category_id = ?", category_id), ("e.currency = ?", currency or None),
@@ -383,7 +351,7 @@ def create_category(request):
     """Create a category of your own (names unique per user, case-insensitively)"""
     owner = require_user(request)
     values = validate(request.json_object(), CATEGORY_FIELDS, read_only=READ_ONLY)
-    now = utc_now()
+    now = timestamp()
     with app.state.db.transaction() as conn:
         try:
             # fetchall: step the statement to its end, so it is finished before COMMIT
@@ -393,7 +361,7 @@ def create_category(request):
                 (owner, values["name"], category_key(values["name"]), now, now)).fetchall()[0]
         except sqlite3.IntegrityError:
             raise name_taken(owner, values["name"]) from None
-    return created(category_json(row), f"/categories/{row['id']}", headers={"ETag": etag(row)})
+    return created(category_json(row), f"/categories/{row['id']}", headers=tagged(row))
 
 
 @app.get("/categories", query=PAGE, responses={200: '{"items", "next_cursor"}, by name', **USER})
@@ -412,8 +380,9 @@ def list_categories(request):
 def read_category(request, category_id):
     """One of your categories (ETag: its version)"""
     owner = require_user(request)
-    row = own_category(owner, category_id)
-    return json_response(category_json(row), headers={"ETag": etag(row)})
+    with app.state.db.reading() as conn:
+        row = find_owned(conn, "categories", owner, category_id)
+    return json_response(category_json(row), headers=tagged(row))
 
 
 @app.patch("/categories/{category_id:int}",
@@ -424,18 +393,13 @@ def rename_category(request, category_id):
     """Rename a category (honours If-Match)"""
     owner = require_user(request)
     values = validate(request.json_object(), CATEGORY_FIELDS, partial=True, read_only=READ_ONLY)
-    with app.state.db.transaction() as conn:
-        row = own_category(owner, category_id)
-        request.require_if_match(etag(row))    # inside the transaction: still current at the write
-        if "name" in values:
-            try:
-                row = conn.execute(
-                    "UPDATE categories SET name = ?, name_key = ?, version = version + 1, "
-                    "updated_at = ? WHERE id = ? RETURNING *",
-                    (values["name"], category_key(values["name"]), utc_now(), category_id)).fetchall()[0]
-            except sqlite3.IntegrityError:
-                raise name_taken(owner, values["name"]) from None
-    return json_response(category_json(row), headers={"ETag": etag(row)})
+    changes = {"name": values["name"], "name_key": category_key(values["name"])} if values else {}
+    try:   # If-Match is checked inside the write's transaction: still current at the write
+        row = update_owned(app.state.db, "categories", owner, category_id,
+                           request.require_if_match, lambda current: changes)
+    except sqlite3.IntegrityError:
+        raise name_taken(owner, values["name"]) from None
+    return json_response(category_json(row), headers=tagged(row))
 
 
 @app.delete("/categories/{category_id:int}",
@@ -448,15 +412,14 @@ def delete_category(request, category_id):
     owner = require_user(request)
     reassign_to = request.query_int("reassign_to", None, low=1, high=MAX_ID)
     with app.state.db.transaction() as conn:
-        row = own_category(owner, category_id)
-        request.require_if_match(etag(row))
+        owned_for_update(conn, "categories", owner, category_id, request.require_if_match)
         if reassign_to is not None:
             if reassign_to == category_id:
                 raise ValidationFailed({"reassign_to": "must be another category than the one deleted"})
             require_category_reference(owner, reassign_to, field="reassign_to")
             # Moved expenses change, so their versions (ETags) change too.
             conn.execute("UPDATE expenses SET category_id = ?, version = version + 1, updated_at = ? "
-                         "WHERE category_id = ? AND owner = ?", (reassign_to, utc_now(), category_id, owner))
+                         "WHERE category_id = ? AND owner = ?", (reassign_to, timestamp(), category_id, owner))
         else:
             used = conn.execute("SELECT count(*) FROM expenses WHERE category_id = ?",
                                 (category_id,)).fetchone()[0]
@@ -496,26 +459,26 @@ def save_expense(conn, owner, values, now):
     return row[0]
 
 
+def expense_columns(values):
+    """Validated fields → column values: the amount in minor units, the note with its key."""
+    columns = {"amount_minor" if name == "amount" else name: value for name, value in values.items()}
+    if "note" in values:
+        columns["note_key"] = values["note"].casefold()
+    return columns
+
+
 def change_expense(request, owner, expense_id, values):
-    """PUT and PATCH: write `values` over the caller's expense, in one transaction that also
-    checks If-Match and the category reference. An empty PATCH changes nothing, not even the
-    version."""
-    with app.state.db.transaction() as conn:
-        row = own_expense(owner, expense_id)
-        request.require_if_match(etag(row))
-        if not values:
-            return json_response(expense_json(row), headers={"ETag": etag(row)})
+    """PUT and PATCH: write `values` over the caller's expense with notes' `update_owned` (404,
+    If-Match, one transaction), which also holds the check of the category reference. A change
+    to nothing (an empty PATCH) is no change, not even of the version."""
+    def changes_for(row):
         if "category_id" in values:
             require_category_reference(owner, values["category_id"])
-        merged = {"amount": row["amount_minor"], "currency": row["currency"],
-                  "category_id": row["category_id"], "date": row["date"], "note": row["note"],
-                  **values}
-        row = conn.execute(
-            "UPDATE expenses SET amount_minor = ?, currency = ?, category_id = ?, date = ?, "
-            "note = ?, note_key = ?, version = version + 1, updated_at = ? WHERE id = ? RETURNING *",
-            (merged["amount"], merged["currency"], merged["category_id"], merged["date"],
-             merged["note"], merged["note"].casefold(), utc_now(), expense_id)).fetchall()[0]
-    return json_response(expense_json(row), headers={"ETag": etag(row)})
+        return expense_columns(values)
+
+    row = update_owned(app.state.db, "expenses", owner, expense_id, request.require_if_match,
+                       changes_for)
+    return json_response(expense_json(row), headers=tagged(row))
 
 
 @app.post("/expenses", request_schema=body_schema(EXPENSE_FIELDS),
@@ -528,8 +491,8 @@ def create_expense(request):
         # The check and the INSERT share one transaction: the category cannot be deleted
         # between them.
         require_category_reference(owner, values["category_id"])
-        row = save_expense(conn, owner, values, utc_now())
-    return created(expense_json(row), f"/expenses/{row['id']}", headers={"ETag": etag(row)})
+        row = save_expense(conn, owner, values, timestamp())
+    return created(expense_json(row), f"/expenses/{row['id']}", headers=tagged(row))
 
 
 @app.get("/expenses", query={**FILTERS, **SORT_HELP, **PAGE},
@@ -593,8 +556,9 @@ def export_expenses(request):
 def read_expense(request, expense_id):
     """One of your expenses"""
     owner = require_user(request)
-    row = own_expense(owner, expense_id)
-    return json_response(expense_json(row), headers={"ETag": etag(row)})
+    with app.state.db.reading() as conn:
+        row = find_owned(conn, "expenses", owner, expense_id)
+    return json_response(expense_json(row), headers=tagged(row))
 
 
 @app.put("/expenses/{expense_id:int}", request_schema=body_schema(EXPENSE_FIELDS),
@@ -618,11 +582,8 @@ def update_expense(request, expense_id):
 @app.delete("/expenses/{expense_id:int}", responses={204: "deleted", **EXPENSE_ERRORS})
 def delete_expense(request, expense_id):
     """Delete an expense (honours If-Match)"""
-    owner = require_user(request)
-    with app.state.db.transaction() as conn:
-        row = own_expense(owner, expense_id)
-        request.require_if_match(etag(row))
-        conn.execute("DELETE FROM expenses WHERE id = ?", (expense_id,))
+    delete_owned(app.state.db, "expenses", require_user(request), expense_id,
+                 request.require_if_match)
     return no_content()
 
 

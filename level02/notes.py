@@ -32,7 +32,6 @@ with ranking (level04/search_api.py), edit history and undo.
 
     python level02/notes.py [--db PATH] [--trace] [--server threaded]
 """
-import datetime
 import json
 import re
 import sys
@@ -40,10 +39,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
-from lib import (App, BadRequest, NotFound, PreconditionFailed, Unauthorized, created,
-                 json_response, no_content)
+from lib import App, NotFound, PreconditionFailed, Unauthorized, created, json_response, no_content
 from lib.listing import Sort, SortKey, list_params, page
+from lib.request import bad_query, utc_timestamp
 from lib.validation import Boolean, Invalid, Text, TextList, body_schema, validate
+from level01.counter import etag
 
 app = App("notes", "Each user's own notes: CRUD, validation, ownership, ETags and keyset pages.",
           port=8004)
@@ -110,20 +110,16 @@ MAX_SEARCH = 200  # characters of `q`
 
 
 # --------------------------------------------------------------------------------------------
-# A user's stored objects: read, update and delete only your own (todos imports these too)
+# A user's stored objects: read, update and delete only your own (todos, expenses and contacts
+# import these too)
 
 
 def timestamp():
     """Now, RFC 3339 in UTC with microseconds (`2026-11-24T06:41:00.123456Z`). Always the same
     width, so comparing the text compares the times; microseconds so that `updated_at` moves on
     every change, even two in one second. (The version, not the clock, is what detects a change:
-    a clock can be stepped back.)"""
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def etag(version):
-    """A strong entity tag (RFC 9110 §8.8.3): the version counter, quoted."""
-    return f'"{version}"'
+    a clock can be stepped back.) The ETag is level01/counter.py's: the version, quoted."""
+    return utc_timestamp(timespec="microseconds")
 
 
 SQLITE_MAX_INTEGER = 2**63 - 1
@@ -137,42 +133,51 @@ def find_owned(conn, table, owner, object_id):
         row = conn.execute(f"SELECT * FROM {table} WHERE id = ? AND owner = ?",
                            (object_id, owner)).fetchone()
     if row is None:
-        raise NotFound(f"no {table[:-1]} {object_id}")
+        raise NotFound(f"no {object_id} among your {table}")
     return row
 
 
-def update_owned(db, table, owner, object_id, require_if_match, changes_for):
-    """Every update's read-check-write, in one transaction so nothing slips in between: read
-    the caller's row (404), check the client's `If-Match` against its version (412, and the
-    rollback), write `changes_for(row)` (column → value) with the version bumped and a new
-    `updated_at`. Returns the row as it now is.
+def owned_for_update(conn, table, owner, object_id, require_if_match):
+    """The caller's row (404), read inside the transaction that will write it, once the client's
+    `If-Match` names its current version (412, and the rollback)."""
+    row = find_owned(conn, table, owner, object_id)
+    require_if_match(etag(row["version"]))
+    return row
 
-    A write that changes nothing is not a change: the row, and so its ETag, stays as it was.
-    `AND version = ?` makes the write conditional on nobody having written since the read.
-    sqlite's `BEGIN IMMEDIATE` already keeps other writers out of this transaction; the
-    condition is what keeps the code correct on a database that does not (Postgres at READ
-    COMMITTED), and costs nothing here."""
+
+def write_owned(conn, table, row, changes):
+    """Write `changes` (column → value) over `row` with the version bumped and a new
+    `updated_at`; returns the row as it now is. `AND version = ?` makes the write conditional
+    on nobody having written since the read. sqlite's `BEGIN IMMEDIATE` already keeps other
+    writers out of the transaction; the condition is what keeps the code correct on a database
+    that does not (Postgres at READ COMMITTED), and costs nothing here."""
+    assignments = "".join(f"{column} = ?, " for column in changes)  # names from the code
+    done = conn.execute(
+        f"UPDATE {table} SET {assignments}version = version + 1, updated_at = ? "
+        "WHERE id = ? AND owner = ? AND version = ?",
+        (*changes.values(), timestamp(), row["id"], row["owner"], row["version"]))
+    if done.rowcount != 1:
+        raise PreconditionFailed(f"{row['id']} in {table} was changed by another request")
+    return conn.execute(f"SELECT * FROM {table} WHERE id = ?", (row["id"],)).fetchone()
+
+
+def update_owned(db, table, owner, object_id, require_if_match, changes_for):
+    """Every update's read-check-write, in one transaction so nothing slips in between:
+    `owned_for_update` (404, 412), then `write_owned` of `changes_for(row)` (column → value).
+    Returns the row as it now is. A write that changes nothing is not a change: the row, and so
+    its ETag, stays as it was."""
     with db.transaction() as conn:
-        row = find_owned(conn, table, owner, object_id)
-        require_if_match(etag(row["version"]))
+        row = owned_for_update(conn, table, owner, object_id, require_if_match)
         changes = changes_for(row)
         if all(row[column] == value for column, value in changes.items()):
             return row
-        assignments = "".join(f"{column} = ?, " for column in changes)  # names from the code
-        done = conn.execute(
-            f"UPDATE {table} SET {assignments}version = version + 1, updated_at = ? "
-            "WHERE id = ? AND owner = ? AND version = ?",
-            (*changes.values(), timestamp(), object_id, owner, row["version"]))
-        if done.rowcount != 1:
-            raise PreconditionFailed(f"{table[:-1]} {object_id} was changed by another request")
-        return conn.execute(f"SELECT * FROM {table} WHERE id = ?", (object_id,)).fetchone()
+        return write_owned(conn, table, row, changes)
 
 
 def delete_owned(db, table, owner, object_id, require_if_match):
     """Delete the caller's row: 404 if it is not theirs, 412 if `If-Match` is stale."""
     with db.transaction() as conn:
-        row = find_owned(conn, table, owner, object_id)
-        require_if_match(etag(row["version"]))
+        row = owned_for_update(conn, table, owner, object_id, require_if_match)
         conn.execute(f"DELETE FROM {table} WHERE id = ? AND owner = ? AND version = ?",
                      (object_id, owner, row["version"]))
 
@@ -196,9 +201,7 @@ def text_search(request, columns):
     if not q:
         return []
     if len(q) > MAX_SEARCH:
-        message = f"must be at most {MAX_SEARCH} characters"
-        raise BadRequest(f"query parameter 'q' {message}",
-                         errors=[{"field": "q", "message": message}])
+        raise bad_query("q", f"must be at most {MAX_SEARCH} characters")
     condition = " OR ".join(f"{column} LIKE ? ESCAPE '\\'" for column in columns)
     return [(f"({condition})", [like_pattern(q)] * len(columns))]
 
@@ -213,8 +216,7 @@ def tag_filters(request, table):
         try:
             tag = TAGS.item.clean(value)
         except Invalid as err:
-            raise BadRequest(f"query parameter 'tag' {err}",
-                             errors=[{"field": "tag", "message": str(err)}]) from None
+            raise bad_query("tag", str(err)) from None
         filters.append((f"EXISTS (SELECT 1 FROM json_each({table}.tags) WHERE value = ?)", [tag]))
     return filters
 

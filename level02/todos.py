@@ -43,10 +43,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
-from lib import App, BadRequest, NotFound, created, json_response, no_content
+from lib import App, NotFound, created, json_response, no_content
 from lib.listing import Sort, SortKey, list_params, page
+from lib.request import bad_query
 from lib.validation import Boolean, Choice, Date, Field, Invalid, Text, body_schema, validate
-from level02.notes import (TAGS, delete_owned, etag, find_owned, require_user, tag_filters,
+from level01.counter import etag
+from level02.notes import (TAGS, delete_owned, find_owned, require_user, tag_filters,
                            text_search, timestamp, update_owned)
 
 app = App("todos", "Each user's to-do list: due dates in their time zone, priorities, "
@@ -110,9 +112,7 @@ def user_today(request):
     elif name in known_time_zones():
         zone = zoneinfo.ZoneInfo(name)
     else:
-        message = "must be an IANA time zone name such as Europe/Paris"
-        raise BadRequest(f"query parameter 'tz' {message}",
-                         errors=[{"field": "tz", "message": message}])
+        raise bad_query("tz", "must be an IANA time zone name such as Europe/Paris")
     return name, datetime.datetime.now(zone).date()
 
 
