@@ -186,18 +186,21 @@ def mailbox_key(address):
 
 
 class EmailList(Field):
-    """Up to 10 email addresses (lib.validation.Email each), duplicates dropped in order."""
+    """Up to 10 email addresses (lib.validation.Email each, so one rule for every address of
+    every project), duplicates dropped in order. The limit bounds the list as sent, before any
+    address is looked at, as lib.validation.TextList does."""
 
     item = Email()
 
     def shape(self):
-        # No uniqueItems: a repeat (in any case) is dropped, not refused. `clean` counts the
-        # distinct addresses, so maxItems is a little stricter than it: the documented contract.
+        # No uniqueItems: a repeat (in any case) is dropped, not refused.
         return {"type": "array", "maxItems": MAX_EMAILS, "items": self.item.shape()}
 
     def clean(self, value):
         if not isinstance(value, list):
             raise Invalid("must be a list of email addresses")
+        if len(value) > MAX_EMAILS:
+            raise Invalid(f"must have at most {MAX_EMAILS} addresses")
         addresses = {}
         for index, item in enumerate(value):
             try:
@@ -205,8 +208,6 @@ class EmailList(Field):
             except Invalid as err:
                 raise Invalid(f"item {index} {err}") from None
             addresses.setdefault(email_key(address), address)
-        if len(addresses) > MAX_EMAILS:
-            raise Invalid(f"must have at most {MAX_EMAILS} addresses")
         return list(addresses.values())
 
 
@@ -223,6 +224,8 @@ class PhoneList(Field):
     def clean(self, value):
         if not isinstance(value, list):
             raise Invalid('must be a list of phone numbers as strings, like ["+1 555 123 4567"]')
+        if len(value) > MAX_PHONES:  # the list as sent, before any work on it
+            raise Invalid(f"must have at most {MAX_PHONES} numbers")
         phones = {}
         for index, item in enumerate(value):
             if not isinstance(item, str) or not 1 <= len(item.strip()) <= 50:
@@ -232,8 +235,6 @@ class PhoneList(Field):
             except Invalid as err:
                 raise Invalid(f"item {index} {err}") from None
             phones.setdefault(number, {"number": number, "label": item.strip()})
-        if len(phones) > MAX_PHONES:
-            raise Invalid(f"must have at most {MAX_PHONES} numbers")
         return list(phones.values())
 
 
@@ -392,8 +393,11 @@ def contact_filter(request, owner):
         # Digits (however formatted) search phone numbers: "555 123" finds +1 (555) 123-4567.
         where.append("instr(c.phone_digits, ?) > 0")
         params.append(re.sub(r"[^0-9]", "", q))
-    else:
-        for word in words(q):  # every word of q must start some word of the contact
+    elif q:
+        wanted = words(q)
+        if not wanted:  # only punctuation: nothing to look for, so nothing is found
+            where.append("0")
+        for word in wanted:  # every word of q must start some word of the contact
             where.append("instr(c.search, ?) > 0")
             params.append(" " + word)
     for tag in request.query.get("tag", []):

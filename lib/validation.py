@@ -25,6 +25,7 @@ booleans — `1` and `"true"` are not `true`.
 """
 import datetime
 import re
+import unicodedata
 
 from lib.problems import ValidationFailed
 
@@ -195,7 +196,13 @@ class Email(Field):
     parts, comments and IP-literal domains are valid by the RFC but refused here, as most
     services do. Only the domain is lower-cased: RFC 5321 §2.4 lets the mailbox server treat
     `Ann` and `ann` as different people, so deciding that they are one account (a unique index
-    on the case-folded address) is the caller's choice, not the validator's."""
+    on the case-folded address) is the caller's choice, not the validator's.
+
+    Unicode first, before anything else: the address is put in NFC (RFC 6532 §3.1), so `josé`
+    typed with `é` or with `e` + U+0301 is one address, not two accounts. Compatibility forms
+    (fullwidth `ｊｏｅ`, ligatures like `ﬁ`, superscripts: whatever NFKC would change) are
+    refused rather than folded: folding would silently turn one mailbox into another (RFC 6532
+    advises against NFKC for addresses), and refusing keeps look-alike twins of an address out."""
 
     _LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010ffff-]+"
                         r"(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010ffff-]+)*")
@@ -216,7 +223,9 @@ class Email(Field):
     @classmethod
     def normalise(cls, text):
         """`text` as a normalised address, or None when it is not a sane one."""
-        text = text.strip()
+        text = unicodedata.normalize("NFC", text.strip())
+        if unicodedata.normalize("NFKC", text) != text:
+            return None
         local, at, domain = text.rpartition("@")
         domain = domain.lower()
         labels = domain.split(".")
@@ -225,11 +234,15 @@ class Email(Field):
                 or len(labels) < 2 or labels[-1].isdigit()
                 or not all(cls._LABEL.fullmatch(label) for label in labels)):
             return None
-        return f"{local}@{domain}"
+        return unicodedata.normalize("NFC", f"{local}@{domain}")  # lower() can undo NFC ("İ")
 
 
 class TextList(Field):
-    """A list of short strings, trimmed; optionally lower-cased and de-duplicated in order."""
+    """A list of short strings, trimmed; optionally lower-cased and de-duplicated in order.
+
+    `max_items` bounds the list as sent, duplicates included, and is checked before any item
+    is looked at: so a body of 100,000 copies of one tag costs one `len()`, and the limit is
+    the `maxItems` that /openapi.json documents."""
 
     def __init__(self, *, max_items=10, item_min=1, item_max=100, lower=False, unique=True, **kw):
         super().__init__(**kw)
@@ -243,6 +256,8 @@ class TextList(Field):
     def clean(self, value):
         if not isinstance(value, list):
             raise Invalid("must be a list of strings")
+        if len(value) > self.max_items:
+            raise Invalid(f"must have at most {self.max_items} items")
         items, seen = [], set()
         for index, item in enumerate(value):
             try:
@@ -253,8 +268,6 @@ class TextList(Field):
                 continue
             seen.add(item)
             items.append(item)
-            if len(items) > self.max_items:  # stop at once: a huge list costs no more than this
-                raise Invalid(f"must have at most {self.max_items} items")
         return items
 
 

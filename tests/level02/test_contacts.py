@@ -117,6 +117,11 @@ def test_only_a_name_is_required(client):
     ({"name": "x", "emails": ["a b@c.example"]}, "emails"),
     ({"name": "x", "emails": ["a@-bad-.example"]}, "emails"),
     ({"name": "x", "emails": [f"a{n}@b.example" for n in range(11)]}, "emails"),
+    # List limits bound the list as sent, before any work on it (duplicates count).
+    ({"name": "x", "emails": ["a@b.example"] * 50_000}, "emails"),
+    ({"name": "x", "phones": ["+1 555 010 4477"] * 11}, "phones"),
+    ({"name": "x", "tags": ["t"] * 21}, "tags"),
+    ({"name": "x", "emails": ["\uff4a\uff4f\uff45@example.com"]}, "emails"),   # fullwidth ｊｏｅ
     ({"name": "x", "phones": ["555 0104"]}, "phones"),          # no + and no default country code
     ({"name": "x", "phones": ["+1 555"]}, "phones"),            # too short
     ({"name": "x", "phones": ["+1234567890123456"]}, "phones"),  # 16 digits: longer than E.164
@@ -185,6 +190,16 @@ def test_an_email_belongs_to_one_contact_per_user(client):
     # nothing of the refused contact was written: its other address is still free
     client.contact("Third", emails=["new@example.com"])
     assert client.names(sort="name") == ["First", "Third"]
+
+
+def test_an_email_is_one_address_however_its_unicode_is_composed(client):
+    """`josé` typed with é (NFC) or with e + a combining accent (NFD) is one address."""
+    first = client.contact("First", emails=["jos\u00e9@example.com"])
+    problem = expect_problem(client.post("/contacts", {"name": "Second",
+                                                       "emails": ["jose\u0301@example.com"]}), 409)
+    assert problem["contact_id"] == first["id"]
+    one = client.contact("Fourth", emails=["bo\u0301@example.com", "b\u00f3@example.com"])
+    assert one["emails"] == ["b\u00f3@example.com"], "one address, in NFC, given twice"
 
 
 def test_updates_keep_emails_unique_too(client):
@@ -311,6 +326,11 @@ def people(client):
     ("+33 1 23", ["Émile Zola"]),
     ("999", []),
     ("zzz", []),
+    # Nothing to look for is no match, not every contact: punctuation alone, or a + or ( )
+    # without a digit. Only an empty (or blank) q is no filter at all.
+    ("!!!", []), ("-", []), ("+", []), ("()", []), ("@.", []), ("_", []),
+    ("   ", ["Alice Smith", "bob jones", "Émile Zola", "José Álvarez", "Natalie Wood",
+            "Smith, Ali"]),
 ])
 def test_search(people, q, expected):
     assert people.names(q=q) == expected

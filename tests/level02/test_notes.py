@@ -95,8 +95,18 @@ def test_limits_are_inclusive(alice):
     note = alice.create(title="x" * 200, body="b" * 100_000,
                         tags=["y" * 30] + [f"t{i}" for i in range(9)])
     assert len(note["title"]) == 200 and len(note["tags"]) == 10
-    # Eleven tags that are ten once de-duplicated are fine.
-    assert len(alice.create(tags=[f"t{i}" for i in range(10)] + ["T0"])["tags"]) == 10
+    assert alice.create(tags=["a", "A", "b"])["tags"] == ["a", "b"]
+
+
+@pytest.mark.parametrize("tags", [
+    pytest.param([f"t{i}" for i in range(10)] + ["T0"], id="eleven-ten-once-de-duplicated"),
+    pytest.param(["home"] * 100_000, id="one-tag-100000-times"),
+])
+def test_the_tag_limit_bounds_the_list_as_sent(alice, tags):
+    """At most 10 tags as sent, duplicates included: the raw list is bounded before any work
+    is done on it (a body of 100,000 copies of one tag is refused, not de-duplicated)."""
+    assert error_fields(expect_problem(alice.post("/notes", json={"title": "t", "tags": tags}),
+                                       422)) == {"tags"}
 
 
 @pytest.mark.parametrize("field", ["id", "owner", "version", "created_at", "updated_at",
