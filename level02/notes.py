@@ -133,7 +133,7 @@ def find_owned(conn, table, owner, object_id):
         row = conn.execute(f"SELECT * FROM {table} WHERE id = ? AND owner = ?",
                            (object_id, owner)).fetchone()
     if row is None:
-        raise NotFound(f"no {object_id} among your {table}")
+        raise NotFound(f"nothing at /{table}/{object_id}")  # each table is its route too
     return row
 
 
