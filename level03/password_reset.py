@@ -10,8 +10,9 @@ What it teaches
     password, so two simultaneous resets cannot both win), and a newer request kills the older
     link. At most 3 emails per address per hour, counted for addresses without an account too.
   - Equal work for "exists" and "does not exist": the same SQL statements run either way (for
-    an unknown address they touch no rows), and the slow part, building and sending the mail,
-    happens on a background thread, off the request path.
+    an unknown address they touch no rows), the mail is built either way (and dropped when
+    there is no account, as login hashes against a dummy), and the part that can be slow and
+    only a real account needs, delivering the mail, happens on a background thread.
   - After a reset: every refresh token of the user is revoked (signed out everywhere), the
     login lockout is lifted, and a "your password was changed" email is sent.
   - Where tokens leak in practice, and how this server keeps them in: the access log and the
@@ -64,7 +65,8 @@ from lib.validation import Email, Text, body_schema, validate
 from level03.jwt_auth import (AUTH_BODY_LIMIT, CREDENTIALS, REFRESH, SCHEMA as IDENTITY_SCHEMA,
                               SIGN_UP, Auth, Password, add_auth_arguments, email_argument,
                               email_key, hash_password, log_in, log_out, password_problem,
-                              read_me, refresh, require_user, sign_up, token_hash)
+                              read_me, refresh, require_user, sign_up, token_hash,
+                              utc_now_text)
 
 app = App("password_reset", "Forgot your password? A single-use reset link by email, without "
           "telling anyone which accounts exist.", port=8011)
@@ -107,9 +109,10 @@ MAIL_WINDOW_S = 3600           # … per hour
 
 
 class ResetRequest(NamedTuple):
-    """What `request_password_reset` decided: the mail to send, if any."""
+    """What `request_password_reset` decided: whether to send the mail, and its token (made
+    for every request, so that the mail can be built for every request too)."""
     send_to: str | None        # the address stored on the account; None: no mail
-    token: str | None
+    token: str
 
 
 def allow_reset_mail(conn, key, now):
@@ -130,8 +133,8 @@ def allow_reset_mail(conn, key, now):
 def request_password_reset(auth, email, ttl_s, now=None):
     """What `POST /auth/forgot` does, in one transaction. A token is made and hashed for every
     request, and the same statements run whether the account exists or not: for an unknown
-    address (or one over its limit) they simply match no rows. Only then does the answer differ,
-    and only inside the server: whether a mail is queued."""
+    address (or one over its limit) they simply match no rows. Only then does the outcome differ,
+    and only inside the server: whether the mail is sent."""
     now = time.time() if now is None else now
     token = secrets.token_urlsafe(TOKEN_BYTES)
     stored_hash = token_hash(token)   # jwt_auth's SHA-256: a stolen database holds no usable link
@@ -148,7 +151,7 @@ def request_password_reset(auth, email, ttl_s, now=None):
             (stored_hash, now, now + ttl_s, user_id)).rowcount
     if not inserted:
         trace_event("no reset token issued: nothing to send, the same answer")
-        return ResetRequest(None, None)
+        return ResetRequest(None, token)
     trace_event("reset token issued: its SHA-256 stored, the token goes only into the mail")
     # To the address on the account, never to the one typed: `ß` and `ss` case-fold alike, and
     # answering to the typed address would mail the link to whoever typed a look-alike.
@@ -340,17 +343,18 @@ def deliver(message, settings):
 
 
 def log_line(text):
-    sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {text}\n")
+    sys.stderr.write(f"{utc_now_text()} {text}\n")
     sys.stderr.flush()
 
 
 class Mailer:
-    """One background thread that builds and delivers mail, so that no request waits for it.
+    """One background thread that delivers mail, so that no request waits for an SMTP server
+    or an fsync. That keeps `POST /auth/forgot` for a known address (a mail to deliver) as fast
+    as for an unknown one (none): the request only puts the built message on a queue.
 
-    That is what makes `POST /auth/forgot` answer a known address as fast as an unknown one:
-    the request only puts a job on a queue. The price: a job still in the queue is lost if the
-    process dies (the user asks again); level 05's email_queue makes the queue durable, with
-    retries. Jobs are delivered in the order they were posted."""
+    The price: a message still in the queue is lost if the process dies (the user asks again);
+    level 05's email_queue makes the queue durable, with retries. Messages are delivered in the
+    order they were posted."""
 
     def __init__(self, settings, limit=MAIL_QUEUE_LIMIT):
         self.settings = settings
@@ -358,20 +362,18 @@ class Mailer:
         self.thread = threading.Thread(target=self._run, name="mailer", daemon=True)
         self.thread.start()
 
-    def post(self, build, *args):
-        """Queue `build(settings, *args)` → an EmailMessage, to be delivered."""
+    def post(self, message):
+        """Queue an EmailMessage, to be delivered."""
         try:
-            self.jobs.put_nowait((build, args))
+            self.jobs.put_nowait(message)
         except queue.Full:
             log_line(f"mail queue full ({MAIL_QUEUE_LIMIT}): a message was dropped")
             return
-        trace_event(f"mail queued: {build.__name__}")
+        trace_event(f"mail queued: {message['Subject']!r}")
 
     def _run(self):
-        while (job := self.jobs.get()) is not None:
-            build, args = job
+        while (message := self.jobs.get()) is not None:
             try:
-                message = build(self.settings, *args)
                 where = deliver(message, self.settings)
                 log_line(f"mail {message['Subject']!r} {message['Message-ID']} "
                          f"delivered to {where}")
@@ -471,9 +473,16 @@ def forgot_password(request):
     state = request.app.state
     values = validate(request.json_object(), FORGOT)
     outcome = request_password_reset(state.auth, values["email"], state.mail.token_ttl)
+    # Built for every request, sent only to an account: building a MIME message takes a
+    # millisecond or two, which a client can time, as it could time a hash (see jwt_auth's
+    # dummy hash). Built after the answer, on the mail thread, it would slow the answer of a
+    # known address still, by taking the interpreter (the GIL) while that answer is written.
+    link = reset_link(site_url(state.mail, request.app.port), outcome.token)
+    message = build_reset_message(state.mail, outcome.send_to or values["email"], link)
     if outcome.send_to is not None:
-        link = reset_link(site_url(state.mail, request.app.port), outcome.token)
-        state.mailer.post(build_reset_message, outcome.send_to, link)
+        state.mailer.post(message)
+    else:
+        trace_event("reset mail built and dropped: the same work, nothing sent")
     # One body for every case; 202 (RFC 9110 §15.3.3): accepted, the outcome not told.
     return json_response({
         "status": "accepted",
@@ -498,7 +507,7 @@ def reset_with_token(request):
         if not from_form:
             raise
         return form_error_page(state.auth, fields.get("token"), error)
-    state.mailer.post(build_password_changed_message, notify)
+    state.mailer.post(build_password_changed_message(state.mail, notify))
     if from_form:  # Post/Redirect/Get: reloading the result page does not post again
         return redirect("/reset/done", 303, {"Cache-Control": "no-store"})
     return no_content()
