@@ -26,6 +26,9 @@ def echo(request):
                                            "X-Sha256": hashlib.sha256(request.body).hexdigest()})
 
 
+app.post("/echo/big", summary="The body back, up to 4 MiB", body_limit=4 * 1024 * 1024)(echo)
+
+
 @app.get("/goodbye")
 def goodbye(request):
     """An answer after which the handler wants the connection closed."""
