@@ -37,3 +37,15 @@ def start_server_module(tmp_path_factory):
     group = ServerGroup(tmp_path_factory)
     yield group.start
     group.stop_all()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """lib's code lines per module beside its budget, at the end of every run that collected
+    the budget test (issue 10 item 3: the suite prints the count, passing or not)."""
+    reports = [report for kind in terminalreporter.stats.values() for report in kind]
+    if not any(getattr(report, "nodeid", "").startswith("tests/test_lib_budget.py")
+               for report in reports):
+        return
+    from tests.test_lib_budget import budget_report
+    terminalreporter.write_sep("-", "lib/ code lines (issue 10: budget 1,500)")
+    terminalreporter.write_line(budget_report())

@@ -1,0 +1,58 @@
+"""lib/ stays small (issue 10 item 3): at most 1,500 code lines in all, counted per module the way
+/work/shared/tools/codelines.py counts them: not blank lines, not comment-only lines, not
+docstrings. The count is printed at the end of every run (tests/conftest.py), passing or not.
+"""
+import ast
+import io
+import tokenize
+
+from tests.harness import ROOT
+
+LIB_BUDGET = 1500
+_NOT_CODE = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+             tokenize.ENDMARKER}
+
+
+def code_lines(source):
+    """The number of lines that hold code: a docstring, a comment or a blank line is not code."""
+    docstrings = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            first = node.body[0] if node.body else None
+            if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                    and isinstance(first.value.value, str)):
+                docstrings.update(range(first.lineno, first.end_lineno + 1))
+    lines = set()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type not in _NOT_CODE:
+            lines.update(n for n in range(token.start[0], token.end[0] + 1)
+                         if n not in docstrings)
+    return len(lines)
+
+
+def lib_code_lines():
+    """{module file name: code lines} for every module of lib/, in name order."""
+    return {path.name: code_lines(path.read_text(encoding="utf-8"))
+            for path in sorted((ROOT / "lib").glob("*.py"))}
+
+
+def budget_report():
+    counts = lib_code_lines()
+    total = sum(counts.values())
+    rows = [f"{count:6d}  lib/{name}" for name, count in counts.items()]
+    verdict = "within" if total <= LIB_BUDGET else "OVER"
+    return "\n".join(rows + [f"{total:6d}  lib/ in all, {verdict} the budget of {LIB_BUDGET:,}"])
+
+
+def test_code_lines_counts_code_only():
+    source = '"""Module doc."""\n\n# a comment\nimport os  # why\n\n\ndef f(x):\n    """Doc,\n' \
+             '    two lines."""\n    return (x +\n            1)\n'
+    assert code_lines(source) == 4  # import, def, and the return over two lines
+
+
+def test_lib_is_within_its_budget():
+    counts = lib_code_lines()
+    assert counts, "no modules in lib/"
+    total = sum(counts.values())
+    assert total <= LIB_BUDGET, f"lib/ has {total} code lines, over its budget of " \
+                                f"{LIB_BUDGET}:\n{budget_report()}"
