@@ -34,7 +34,8 @@ What other projects import from here (names are stable):
               Credentials.from_args; argparse types scrypt_cost, at_least_a_second,
               email_argument
   handlers    sign_up, log_in, refresh, log_out, read_me, change_password: each reads
-              `request.app.state.auth`, so another app that sets that may mount them as they are.
+              `request.app.state.auth`, so another app that sets that may mount them as they
+              are; add_token_routes(app) mounts the first four as jwt_auth serves them.
 
 What it leaves out: asymmetric keys (RS256/ES256) and JWKS key rotation, OAuth 2.0 flows and
 scopes, revoking an access token before it expires (they are short-lived instead), email
@@ -795,17 +796,12 @@ AUTH_BODY_LIMIT = 16 * 1024
 NO_STORE = {"Cache-Control": "no-store"}  # RFC 6749 §5.1: token answers must not be cached
 
 
-@app.post("/auth/signup", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
-          request_schema=body_schema(SIGN_UP), responses={201: "The new user"})
 def sign_up(request):
     """Create an account"""
     user = create_account(request.app.state.auth, request.json_object())
     return created(user, "/me")
 
 
-@app.post("/auth/login", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
-          request_schema=body_schema(CREDENTIALS),
-          responses={200: "An access token and a refresh token"})
 def log_in(request):
     """Exchange email and password for an access token and a refresh token"""
     auth = request.app.state.auth
@@ -814,8 +810,6 @@ def log_in(request):
     return json_response(issue_token_pair(auth, user["id"]), headers=NO_STORE)
 
 
-@app.post("/auth/refresh", public=True, body_limit=AUTH_BODY_LIMIT,
-          request_schema=body_schema(REFRESH), responses={200: "A new pair of tokens"})
 def refresh(request):
     """Rotate a refresh token: a new pair, and the old refresh token dies"""
     auth = request.app.state.auth
@@ -829,14 +823,31 @@ def refresh(request):
     return json_response(token_answer(auth, user_id, refresh_token), headers=NO_STORE)
 
 
-@app.post("/auth/logout", public=True, body_limit=AUTH_BODY_LIMIT,
-          request_schema=body_schema(REFRESH), responses={204: "Logged out"})
 def log_out(request):
     """Revoke a refresh token and its whole family"""
     values = validate(request.json_object(), REFRESH)
     # RFC 7009 §2.2: an unknown token is answered like a known one; there is nothing to undo.
     request.app.state.auth.refresh_tokens.revoke_family(values["refresh_token"])
     return no_content()
+
+
+def add_token_routes(app, sign_up=sign_up, signed_up="The new user"):
+    """Serve the account routes on `app` as jwt_auth does: signup, login, refresh and logout,
+    public, with their bodies, limits and OpenAPI answers. The handlers read
+    `request.app.state.auth` (an `Auth`), which `app` must set. A project whose signup does
+    more passes its own handler and what its 201 holds (rbac gives the user a role)."""
+    app.post("/auth/signup", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
+             request_schema=body_schema(SIGN_UP), responses={201: signed_up})(sign_up)
+    app.post("/auth/login", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
+             request_schema=body_schema(CREDENTIALS),
+             responses={200: "An access token and a refresh token"})(log_in)
+    app.post("/auth/refresh", public=True, body_limit=AUTH_BODY_LIMIT,
+             request_schema=body_schema(REFRESH), responses={200: "A new pair of tokens"})(refresh)
+    app.post("/auth/logout", public=True, body_limit=AUTH_BODY_LIMIT,
+             request_schema=body_schema(REFRESH), responses={204: "Logged out"})(log_out)
+
+
+add_token_routes(app)
 
 
 @app.get("/me", responses={200: "The user the token names"})

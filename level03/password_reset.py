@@ -62,11 +62,10 @@ from lib import (App, BadRequest, HTTPError, ValidationFailed, html_response, js
 from lib.app import bounded, exit_usage_error, http_url
 from lib.storage import REPO_ROOT
 from lib.validation import Email, Text, body_schema, validate
-from level03.jwt_auth import (AUTH_BODY_LIMIT, CREDENTIALS, REFRESH, SCHEMA as IDENTITY_SCHEMA,
-                              SIGN_UP, Auth, Password, add_auth_arguments, email_argument,
-                              email_key, hash_password, log_in, log_out, password_problem,
-                              read_me, refresh, require_user, sign_up, token_hash,
-                              utc_now_text)
+from level03.jwt_auth import (AUTH_BODY_LIMIT, SCHEMA as IDENTITY_SCHEMA, Auth, Password,
+                              add_auth_arguments, add_token_routes, email_argument, email_key,
+                              hash_password, password_problem, read_me, require_user,
+                              token_hash, utc_now_text)
 
 app = App("password_reset", "Forgot your password? A single-use reset link by email, without "
           "telling anyone which accounts exist.", port=8011)
@@ -451,17 +450,9 @@ RESET = {"token": Text(1, 200, required=True), "password": Password(required=Tru
 FORM = "application/x-www-form-urlencoded"
 
 
-# Signup, login, refresh, logout and /me are jwt_auth's handlers, unchanged: they read
+# Signup, login, refresh, logout and /me are jwt_auth's routes, unchanged: they read
 # app.state.auth. Login brings jwt_auth's lockout and its equal-time answer for unknown emails.
-app.post("/auth/signup", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
-         request_schema=body_schema(SIGN_UP), responses={201: "The new user"})(sign_up)
-app.post("/auth/login", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
-         request_schema=body_schema(CREDENTIALS),
-         responses={200: "An access token and a refresh token"})(log_in)
-app.post("/auth/refresh", public=True, body_limit=AUTH_BODY_LIMIT,
-         request_schema=body_schema(REFRESH), responses={200: "A new pair of tokens"})(refresh)
-app.post("/auth/logout", public=True, body_limit=AUTH_BODY_LIMIT,
-         request_schema=body_schema(REFRESH), responses={204: "Logged out"})(log_out)
+add_token_routes(app)
 app.get("/me", responses={200: "The user the bearer token names"})(read_me)
 
 

@@ -31,10 +31,9 @@ from lib import App, Conflict, Forbidden, NotFound, created, json_response, no_c
 from lib.app import exit_usage_error
 from lib.listing import list_params, page
 from lib.validation import Choice, Text, body_schema, validate
-from level03.jwt_auth import (AUTH_BODY_LIMIT, CREDENTIALS, REFRESH, SCHEMA as IDENTITY_SCHEMA,
-                              SIGN_UP, Auth, add_auth_arguments, create_account, current_user,
-                              email_argument, email_key, log_in, log_out, refresh, require_user,
-                              utc_now_text)
+from level03.jwt_auth import (SCHEMA as IDENTITY_SCHEMA, Auth, add_auth_arguments,
+                              add_token_routes, create_account, current_user, email_argument,
+                              email_key, require_user, utc_now_text)
 
 app = App("rbac", "Roles and permissions: users, moderators and admins over a small posts API.",
           port=8010)
@@ -178,9 +177,6 @@ def list_roles(request):
             "permissions": PERMISSIONS}
 
 
-@app.post("/auth/signup", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
-          request_schema=body_schema(SIGN_UP),
-          responses={201: "The new user, with the role `user` (or `admin` for --admin-email)"})
 def sign_up(request):
     """Create an account"""
     admin_email = request.app.state.admin_email
@@ -195,14 +191,9 @@ def sign_up(request):
     return created(user, "/me")
 
 
-# Login, refresh and logout are jwt_auth's handlers, unchanged: they read app.state.auth.
-app.post("/auth/login", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
-         request_schema=body_schema(CREDENTIALS),
-         responses={200: "An access token and a refresh token"})(log_in)
-app.post("/auth/refresh", public=True, body_limit=AUTH_BODY_LIMIT,
-         request_schema=body_schema(REFRESH), responses={200: "A new pair of tokens"})(refresh)
-app.post("/auth/logout", public=True, body_limit=AUTH_BODY_LIMIT,
-         request_schema=body_schema(REFRESH), responses={204: "Logged out"})(log_out)
+# jwt_auth's account routes with this signup; login, refresh and logout are its handlers,
+# unchanged: they read app.state.auth.
+add_token_routes(app, sign_up, "The new user, with the role `user` (or `admin` for --admin-email)")
 
 
 @app.get("/me", permission="me:read")
