@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from lib import (App, Conflict, Forbidden, TooManyRequests, Unauthorized, ValidationFailed,
                  created, json_response, no_content, trace_event)
 from lib.app import bounded, exit_usage_error, seconds
-from lib.validation import Email, Field, Invalid, Text, body_schema, validate
+from lib.validation import Email, Field, Invalid, Text, body_schema, is_unicode_text, validate
 
 app = App("jwt_auth", "Sign up, log in, and call the API with HS256 JSON Web Tokens.", port=8008)
 
@@ -252,8 +252,11 @@ def verify_token(token, secret, *, issuer, audience, leeway=DEFAULT_LEEWAY_S, no
     audiences = aud if isinstance(aud, list) else [aud]
     if audience not in audiences:
         raise InvalidToken("the token audience is wrong")
-    if not isinstance(claims.get("sub"), str) or not claims["sub"]:
+    sub = claims.get("sub")
+    if sub is None:
         raise InvalidToken("the token has no sub")
+    if not isinstance(sub, str) or not sub:  # RFC 7519 §4.1.2: a StringOrURI, never a number
+        raise InvalidToken("the token sub is not a non-empty string")
     return claims
 
 
@@ -357,6 +360,8 @@ def password_problem(password, email=None):
     characters (counted after Unicode normalisation), not a common password, not the email."""
     if not isinstance(password, str):
         return "must be a string"
+    if not is_unicode_text(password):   # JSON's "\ud800": no character, and no UTF-8 to hash
+        return "must be Unicode text (a lone surrogate such as \\ud800 is not)"
     length = len(unicodedata.normalize("NFKC", password))
     if length < MIN_PASSWORD:
         return f"must be at least {MIN_PASSWORD} characters"

@@ -124,6 +124,18 @@ def check_password_bounds(schema, field, send, accepted):
         expect(send(password_of_length(length)), accepted)
 
 
+# Long enough for the policy, so only the lone surrogate is wrong: JSON can spell "\ud800", and
+# Python decodes it into a string that has no UTF-8 (scrypt hashes UTF-8).
+LONE_SURROGATE_PASSWORD = "correct horse \ud800 battery staple"
+
+
+def expect_lone_surrogate_refused(resp, field):
+    """A new password holding a lone surrogate: a 422 naming `field`, not a 500."""
+    problem = expect_problem(resp, 422)
+    assert [e["field"] for e in problem["errors"]] == [field], problem
+    assert "surrogate" in problem["errors"][0]["message"], problem
+
+
 def check_bodies_name_their_fields(bodies, send):
     """What each schema says about fields is what the server does: a body of one field the
     schema does not name (`additionalProperties: false`) is one 422 that names it and every

@@ -25,11 +25,11 @@ import pytest
 import requests
 
 from tests.harness import ROOT, clean_env, expect, expect_json, expect_problem, run_once
-from tests.level03.accounts import (GIVEN_PASSWORD_SCHEMA, LOW_COST, NEW_PASSWORD_SCHEMA, PASSWORD,
-                                    TIMEOUT, TOKEN_ROUTE_BODIES, AccountClient,
-                                    assert_policy_described, body_schema,
+from tests.level03.accounts import (GIVEN_PASSWORD_SCHEMA, LONE_SURROGATE_PASSWORD, LOW_COST,
+                                    NEW_PASSWORD_SCHEMA, PASSWORD, TIMEOUT, TOKEN_ROUTE_BODIES,
+                                    AccountClient, assert_policy_described, body_schema,
                                     check_bodies_name_their_fields, check_password_bounds,
-                                    fresh_email, request_bodies)
+                                    expect_lone_surrogate_refused, fresh_email, request_bodies)
 
 SCRIPT = "level03/jwt_auth.py"
 SECRET = "test-secret-0123456789-abcdefghijklmnop"      # ≥ 32 bytes
@@ -196,6 +196,18 @@ def test_password_policy_accepts(client, password):
     client.login(email, password)  # exactly as given: not trimmed
 
 
+def test_a_lone_surrogate_in_a_new_password_is_a_422_not_a_500(client):
+    email = fresh_email("surrogate")
+    expect_lone_surrogate_refused(client.post("/auth/signup", {"email": email,
+                                                               "password": LONE_SURROGATE_PASSWORD}),
+                                  "password")
+    user, tokens = client.account("surrogate")
+    expect_lone_surrogate_refused(client.post("/auth/password", {
+        "current_password": PASSWORD, "new_password": LONE_SURROGATE_PASSWORD},
+        tokens["access_token"]), "new_password")
+    client.login(user["email"])                             # the password did not change
+
+
 def test_passwords_are_stored_with_scrypt_and_a_salt_each(server, client):
     first, second = fresh_email("salt"), fresh_email("salt")
     client.signup(first)
@@ -313,6 +325,18 @@ def test_bad_tokens_are_401_with_the_rfc6750_challenge(client, case):
     resp = client.me(rejected_tokens(user["id"])[case])
     problem = expect_invalid_token(resp)
     assert problem["detail"] and "Traceback" not in resp.text
+
+
+@pytest.mark.parametrize("sub, description", [
+    (None, "the token has no sub"),
+    (7, "the token sub is not a non-empty string"),
+    ("", "the token sub is not a non-empty string"),
+])
+def test_a_bad_sub_is_described_as_it_is(client, sub, description):
+    user = client.signup(fresh_email("sub"))
+    resp = client.me(mint(claims_for(user["id"], sub=sub)))
+    expect_invalid_token(resp)
+    assert f'error_description="{description}"' in resp.headers["WWW-Authenticate"]
 
 
 def test_empty_bearer_token_is_an_invalid_token(client):

@@ -32,10 +32,11 @@ import pytest
 import requests
 
 from tests.harness import expect, expect_json, expect_problem, run_once
-from tests.level03.accounts import (EMAIL_SCHEMA, LOW_COST, NEW_PASSWORD_SCHEMA, PASSWORD, TIMEOUT,
-                                    TOKEN_ROUTE_BODIES, AccountClient, assert_policy_described,
-                                    body_schema, check_bodies_name_their_fields,
-                                    check_password_bounds, fresh_email, request_bodies)
+from tests.level03.accounts import (EMAIL_SCHEMA, LONE_SURROGATE_PASSWORD, LOW_COST,
+                                    NEW_PASSWORD_SCHEMA, PASSWORD, TIMEOUT, TOKEN_ROUTE_BODIES,
+                                    AccountClient, assert_policy_described, body_schema,
+                                    check_bodies_name_their_fields, check_password_bounds,
+                                    expect_lone_surrogate_refused, fresh_email, request_bodies)
 
 SCRIPT = "level03/password_reset.py"
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
@@ -327,6 +328,16 @@ def test_the_password_policy_applies_and_does_not_burn_the_link(client, outbox):
     problem = expect_problem(client.post("/auth/reset", {"token": token}), 422)
     assert [e["field"] for e in problem["errors"]] == ["password"]
     expect(client.reset(token), 204)
+
+
+def test_a_lone_surrogate_in_a_new_password_is_a_422_not_a_500(client, outbox):
+    address = fresh_email("surrogate")
+    expect_lone_surrogate_refused(client.post("/auth/signup", {
+        "email": address, "password": LONE_SURROGATE_PASSWORD}), "password")
+    client.signup(address)
+    token = reset_token_for(client, outbox, address)
+    expect_lone_surrogate_refused(client.reset(token, LONE_SURROGATE_PASSWORD), "password")
+    expect(client.reset(token), 204)                       # the link survived the refusal
 
 
 def test_an_expired_link_gets_the_same_400_as_any_bad_one(start_server, tmp_path):

@@ -19,10 +19,10 @@ import pytest
 import requests
 
 from tests.harness import ROOT, clean_env, expect, expect_json, expect_problem
-from tests.level03.accounts import (LOW_COST, TIMEOUT, TOKEN_ROUTE_BODIES, AccountClient,
-                                    assert_policy_described, body_schema,
+from tests.level03.accounts import (LONE_SURROGATE_PASSWORD, LOW_COST, TIMEOUT, TOKEN_ROUTE_BODIES,
+                                    AccountClient, assert_policy_described, body_schema,
                                     check_bodies_name_their_fields, check_password_bounds,
-                                    fresh_email, request_bodies)
+                                    expect_lone_surrogate_refused, fresh_email, request_bodies)
 
 SCRIPT = "level03/rbac.py"
 SECRET = "rbac-test-secret-0123456789abcdefghijkl"
@@ -116,6 +116,12 @@ def test_my_permissions_are_my_roles_row(api, admin, moderator):
     for session, role in ((user, "user"), (moderator, "moderator"), (admin, "admin")):
         body = expect_json(session.get("/me/permissions"), 200)
         assert body == {"role": role, "permissions": sorted(table[role])}
+
+
+def test_a_lone_surrogate_in_a_new_password_is_a_422_not_a_500(api):
+    expect_lone_surrogate_refused(api.post("/auth/signup", {"email": fresh_email("surrogate"),
+                                                            "password": LONE_SURROGATE_PASSWORD}),
+                                  "password")
 
 
 def test_new_users_are_users(api):

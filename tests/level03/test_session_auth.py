@@ -20,10 +20,11 @@ import pytest
 import requests
 
 from tests.harness import expect, expect_json, expect_problem, run_once
-from tests.level03.accounts import (LOGIN_BODY, LOW_COST, PASSWORD, SIGN_UP_BODY, TIMEOUT,
-                                    assert_policy_described, check_bodies_name_their_fields,
-                                    check_password_bounds, fresh_email, password_of_length,
-                                    request_bodies)
+from tests.level03.accounts import (LOGIN_BODY, LONE_SURROGATE_PASSWORD, LOW_COST, PASSWORD,
+                                    SIGN_UP_BODY, TIMEOUT, assert_policy_described,
+                                    check_bodies_name_their_fields, check_password_bounds,
+                                    expect_lone_surrogate_refused, fresh_email,
+                                    password_of_length, request_bodies)
 
 SCRIPT = "level03/session_auth.py"
 SAFE = {"GET", "HEAD", "OPTIONS"}
@@ -174,6 +175,13 @@ def test_login_sets_a_cookie_and_answers_the_csrf_token(server):
     assert re.fullmatch(r"[A-Za-z0-9_-]{32,}", body["csrf_token"])
     assert body["session"]["current"] is True
     assert resp.headers["Cache-Control"] == "no-store"
+
+
+def test_a_lone_surrogate_in_a_new_password_is_a_422_not_a_500(browser):
+    resp = browser.post("/auth/signup", json={"email": fresh_email("surrogate"),
+                                              "password": LONE_SURROGATE_PASSWORD})
+    expect_lone_surrogate_refused(resp, "password")
+    assert browser.sid is None, "no session for a refused signup"
 
 
 def test_login_and_signup_accept_an_html_form(server):
