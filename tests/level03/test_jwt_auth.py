@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 import uuid
 
 import pytest
@@ -147,6 +148,33 @@ def test_emails_are_unique_in_any_case(client):
     problem = expect_problem(client.post("/auth/signup", {"email": email.upper(),
                                                           "password": PASSWORD}), 409)
     assert "exists" in problem["detail"]
+
+
+def fullwidth(text):
+    """ASCII letters and digits as their fullwidth forms (U+FF01…): `a` → `ａ`."""
+    return "".join(chr(ord(c) + 0xFEE0) if c.isascii() and c.isalnum() else c for c in text)
+
+
+def test_unicode_equal_emails_are_one_account(client):
+    """`é` is one code point (NFC) or `e` and a combining accent (NFD): one address either way,
+    as a keyboard, a phone or a copy-paste may send it. Fullwidth letters are a compatibility
+    form of the same letters: folded into the same account or refused, never a second one."""
+    local = f"josé.{uuid.uuid4().hex[:8]}"
+    composed = unicodedata.normalize("NFC", f"{local}@example.com")
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert composed != decomposed
+    client.signup(composed)
+    problem = expect_problem(client.post("/auth/signup", {"email": decomposed,
+                                                          "password": PASSWORD}), 409)
+    assert "exists" in problem["detail"]
+    client.login(composed)
+    client.login(decomposed)
+    wide = f"{fullwidth(local)}@example.com"
+    resp = client.post("/auth/signup", {"email": wide, "password": PASSWORD})
+    assert resp.status_code in (409, 422), \
+        f"a fullwidth spelling of {composed} signed up as a second account: {resp.status_code}"
+    if resp.status_code == 409:                            # folded: the same account
+        client.login(wide)
 
 
 @pytest.mark.parametrize("email", ["not-an-email", "a@b", "two@@example.com", "sp ace@example.com",
