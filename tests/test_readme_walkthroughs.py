@@ -25,9 +25,26 @@ THE CONVENTION (for whoever writes `levelNN/<name>.md`)
   stderr (`-w '%{stderr}…'`), so a curl's stdout stays exactly the body (pipe it to python3
   freely), but a walk-through curl must not pass `-w`/`--write-out` itself.
 - Commands run with the repository root as the working directory. Anything they create must go
-  under `data/` (git-ignored) or `/tmp`.
+  under `data/` (git-ignored) or `/tmp`; the test points `/tmp/` at a directory of its own, so
+  concurrent runs never share a file.
 - A README without a walk-through fails the test: every project has one.
+
+OUTPUT BLOCKS: a fenced block that is not `sh` and follows a walk-through block with nothing but
+blank lines between them (or follows such a block the same way) shows what the commands of that
+walk-through block print. Each of its non-blank lines must match a line of their real output, in
+order (lines the README leaves out are skipped), after normalising what legitimately varies:
+RFC 3339 times, HTTP dates, request ids and other long tokens, JWTs, durations, and the values
+of `Date`, `X-Request-Id`, `Server-Timing`, `Content-Length`. `...` or `…` stands for anything
+within a line; a line of its own `...` is just a reminder that lines are left out. The header
+lines under an `HTTP/1.1 …` status line may come in any order.
+
+TRACE SAMPLES: a fenced block whose lines start with `trace <id> METHOD /path` followed by
+`  +   0.013 ms    → step` lines is a `--trace` sample. The test runs the same request against
+the server started with `--trace` and requires the same `→` steps in the same order (a `...`
+line stands for steps left out).
 """
+import datetime
+import itertools
 import os
 import re
 import shlex
@@ -35,6 +52,7 @@ import shutil
 import signal
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -70,22 +88,26 @@ curl() {{
 
 
 def fenced_blocks(markdown):
-    """(info string, [lines]) for every fenced code block, in order (CommonMark fences)."""
-    blocks, current, opener, info = [], None, None, None
+    """(info string, [lines], adjacent) for every fenced code block, in order (CommonMark
+    fences); `adjacent`: only blank lines separate it from the block before."""
+    blocks, current, opener, info, prose = [], None, None, None, True
     for line in markdown.splitlines():
         if current is None:
             match = FENCE.match(line)
             if match:
                 opener, info, current = match["fence"], match["info"], []
+                adjacent, prose = not prose, False
+            elif line.strip():
+                prose = True
             continue
         stripped = line.strip()
         if stripped and set(stripped) == {opener[0]} and len(stripped) >= len(opener):
-            blocks.append((info, current))
+            blocks.append((info, current, adjacent))
             current = None
         else:
             current.append(line)
     if current is not None:  # an unclosed fence runs to the end of the document
-        blocks.append((info, current))
+        blocks.append((info, current, adjacent))
     return blocks
 
 
@@ -105,24 +127,34 @@ def logical_lines(lines):
 
 
 class Walkthrough:
-    def __init__(self, commands, run_line):
+    def __init__(self, commands, run_line, outputs):
         self.commands = commands   # [(command, expected status or None)]
         self.run_line = run_line   # the README's first `python …` line, or None
+        self.outputs = outputs     # [(first command index, end index, [expected lines])]
 
 
 def parse_walkthrough(markdown):
-    commands, run_line = [], None
-    for info, lines in fenced_blocks(markdown):
+    commands, run_line, outputs, group = [], None, [], None
+    for info, lines, adjacent in fenced_blocks(markdown):
         if info != "sh":
+            if group is not None and adjacent:
+                group[2].extend(lines + [""])
+                continue
+            group = None
             continue
+        group = None
         block = logical_lines(lines)
         if block and RUN_LINE.match(block[0].lstrip()):
             run_line = run_line or block[0]
             continue
+        first = len(commands)
         for command in block:
             match = EXPECTED.search(command)
             commands.append((command, int(match["status"]) if match else None))
-    return Walkthrough(commands, run_line)
+        if len(commands) > first:
+            group = [first, len(commands), []]
+            outputs.append(group)
+    return Walkthrough(commands, run_line, [tuple(g) for g in outputs if g[2]])
 
 
 def server_invocation(run_line, project):
@@ -156,11 +188,16 @@ def localise(command, default_port, server):
 # Running it
 
 
-def build_script(walkthrough, project, server):
+def private_tmp(command, tmp_dir):
+    """`/tmp/x` → `<this test's temporary directory>/x`: two runs at once share no file."""
+    return re.sub(r"(?<![\w.~/-])/tmp/", f"{tmp_dir}/", command)
+
+
+def build_script(walkthrough, project, server, tmp_dir):
     parts = [PRELUDE]
     for n, (command, _) in enumerate(walkthrough.commands):
         parts.append(f"printf '\\n{CMD_MARK} {n}\\n'")
-        parts.append(localise(command, project.port, server))
+        parts.append(private_tmp(localise(command, project.port, server), tmp_dir))
     parts.append(f"printf '\\n{CMD_MARK} end\\n'")
     return "\n".join(parts) + "\n"
 
@@ -197,6 +234,133 @@ def split_output(output):
     return segments
 
 
+# --------------------------------------------------------------------------------------------
+# Output blocks: what the README shows against what the commands printed
+
+
+ELLIPSES = ("...", "…")
+VOLATILE = [  # (pattern, placeholder): what differs from run to run
+    (re.compile(r"^(date|x-request-id|server-timing|content-length|last-modified|age)"
+                r"(:[ \t]*).*$", re.I), r"\1\2<value>"),
+    (re.compile(r"\b\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)"), "<time>"),
+    (re.compile(r"\b\d{8}T\d{6}Z\b"), "<time>"),
+    (re.compile(r"\b[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d GMT\b"), "<date>"),
+    (re.compile(r"\beyJ[\w-]*\.[\w-]*\.[\w-]*"), "<jwt>"),
+    (re.compile(r"(?<![\w-])(?=[\w-]*\d)(?=[\w-]*[A-Za-z])[\w-]{16,}(?![\w-])"), "<token>"),
+    (re.compile(r"\b\d+\.\d+(?= ?(?:ms|s)\b)"), "<n>"),
+    (re.compile(r"\b(?:localhost|127\.0\.0\.1):\d{2,5}\b"), "<host>"),  # the test's own port
+    (re.compile(r"(dur=|\"uptime\w*\": )\d+(?:\.\d+)?"), r"\1<n>"),
+]
+STATUS_LINE = re.compile(r"HTTP/\d(?:\.\d)? \d{3}\b")
+HEADER_LINE = re.compile(r"[A-Za-z0-9-]+:( |$)")
+
+
+DATE = re.compile(r"\b\d{4}-\d\d-\d\d\b")
+
+
+def today_dates():
+    """Yesterday, today and tomorrow (UTC): a walk-through's "due today" moves with the clock."""
+    now = datetime.datetime.now(datetime.timezone.utc).date()
+    return {str(now + datetime.timedelta(days=d)) for d in (-1, 0, 1)}
+
+
+def normalise(line, *, actual=False):
+    line = line.rstrip()
+    for pattern, placeholder in VOLATILE:
+        line = pattern.sub(placeholder, line)
+    if actual:
+        line = DATE.sub(lambda m: "<today>" if m[0] in today_dates() else m[0], line)
+    return line
+
+
+def line_pattern(expected):
+    # a date the README shows may have been "today" when it was written
+    parts = DATE.split(normalise(expected))
+    dates = DATE.findall(normalise(expected))
+    text = "".join(re.escape(part) + (f"(?:{dates[n]}|<today>)" if n < len(dates) else "")
+                   for n, part in enumerate(parts))
+    for ellipsis in ELLIPSES:
+        text = text.replace(re.escape(ellipsis), ".*?")
+    return re.compile(text)
+
+
+def unbalanced(line):
+    return sum(line.count(c) for c in "{[") > sum(line.count(c) for c in "}]")
+
+
+def logical_output_lines(expected_lines):
+    """Each expected line alone, and where a JSON line is wrapped (its brackets open), also the
+    lines joined up to where they close: the README may wrap a long one-line answer."""
+    for n, line in enumerate(expected_lines):
+        joined, end = line.rstrip(), n
+        while unbalanced(joined) and end + 1 < len(expected_lines) \
+                and expected_lines[end + 1].strip():
+            end += 1
+            joined += " " + expected_lines[end].strip()
+        yield n, line, (joined, end) if end > n else None
+
+
+def printed_lines(output):
+    """What the commands printed, line by line, without the test's own markers."""
+    lines = output.replace("\r", "").split("\n")
+    return [line for line in lines if not line.startswith((HTTP_MARK, CMD_MARK))]
+
+
+def _find(pattern, actual, start, end=None):
+    return next((n for n in range(start, len(actual) if end is None else end)
+                 if actual[n].strip() and pattern.fullmatch(normalise(actual[n], actual=True))),
+                None)
+
+
+def unmatched_line(expected_lines, actual):
+    """The first expected line with no match in `actual` (in order), or None."""
+    position, head, skip_to = 0, None, -1  # head: (start, end) of the response head
+    for n, line, wrapped in logical_output_lines(expected_lines):
+        if n <= skip_to:
+            continue
+        if not line.strip():
+            head = None
+            continue
+        if line.strip() in ELLIPSES:
+            continue
+        if head is not None and HEADER_LINE.match(line):
+            if _find(line_pattern(line), actual, head[0], head[1]) is None:
+                return line
+            position = max(position, head[1])
+            continue
+        found = _find(line_pattern(line), actual, position)
+        if found is None and wrapped:
+            found = _find(line_pattern(wrapped[0]), actual, position)
+            skip_to = wrapped[1] if found is not None else skip_to
+        if found is None:
+            return line
+        position = found + 1
+        head = None
+        if STATUS_LINE.match(line):
+            end = next((k for k in range(position, len(actual)) if not actual[k].strip()),
+                       len(actual))
+            head = (position, end)
+    return None
+
+
+def output_mismatches(walkthrough, segments, project):
+    problems = []
+    for first, end, expected in walkthrough.outputs:
+        if any(n not in segments for n in range(first, end)):
+            continue  # the script stopped earlier: reported by the status checks
+        actual = printed_lines("\n".join(segments[n] for n in range(first, end)))
+        missing = unmatched_line(expected, actual)
+        if missing is not None:
+            commands = "\n".join(walkthrough.commands[n][0] for n in range(first, end))
+            printed = "\n".join(line for line in actual if line.strip())
+            problems.append(
+                f"{project.readme}: the output block after command {first + 1} shows\n"
+                f"    {missing.strip()}\n  which its commands did not print.\n"
+                f"  commands:\n{textwrap.indent(commands, '    ')}\n"
+                f"  printed:\n{textwrap.indent(printed[-2500:] or '(nothing)', '    ')}")
+    return problems
+
+
 def report(project, n, command, output, problem, server):
     body = re.sub(rf"\n?{HTTP_MARK} (\d+)\n?", r"\n[HTTP \1]\n", output).strip()
     return (f"{project.readme}: walk-through command {n + 1} {problem}\n"
@@ -221,7 +385,10 @@ def test_readme_walkthrough(project, start_server, tmp_path):
 
     script, extra = server_invocation(walkthrough.run_line, project)
     server = start_server(script, *extra)
-    code, output, timed_out = run_script(build_script(walkthrough, project, server), tmp_path)
+    tmp_dir = tmp_path / "tmp"
+    tmp_dir.mkdir()
+    code, output, timed_out = run_script(build_script(walkthrough, project, server, tmp_dir),
+                                         tmp_path)
     segments = split_output(output)
 
     for n, (command, expected) in enumerate(walkthrough.commands):
@@ -250,3 +417,84 @@ def test_readme_walkthrough(project, start_server, tmp_path):
                                    f"answered {statuses[-1]}, the README says {expected}",
                                    server), pytrace=False)
     assert code == 0 and "end" in segments, f"walk-through script exit {code}:\n{output[-2000:]}"
+    problems = output_mismatches(walkthrough, segments, project)
+    assert not problems, "\n\n".join(problems)
+
+
+# --------------------------------------------------------------------------------------------
+# Trace samples: the steps a README shows against a real --trace run (issue 10, item 6)
+
+
+TRACE_HEAD = re.compile(r"^trace (?P<id>\S+) (?P<method>[A-Z]+) (?P<path>/\S*)$")
+STEP = re.compile(r"→ (?P<step>.+?)\s*$")
+
+
+def trace_samples(markdown):
+    """[(method, path, [step or "..."])] for every trace sample in the README, in order."""
+    samples = []
+    for _, lines, _ in fenced_blocks(markdown):
+        steps = None  # the steps of the sample this block is showing, if any
+        for line in lines:
+            head = TRACE_HEAD.match(line.strip())
+            if head:
+                steps = []
+                samples.append((head["method"], head["path"], steps))
+            elif steps is not None and line.strip() in ELLIPSES:
+                steps.append("...")
+            elif steps is not None and (step := STEP.search(line)):
+                steps.append(step["step"])
+    return [s for s in samples if any(step != "..." for step in s[2])]
+
+
+def shown_in_order(shown, real):
+    """Whether the steps shown are the real ones in order: each run between `...` lines
+    contiguous, the first at the start unless `...` comes before it."""
+    position = 0
+    runs = [list(g) for k, g in itertools.groupby(shown, lambda step: step == "...") if not k]
+    anchored = bool(shown) and shown[0] != "..."
+    for n, run in enumerate(runs):
+        starts = [i for i in range(position, len(real) - len(run) + 1)
+                  if real[i:i + len(run)] == run]
+        if not starts or (n == 0 and anchored and starts[0] != 0):
+            return False
+        position = starts[0] + len(run)
+    return True
+
+
+def real_trace(server, method, path, rid, first_step):
+    body = b"" if method in ("GET", "HEAD", "DELETE") else b"{}"
+    command = ["curl", "-sS", "-o", "/dev/null", "-X", method, "-H", f"X-Request-Id: {rid}",
+               "-H", "X-User-Id: alice", "-H", "Content-Type: application/json"]
+    if body:
+        command += ["--data-binary", body.decode()]
+    subprocess.run(command + [f"{server.url}{path}"], check=True, timeout=30, env=clean_env())
+    server.wait_for_stderr(f"trace {rid} ")
+    closing = re.compile(rf"← {re.escape(first_step)}\b")
+    deadline = time.monotonic() + 5
+    while True:  # the trace's lines are printed as the request unwinds
+        lines = server.stderr_text().splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith(f"trace {rid} "))
+        block = list(itertools.takewhile(lambda line: line.startswith(" "), lines[start + 1:]))
+        if any(closing.search(line) for line in block) or time.monotonic() > deadline:
+            return [m["step"] for line in block if (m := STEP.search(line))]
+        time.sleep(0.02)
+
+
+TRACED = [pytest.param(p, id=p.name) for p in existing_projects()
+          if trace_samples((ROOT / p.readme).read_text(encoding="utf-8"))]
+
+
+@pytest.mark.parametrize("project", TRACED)
+def test_readme_trace_samples_show_the_real_order_of_steps(project, start_server):
+    walkthrough = parse_walkthrough((ROOT / project.readme).read_text(encoding="utf-8"))
+    script, extra = server_invocation(walkthrough.run_line, project)
+    server = start_server(script, *extra, "--trace")
+    problems = []
+    for n, (method, path, shown) in enumerate(
+            trace_samples((ROOT / project.readme).read_text(encoding="utf-8"))):
+        first = next(step for step in shown if step != "...")
+        real = real_trace(server, method, path, f"readme-trace-{n}", first)
+        if not shown_in_order(shown, real):
+            problems.append(f"{project.readme}: the trace sample of {method} {path} shows the "
+                            f"steps\n    {shown}\n  a real --trace run takes\n    {real}")
+    assert not problems, "\n".join(problems)
