@@ -13,12 +13,13 @@ teach them; this package only moves HTTP. Read it in this order — level 01 is 
     routing.py          path patterns → handlers; 404 / 405 + Allow; OpenAPI and the index
     middleware.py       the chain: request id → access log → timing → errors → handler
     trace.py            `--trace`: each request's flow, SQL and timings on stderr
-    storage.py          sqlite: WAL, a connection per thread, transactions, group commit, SQL trace
+    storage.py          sqlite: WAL, a connection per thread, transactions, SQL trace
     app.py              App: routes + middleware + the command line
-    transport.py        what both transports share (timeouts, keep-alive, encoding)
-    asyncio_server.py   the default transport: an asyncio event loop, a Protocol per connection
+    connection.py       one HTTP/1.1 connection as a state machine (sans-I/O): bytes in,
+                        requests out, answers as bytes; keep-alive, limits, timeouts
+    asyncio_server.py   the default transport: asyncio streams, a coroutine per connection
     threaded_server.py  `--server threaded`: http.server's ThreadingHTTPServer, a thread per
-                        connection, kernel socket timeouts
+                        connection — the same loop as the asyncio one, without `await`
     runner.py           bind, announce, signals, graceful drain
 
 A project imports what it needs from here:

@@ -119,7 +119,7 @@ class App:
             request.context["failure"] = failure
         if not self.tracing:
             return self._chain(request)
-        recorded, token = trace.start(f"{request.method} {request.path}")
+        recorded, token = trace.start(f"{request.method} {middleware.printable(request.path)}")
         try:
             return self._chain(request)
         finally:
@@ -165,7 +165,7 @@ class App:
         parser.add_argument("--server", choices=("asyncio", "threaded"), default="asyncio",
                             help="transport: asyncio, one event loop (default), or threaded, "
                                  "http.server with a thread per connection")
-        parser.add_argument("--idle-timeout", type=seconds, default=15.0,
+        parser.add_argument("--idle-timeout", type=positive_seconds, default=15.0,
                             help="close a keep-alive connection idle this long (default 15 s)")
         parser.add_argument("--shutdown-delay", type=seconds, default=0.0,
                             help="on SIGTERM, answer not-ready but keep serving this long before "
@@ -265,6 +265,7 @@ def bounded(convert, what, *, at_least=None, above=None, at_most=None, below=Non
 
 port_number = bounded(int, "a port number (0–65535)", at_least=0, at_most=65535)
 seconds = bounded(float, "a duration in seconds", at_least=0, below=10**6)
+positive_seconds = bounded(float, "a duration in seconds above 0", above=0, below=10**6)
 connection_count = bounded(int, "a number of connections (1–100000)", at_least=1, at_most=100_000)
 
 

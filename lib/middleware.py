@@ -14,12 +14,10 @@ cost as much as the steps' own work):
 problem+json, anything else is logged with its traceback on stderr and answered with a 500 that
 says nothing about the code.
 """
-import collections
 import os
 import random
 import re
 import sys
-import threading
 import time
 import traceback
 
@@ -63,93 +61,16 @@ def time_request(request, call_next):
     return response
 
 
-class AccessLog:
-    """Where access log lines go: stderr, straight to the file descriptor.
-
-    By default each line is one write(2): a write this small is atomic, so lines from many
-    threads never interleave, and it skips the text layer's buffering. Under load a system call
-    per line costs more than the rest of the logging, so a server gathers the lines and writes
-    them together, a millisecond or so later:
-
-    - the asyncio transport calls `batch_on_loop(loop)`: lines written on the loop's thread
-      are written at the next turn of the loop (lines from the worker pool still at once);
-    - the threaded transport calls `batch_in_thread()`: lines go to a queue that a writer
-      thread empties. With a thread per connection each write(2) is also a hand-over of the
-      GIL among every thread that waits for it, which is what lengthened the slowest answers.
-
-    `batch_off` writes what is left. Should the queue grow past `MAX_PENDING` lines (stderr
-    blocked), lines are written at once again, so a blocked log slows the server down rather
-    than filling its memory."""
-
-    MAX_PENDING = 10_000
-
-    def __init__(self, fd):
-        self.fd = fd
-        self.schedule = None       # how to get a batch written soon; None: write at once
-        self.loop_thread = None    # batch_on_loop: only lines of this thread are gathered
-        self.pending = collections.deque()  # append and popleft are atomic under the GIL
-        self.scheduled = False
-        self.wakeup = threading.Event()
-        self.flushing = threading.Lock()
-        self.writer = None
-
-    def write(self, line):
-        data = line.encode("utf-8", "replace")
-        if self.schedule is None or len(self.pending) > self.MAX_PENDING or (
-                self.loop_thread is not None and threading.get_ident() != self.loop_thread):
-            os.write(self.fd, data)
-            return
-        self.pending.append(data)  # first append, then look: see flush
-        if not self.scheduled:
-            self.scheduled = True
-            self.schedule()
-
-    def batch_on_loop(self, loop):
-        self.loop_thread = threading.get_ident()
-        self.schedule = lambda: loop.call_soon(self.flush)
-
-    def batch_in_thread(self):
-        if self.writer is None:
-            self.writer = threading.Thread(target=self._write_batches, name="access-log", daemon=True)
-            self.writer.start()
-        self.schedule = self.wakeup.set
-
-    def batch_off(self):
-        self.schedule = self.loop_thread = None
-        self.flush()
-
-    def _write_batches(self):
-        while True:
-            self.wakeup.wait()
-            self.wakeup.clear()
-            try:
-                self.flush()
-            except OSError:
-                pass  # stderr is gone: the lines are lost, the server goes on
-
-    def flush(self):
-        # `scheduled` is cleared before the queue is emptied, and a writer appends before it
-        # looks at it: a line is either in this batch or its writer schedules the next one.
-        self.scheduled = False
-        with self.flushing:  # one batch at a time, so batches keep the order of their lines
-            lines = []
-            while self.pending:
-                lines.append(self.pending.popleft())
-            data = b"".join(lines)
-            while data:
-                data = data[os.write(self.fd, data):]
-
-
-access_log = AccessLog(fd=2)
-_clock = [0, ""]
+def printable(text):
+    """`text` safe to write on one log line: control characters (CR, LF, ESC …) escaped. A path
+    is decoded from its %-escapes, so without this a client could end the line and forge the
+    next one (`/x%0d%0a… DELETE /notes/1 204`)."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def utc_now_text():
-    """Now as RFC 3339 UTC to the second, formatted once a second (the access log's hot path)."""
-    now = int(time.time())
-    if now != _clock[0]:
-        _clock[0], _clock[1] = now, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
-    return _clock[1]
+    """Now as RFC 3339 UTC to the second: `2026-11-24T06:41:00Z` (common.md)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def log_access(request, call_next):
@@ -166,9 +87,16 @@ def log_access(request, call_next):
 
 
 def write_access_line(request, response, duration_ms):
+    """One write(2) straight to stderr's file descriptor: a write this small is atomic, so the
+    lines of many threads never interleave. A log that cannot be written (a full disk) loses
+    its line; the server goes on."""
     sent = 0 if request.method == "HEAD" else response.size
-    access_log.write(f"{utc_now_text()} {request.client[0]} {request.method} {request.path} "
-                     f"{response.status} {sent}B {duration_ms:.2f}ms id={request.request_id}\n")
+    line = (f"{utc_now_text()} {request.client[0]} {request.method} {printable(request.path)} "
+            f"{response.status} {sent}B {duration_ms:.2f}ms id={request.request_id}\n")
+    try:
+        os.write(2, line.encode("utf-8", "replace"))
+    except OSError:
+        pass
 
 
 def render_errors(request, call_next):

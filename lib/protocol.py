@@ -24,7 +24,7 @@ from lib.problems import ContentTooLarge, HTTPError, reason_phrase
 MAX_REQUEST_LINE = 8 * 1024   # longer → 414 URI Too Long
 MAX_HEADER_LINE = 8 * 1024    # longer → 431 Request Header Fields Too Large
 MAX_HEADER_COUNT = 100        # more → 431
-MAX_HEAD = MAX_REQUEST_LINE + MAX_HEADER_COUNT * 256 + 4  # a bound for the reader's buffer
+MAX_HEAD = 64 * 1024          # a whole head larger → 431 (414 if the request line is the culprit)
 MAX_CHUNK_LINE = 1024         # a chunk-size line with extensions
 DEFAULT_BODY_LIMIT = 1024 * 1024
 
@@ -180,13 +180,10 @@ class ContentLengthDecoder:
         return b"".join(self.chunks)
 
     def feed(self, data):
-        if self.missing:
-            piece = data[:self.missing]
-            self.chunks.append(piece)
-            self.missing -= len(piece)
-            data = data[len(piece):]
-        if data:
-            self.unused += data
+        piece = data[:self.missing]
+        self.chunks.append(piece)
+        self.missing -= len(piece)
+        self.unused += data[len(piece):]
 
 
 class ChunkedDecoder:
@@ -194,8 +191,13 @@ class ChunkedDecoder:
     and `unused` (bytes after the body: the next pipelined request).
 
     A small state machine (RFC 9112 §7.1): SIZE line → DATA → CRLF → ... → size 0 → TRAILER
-    lines → blank line → DONE. It keeps at most `limit` body bytes, so a client cannot make the
-    server buffer more than the route allows.
+    lines → blank line → DONE. Two bounds make it safe against a hostile client:
+
+    - linear time: each `feed` walks its bytes once with an offset and keeps only the unread
+      tail, so a body sent as a million one-byte chunks costs no more per byte than one chunk
+      (slicing the buffer after every chunk would copy it again and again: quadratic);
+    - everything counts: chunk extensions (`5;name=value`, read and dropped) count against
+      `limit` like data, so a small body cannot arrive as megabytes of framing.
     """
 
     SIZE, DATA, DATA_END, TRAILER, DONE = range(5)
@@ -205,8 +207,8 @@ class ChunkedDecoder:
         self.state = self.SIZE
         self.remaining = 0
         self.chunks = []
-        self.size = 0
-        self.buffer = b""
+        self.size = 0          # data and extension bytes so far, against `limit`
+        self.unused = b""      # bytes not yet decoded (after DONE: the next request)
         self.trailer_lines = 0
 
     @property
@@ -217,58 +219,58 @@ class ChunkedDecoder:
     def body(self):
         return b"".join(self.chunks)
 
-    @property
-    def unused(self):
-        return self.buffer
-
     def feed(self, data):
-        self.buffer += data
-        while self.state != self.DONE:
+        buffer = self.unused + data if self.unused else data
+        at, end = 0, len(buffer)
+        while self.state != self.DONE and at < end:
             if self.state == self.DATA:
-                if not self.buffer:
-                    return
-                piece = self.buffer[: self.remaining]
-                self.buffer = self.buffer[len(piece):]
+                piece = buffer[at:at + self.remaining]
                 self.chunks.append(piece)
                 self.remaining -= len(piece)
+                at += len(piece)
                 if self.remaining == 0:
                     self.state = self.DATA_END
                 continue
             if self.state == self.DATA_END:
-                if len(self.buffer) < 2:
-                    return
-                if self.buffer[:2] != b"\r\n":
+                if end - at < 2:
+                    break
+                if buffer[at:at + 2] != b"\r\n":
                     raise ProtocolError("chunk data not followed by CRLF")
-                self.buffer = self.buffer[2:]
+                at += 2
                 self.state = self.SIZE
                 continue
-            line_end = self.buffer.find(b"\r\n")
             line_limit = MAX_CHUNK_LINE if self.state == self.SIZE else MAX_HEADER_LINE
-            if line_end > line_limit or (line_end < 0 and len(self.buffer) > line_limit):
-                raise ProtocolError("chunk line too long" if self.state == self.SIZE else
-                                    "trailer field too large", status=400 if self.state == self.SIZE else 431)
+            line_end = buffer.find(b"\r\n", at, at + line_limit + 2)
             if line_end < 0:
-                return
-            line, self.buffer = self.buffer[:line_end], self.buffer[line_end + 2:]
+                if end - at > line_limit:
+                    raise ProtocolError("chunk line too long" if self.state == self.SIZE else
+                                        "trailer field too large", status=400 if self.state == self.SIZE else 431)
+                break
+            line, at = buffer[at:line_end], line_end + 2
             if self.state == self.SIZE:
-                size_text = line.split(b";", 1)[0].strip(b" \t")  # chunk extensions ignored
-                if not _HEX.match(size_text) or len(size_text) > 15:
-                    raise ProtocolError("invalid chunk size")
-                size = int(size_text, 16)
-                self.size += size
-                if self.size > self.limit:
-                    raise ContentTooLarge(f"request body over {self.limit} bytes")
-                if size == 0:
-                    self.state = self.TRAILER
-                else:
-                    self.remaining = size
-                    self.state = self.DATA
+                self._start_chunk(line)
             elif line:  # a trailer field: read and dropped
                 self.trailer_lines += 1
                 if self.trailer_lines > MAX_HEADER_COUNT:
                     raise ProtocolError("too many trailer fields", status=431)
             else:
                 self.state = self.DONE
+        self.unused = buffer[at:]
+
+    def _start_chunk(self, line):
+        size_text, _, extensions = line.partition(b";")
+        size_text = size_text.strip(b" \t")
+        if not _HEX.match(size_text) or len(size_text) > 15:
+            raise ProtocolError("invalid chunk size")
+        size = int(size_text, 16)
+        self.size += size + len(extensions)
+        if self.size > self.limit:
+            raise ContentTooLarge(f"request body over {self.limit} bytes")
+        if size == 0:
+            self.state = self.TRAILER
+        else:
+            self.remaining = size
+            self.state = self.DATA
 
 
 # --- responses ---------------------------------------------------------------------------
@@ -276,16 +278,10 @@ class ChunkedDecoder:
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {reason_phrase(s.value)}\r\n" for s in HTTPStatus}
 _NO_BODY = frozenset({204, 304}) | frozenset(range(100, 200))  # RFC 9110 §6.4.1, §8.6
 
-_date_cache = [0, ""]
-
 
 def http_date():
-    """The `Date` field (RFC 9110 §6.6.1), formatted once a second."""
-    now = int(time.time())
-    if now != _date_cache[0]:
-        _date_cache[0] = now
-        _date_cache[1] = time.strftime("Date: %a, %d %b %Y %H:%M:%S GMT\r\n", time.gmtime(now))
-    return _date_cache[1]
+    """The `Date` field (RFC 9110 §6.6.1)."""
+    return time.strftime("Date: %a, %d %b %Y %H:%M:%S GMT\r\n", time.gmtime())
 
 
 def status_line(status):

@@ -5,7 +5,6 @@ transport encodes it with `lib.protocol`; `Content-Length` is always computed th
 written by hand, so it cannot be wrong.
 """
 import json
-import json.encoder
 
 JSON = "application/json"
 PROBLEM_JSON = "application/problem+json"
@@ -33,7 +32,9 @@ class Response:
         self.headers = [(k, v) for k, v in self.headers if k.lower() != lower]
         self.headers.append((name, value))
 
-    streaming = False  # a class attribute: read for every answer
+    streaming = False
+    takeover = None  # asyncio: `async takeover(reader, writer)` gets the connection after this
+                     # answer (a protocol switch: WebSocket, a tunnel); see lib.asyncio_server
 
     @property
     def size(self):
@@ -63,23 +64,19 @@ class StreamingResponse(Response):
         return self.sent
 
 
-def _json_encoder():
-    """One encoder, made once. `json.dumps` builds a new C encoder on every call (inside
-    `JSONEncoder.iterencode`), which costs more than encoding a small answer; this keeps the one
-    it would build. NaN and Infinity are refused: they are not JSON (RFC 8259 §6)."""
-    make_encoder = json.encoder.c_make_encoder
-    if make_encoder is None:  # a Python built without the C accelerator
-        return json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
-    encode = make_encoder(None, json.JSONEncoder().default, json.encoder.c_encode_basestring,
-                          None, ": ", ", ", False, False, False)
-    return lambda data: "".join(encode(data, 0))
-
-
-_encode_json = _json_encoder()
+# NaN and Infinity are refused: they are not JSON (RFC 8259 §6).
+_encode_json = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+_encode_json_ascii = json.JSONEncoder(allow_nan=False).encode
 
 
 def json_body(data):
-    return _encode_json(data).encode("utf-8")
+    """`data` as UTF-8 JSON. A string may hold a lone surrogate (JSON can spell one, `"\\ud800"`,
+    and Python decodes it, say into a field name a 422 then quotes): it has no UTF-8 form, so
+    such a body is written with every non-ASCII character escaped, which JSON allows."""
+    try:
+        return _encode_json(data).encode("utf-8")
+    except UnicodeEncodeError:
+        return _encode_json_ascii(data).encode("ascii")
 
 
 def json_response(data, status=200, headers=None):

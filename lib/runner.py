@@ -7,15 +7,13 @@
        (at most `--drain-timeout`), run the app's shutdown hooks (close storage), exit 0.
        A second signal exits at once.
 """
+import os
+import signal
 import socket
 import sys
 
 from lib.app import exit_usage_error
-from lib.asyncio_server import AsyncioServer
-from lib.threaded_server import ThreadedServer
-from lib.transport import BACKLOG
-
-TRANSPORTS = {"asyncio": AsyncioServer, "threaded": ThreadedServer}
+from lib.connection import BACKLOG
 
 
 def bind(host, port):
@@ -27,6 +25,10 @@ def bind(host, port):
 
 
 def serve(app, args):
+    # The transports import this module for the signal handling: import them here, not above.
+    from lib.asyncio_server import AsyncioServer
+    from lib.threaded_server import ThreadedServer
+
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     app.port = port  # the one really bound: `--port 0` lets the OS choose
@@ -36,10 +38,32 @@ def serve(app, args):
         sys.stdout.write(f"listening on http://{shown_host}:{port}\n")
         sys.stdout.flush()
 
+    transport = {"asyncio": AsyncioServer, "threaded": ThreadedServer}[args.server]
     try:
-        TRANSPORTS[args.server](app, sock, args).run(announce)
+        transport(app, sock, args).run(announce)
     finally:
         sock.close()
         for hook in reversed(app.shutdown_hooks):
             hook()
         sys.stderr.flush()
+
+
+def exit_now():
+    """A second SIGTERM/SIGINT: stop at once, without draining (common.md)."""
+    sys.stderr.write("second signal: exiting at once\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def on_stop_signals(begin_shutdown):
+    """SIGTERM and SIGINT begin a graceful shutdown; a second one exits at once."""
+    received = []
+
+    def handler(signum, frame):
+        if received:
+            exit_now()
+        received.append(signum)
+        begin_shutdown()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

@@ -17,19 +17,18 @@
   "database is locked" surprise of deferred transactions).
 - `:memory:` is one database per connection in sqlite, so for it all threads share a single
   connection behind a lock.
-- On the event loop, writes are committed in groups (`GroupCommit`): the writes of one turn of
-  the loop share one transaction, and the answers wait for its commit.
+- Each write commits on its own before the call returns, so a handler's answer is sent only
+  after what it changed is durable. (Committing many requests' writes together, group commit,
+  is faster under load and is the lesson of level07/analytics_collector.)
 - With `--trace`, every statement is added to the request's trace, string and blob values
   masked, since sqlite fills the parameters into the text it hands the trace callback.
 """
 import contextlib
 import re
 import sqlite3
-import sys
 import threading
 from pathlib import Path
 
-from lib.problems import HTTPError
 from lib.trace import trace_event
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -64,9 +63,11 @@ class Database:
         self._all_lock = threading.Lock()
         self._shared_lock = threading.RLock() if path == ":memory:" else None
         self._writer_lock = self._shared_lock or threading.RLock()
+        # This thread's connection, as the process's one writer (see the module docstring),
+        # waiting as sqlite would, at most BUSY_TIMEOUT_S; and as a reader (no lock, but for
+        # :memory:'s shared connection).
         self._writer_turn = _Held(self._writer_lock, self.connection, BUSY_TIMEOUT_S)
-        self._reader_turn = _Held(self._shared_lock, self.connection)  # no lock but for :memory:
-        self._group_turn = _Joined(self)
+        self._reader_turn = _Held(self._shared_lock, self.connection)
         self._shared = None
         if path != ":memory:":
             try:
@@ -115,63 +116,46 @@ class Database:
             conn = self._local.conn = self._connect()
         return conn
 
-    def _locked(self):
-        """This thread's connection for reading (`:memory:`'s shared one behind its lock)."""
-        return self._reader_turn
-
     def query(self, sql, params=()):
-        with self._locked() as conn:
+        with self._reader_turn as conn:
             return conn.execute(sql, params).fetchall()
 
     def query_one(self, sql, params=()):
-        with self._locked() as conn:
+        with self._reader_turn as conn:
             return conn.execute(sql, params).fetchone()
-
-    def _writing(self):
-        """This thread's connection, as the process's one writer (see the module docstring).
-        Waiting is bounded like sqlite's own: past `BUSY_TIMEOUT_S` it fails the same way.
-        On the event loop's thread: the connection inside this turn's group commit."""
-        if group_commit.thread == threading.get_ident():
-            return self._group_turn
-        return self._writer_turn
 
     def execute(self, sql, params=()):
         """One statement that writes, committed on its own (autocommit). Returns the cursor."""
-        with self._writing() as conn:
+        with self._writer_turn as conn:
             return conn.execute(sql, params)
 
     def execute_returning(self, sql, params=()):
         """One writing statement with `RETURNING`, committed on its own; its rows. They are
         fetched before the writer lock is let go: the statement (and so its commit) only
         finishes when its last row is read."""
-        with self._writing() as conn:
+        with self._writer_turn as conn:
             return conn.execute(sql, params).fetchall()
 
     @contextlib.contextmanager
     def transaction(self):
-        """`BEGIN IMMEDIATE` … `COMMIT`, or `ROLLBACK` when the block raises. Inside a group
-        commit it is a savepoint of the group's transaction, undone on its own when it raises."""
-        with self._writing() as conn:
-            grouped = conn.in_transaction
-            conn.execute("SAVEPOINT request" if grouped else "BEGIN IMMEDIATE")
+        """`BEGIN IMMEDIATE` … `COMMIT` (durable when the block ends), or `ROLLBACK` when the
+        block raises."""
+        with self._writer_turn as conn:
+            conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
             except BaseException:
                 if conn.in_transaction:  # sqlite may have rolled back already (e.g. on SQLITE_FULL)
-                    if grouped:
-                        conn.execute("ROLLBACK TO request")
-                        conn.execute("RELEASE request")
-                    else:
-                        conn.execute("ROLLBACK")
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("RELEASE request" if grouped else "COMMIT")
+            conn.execute("COMMIT")
 
     @contextlib.contextmanager
     def reading(self):
         """This thread's connection for reads outside a transaction (each statement stands
         alone), held safely (`:memory:` shares one behind the lock). For code written against
         a connection, which then runs the same inside `transaction()` and out of it."""
-        with self._locked() as conn:
+        with self._reader_turn as conn:
             yield conn
 
     def ping(self):
@@ -214,118 +198,3 @@ class _Held:
     def __exit__(self, *exc_info):
         if self.lock is not None:
             self.lock.release()
-
-
-class _Joined:
-    """`with joined as conn:` — the event loop's connection inside this turn's group commit."""
-
-    __slots__ = ("db",)
-
-    def __init__(self, db):
-        self.db = db
-
-    def __enter__(self):
-        return group_commit.join(self.db)
-
-    def __exit__(self, *exc_info):
-        pass  # the group's transaction stays open until the end of the turn
-
-
-class CommitFailed(HTTPError):
-    """The commit of a group failed: nothing of it was saved, whatever the handler answered."""
-
-    status = 500
-
-
-class GroupCommit:
-    """Group commit on the event loop: the writes of one turn of the loop share one transaction,
-    committed at the start of the next turn, and every answer made meanwhile waits for it.
-
-    Why: a commit costs more than the statement it makes durable (the WAL append and the lock
-    calls, ~25 µs), and under load one turn of the loop answers many requests — one for each
-    connection whose bytes arrived. One commit for all of them made the counter's increments
-    ~1.45× as fast, and their slowest answers ~3× quicker (tests/bench/README.md). Databases
-    do the same with their log: PostgreSQL's and MySQL's group commit.
-
-    What stays true:
-    - An answer is sent only once the writes it may rest on are committed, so an acknowledged
-      change survives kill -9 as before. Answers to reads wait too: on the loop's connection a
-      read sees the group's writes before they are committed.
-    - Each request's writes keep their own atomicity inside the group: a statement that fails
-      undoes only itself (sqlite's statement journal), and `transaction()` becomes a savepoint
-      that is rolled back alone.
-    - Should the commit fail (disk full, I/O error), nothing of the group is saved, and every
-      answer that waited is replaced by a 500 that says so (their access log lines show what
-      the handlers answered; an error line on stderr says the group failed).
-
-    Only the loop's thread groups its writes: handlers in the worker pool and the threaded
-    transport commit each write on its own, as before. With `--trace` it is off, so that a
-    request's trace shows its own commit."""
-
-    def __init__(self):
-        self.thread = None     # the event loop's thread, while grouping is on
-        self.loop = None
-        self.open = {}         # Database → its connection, with this turn's transaction begun
-        self.waiting = []      # callbacks(error or None) of the answers that wait for the commit
-
-    def start(self, loop):
-        self.loop = loop
-        self.thread = threading.get_ident()
-
-    def stop(self):
-        self.commit()
-        self.thread = self.loop = None
-
-    def join(self, db):
-        """The connection of `db` inside this turn's transaction, begun on its first write."""
-        conn = self.open.get(db)
-        if conn is not None:
-            if not conn.in_transaction:  # sqlite rolled the group back after an error
-                raise sqlite3.OperationalError("this turn's transaction was rolled back by an earlier error")
-            return conn
-        lock = db._writer_lock
-        if not lock.acquire(timeout=BUSY_TIMEOUT_S):
-            raise sqlite3.OperationalError("database is locked")
-        try:
-            conn = db.connection()
-            conn.execute("BEGIN IMMEDIATE")
-        except BaseException:
-            lock.release()
-            raise
-        if not self.open:
-            self.loop.call_soon(self.commit)
-        self.open[db] = conn
-        return conn
-
-    def after_commit(self, callback):
-        """Call `callback(error)` once this turn's writes are committed (error None) or lost."""
-        self.waiting.append(callback)
-
-    def commit(self):
-        """Commit the turn's transactions (scheduled by the first write of the turn), then
-        release the answers that waited: told None, or `CommitFailed` if any commit failed."""
-        opened, self.open = self.open, {}
-        waiting, self.waiting = self.waiting, []
-        error = None
-        for db, conn in opened.items():
-            try:
-                if not conn.in_transaction:
-                    raise sqlite3.OperationalError("the transaction was rolled back after an error")
-                conn.execute("COMMIT")
-            except sqlite3.Error as err:
-                error = error or err
-                if conn.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-            finally:
-                db._writer_lock.release()
-        if error is not None:
-            sys.stderr.write(f"error: a group commit failed, nothing of it was saved ({error}); "
-                             f"{len(waiting)} answers waiting for it are replaced by 500\n")
-            error = CommitFailed("the change could not be saved: the database commit failed, "
-                                 "nothing of this request was stored; retry later")
-        for callback in waiting:
-            callback(error)
-
-
-group_commit = GroupCommit()

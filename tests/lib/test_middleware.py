@@ -345,60 +345,16 @@ def test_compose_nests_the_first_step_outermost():
     assert order == ["a in", "b in", "handler", "b out", "a out"]
 
 
-# --- the access log's batches ---------------------------------------------------------------
+# --- log lines a client cannot forge --------------------------------------------------------
 
-def test_lines_batched_by_a_writer_thread_are_all_written_whole_and_in_order(tmp_path):
-    """Eight threads log at once through the writer thread: every line arrives, none torn, and
-    each thread's lines in the order it wrote them; far fewer writes than lines."""
-    import os
-    import threading
+@pytest.mark.parametrize("path, shown", [
+    ("/plain/é", "/plain/é"),
+    ("/x\r\n2026-01-01T00:00:00Z 127.0.0.1 DELETE /notes/1 204", "/x\\r\\n2026-01-01T00:00:00Z 127.0.0.1 DELETE /notes/1 204"),
+    ("/esc\x1b[31m", "/esc\\x1b[31m"),
+    ("/nul\x00", "/nul\\x00"),
+])
+def test_printable_escapes_control_characters(path, shown):
+    from lib.middleware import printable
 
-    from lib.middleware import AccessLog
-
-    path = tmp_path / "access.log"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    log = AccessLog(fd)
-    writes = []
-    real_write = os.write
-
-    def counting_write(target, data):
-        writes.append(len(data))
-        return real_write(target, data)
-
-    log.batch_in_thread()
-    os.write = counting_write
-    try:
-        def write_lines(thread):
-            for number in range(500):
-                log.write(f"thread {thread} line {number:03d} " + "x" * 60 + "\n")
-
-        threads = [threading.Thread(target=write_lines, args=(t,)) for t in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        log.batch_off()
-    finally:
-        os.write = real_write
-        os.close(fd)
-    lines = path.read_text().splitlines()
-    assert len(lines) == 8 * 500
-    assert all(re.fullmatch(r"thread [0-7] line \d{3} x{60}", line) for line in lines)
-    for thread in range(8):
-        numbers = [int(line.split()[3]) for line in lines if line.startswith(f"thread {thread} ")]
-        assert numbers == list(range(500))
-    assert len(writes) < len(lines) / 4, "lines are gathered, not written one by one"
-
-
-def test_without_batching_each_line_is_written_at_once(tmp_path):
-    import os
-
-    from lib.middleware import AccessLog
-
-    path = tmp_path / "access.log"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    try:
-        AccessLog(fd).write("one line\n")
-        assert path.read_text() == "one line\n"
-    finally:
-        os.close(fd)
+    assert printable(path) == shown
+    assert "\n" not in printable(path) and "\r" not in printable(path)
