@@ -264,9 +264,9 @@ class Connection:
         return encode_chunk(piece) if self.head.version == "HTTP/1.1" else piece
 
     def end_stream(self):
-        data = encode_chunk(b"") if self.head.version == "HTTP/1.1" else b""
-        self._answered(self.keep_alive)
-        return data
+        chunked = self.state == State.STREAMING and self.head.version == "HTTP/1.1"
+        self._answered(self.keep_alive)  # first: it refuses a stream that never began
+        return encode_chunk(b"") if chunked else b""
 
 
 def oversized_head(buffer):
