@@ -30,7 +30,7 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from lib.connection import (BACKLOG, CLOSE, LINGER_SECONDS, NEED_DATA, Connection, State,
+from lib.connection import (BACKLOG, CLOSE, LINGER_BYTES, LINGER_SECONDS, NEED_DATA, Connection, State,
                             overloaded_answer, report_broken_stream)
 from lib.runner import exit_now
 
@@ -178,13 +178,14 @@ async def send_chunk(conn, writer, response, piece):
 
 async def linger(reader, writer):
     """After an answer to a request whose bytes were not all read: stop writing, then read and
-    drop what the client still sends for a moment before closing. Closing with unread data
-    would make the kernel send a reset, which can destroy the answer before the client reads
-    it."""
+    drop what the client still sends, for a moment and up to a bound, before closing. Closing
+    with unread data would make the kernel send a reset, which can destroy the answer before
+    the client reads it."""
+    dropped = 0
     with contextlib.suppress(ConnectionError, OSError, TimeoutError):
         async with asyncio.timeout(LINGER_SECONDS):
             await writer.drain()
             if writer.can_write_eof():
                 writer.write_eof()
-            while await reader.read(READ_SIZE):
-                pass
+            while dropped < LINGER_BYTES and (data := await reader.read(READ_SIZE)):
+                dropped += len(data)

@@ -49,7 +49,8 @@ from lib.request import Request
 HEAD_TIMEOUT = 10.0
 MIN_BODY_RATE = 500    # bytes/s a body must keep up on average, beyond its first idle timeout
 BACKLOG = 128          # PERFORMANCE.md trap 2: socketserver's default of 5 drops bursts
-LINGER_SECONDS = 1.0   # how long to read and drop a refused request's bytes before closing
+LINGER_SECONDS = 1.0   # how long, and how much, to read and drop of a refused request's
+LINGER_BYTES = 1024 * 1024  # bytes before closing
 
 NEED_DATA = "need data"
 CLOSE = "close"
@@ -144,8 +145,12 @@ class Connection:
         raise RuntimeError(f"answer the request first (state {self.state.name})")
 
     def _next_head(self):
-        end = self.buffer.find(b"\r\n\r\n", self.scanned)
-        if end < 0:
+        crlf = self.buffer.find(b"\r\n\r\n", self.scanned)
+        # Lines ended by a bare LF (RFC 9112 §2.2 lets a server refuse them): the head ends at
+        # its blank line all the same, and parse_head answers 400 rather than wait for ever.
+        lf = self.buffer.find(b"\n\n", self.scanned, None if crlf < 0 else crlf)
+        head_end = lf + 2 if lf >= 0 else crlf + 4 if crlf >= 0 else -1
+        if head_end < 0:
             if len(self.buffer) > MAX_HEAD:
                 return self._refuse(oversized_head(self.buffer))
             if self.peer_closed:
@@ -153,10 +158,10 @@ class Connection:
                 return CLOSE
             self.scanned = max(0, len(self.buffer) - 3)
             return NEED_DATA
-        if end + 4 > MAX_HEAD:  # the same answer however the head was split into packets
+        if head_end > MAX_HEAD:  # the same answer however the head was split into packets
             return self._refuse(oversized_head(self.buffer))
-        data = bytes(self.buffer[:end + 4])
-        del self.buffer[:end + 4]
+        data = bytes(self.buffer[:head_end])
+        del self.buffer[:head_end]
         self.scanned = 0
         return self._start_request(data)
 

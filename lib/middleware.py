@@ -22,6 +22,7 @@ import time
 import traceback
 
 from lib.problems import HTTPError
+from lib.request import utc_timestamp
 from lib.response import json_body, problem_response, PROBLEM_JSON, Response
 
 # common.md: a client's own id is kept if it is sane: 1–128 visible ASCII characters.
@@ -68,11 +69,6 @@ def printable(text):
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
-def utc_now_text():
-    """Now as RFC 3339 UTC to the second: `2026-11-24T06:41:00Z` (common.md)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 def log_access(request, call_next):
     """One line per request on stderr: time, client, method, path, status, bytes, duration,
     request id. The query string is left out: it may carry tokens (a reset link's `?token=`)."""
@@ -91,7 +87,7 @@ def write_access_line(request, response, duration_ms):
     lines of many threads never interleave. A log that cannot be written (a full disk) loses
     its line; the server goes on."""
     sent = 0 if request.method == "HEAD" else response.size
-    line = (f"{utc_now_text()} {request.client[0]} {request.method} {printable(request.path)} "
+    line = (f"{utc_timestamp()} {request.client[0]} {request.method} {printable(request.path)} "
             f"{response.status} {sent}B {duration_ms:.2f}ms id={request.request_id}\n")
     try:
         os.write(2, line.encode("utf-8", "replace"))

@@ -26,7 +26,7 @@ import threading
 import time
 from http.server import ThreadingHTTPServer
 
-from lib.connection import (BACKLOG, CLOSE, LINGER_SECONDS, NEED_DATA, Connection, State,
+from lib.connection import (BACKLOG, CLOSE, LINGER_BYTES, LINGER_SECONDS, NEED_DATA, Connection, State,
                             overloaded_answer, report_broken_stream)
 from lib.runner import on_stop_signals
 
@@ -105,13 +105,16 @@ def stream(sock, conn, response):
 
 def linger(sock):
     """See `lib.asyncio_server.linger`: half-close, drop what still arrives, then close."""
+    dropped = 0
     try:
         sock.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + LINGER_SECONDS
-        while deadline > time.monotonic():
+        while dropped < LINGER_BYTES:
             wait_until(sock, deadline)
-            if not sock.recv(READ_SIZE):
+            data = sock.recv(READ_SIZE)
+            if not data:
                 break
+            dropped += len(data)
     except OSError:
         pass
 

@@ -72,6 +72,7 @@ HEADS = {
     "long request line": b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
     "obs-fold": b"GET /health HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n",
     "bare LF": b"GET /health HTTP/1.1\r\nHost: x\nX: a\r\n\r\n",
+    "bare LF only": b"GET /health HTTP/1.1\nHost: x\n\n",
     "body over the limit": b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 65\r\n\r\n" + b"a" * 65,
     "chunked over the limit": b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                               + b"41\r\n" + b"a" * 65 + b"\r\n0\r\n\r\n",
@@ -92,7 +93,7 @@ def test_the_same_bytes_get_the_same_answers_however_they_are_split(name):
 def test_the_expected_answers():
     assert run(machine()[0], [HEADS["pipelined"]])[0] == [b"HTTP/1.1 200 OK"] * 4
     for name, status in [("ten 7 KB fields", b"431"), ("101 fields", b"431"),
-                         ("long request line", b"414"), ("obs-fold", b"400"), ("bare LF", b"400"),
+                         ("long request line", b"414"), ("obs-fold", b"400"), ("bare LF", b"400"), ("bare LF only", b"400"),
                          ("body over the limit", b"413"), ("chunked over the limit", b"413"),
                          ("extensions over the limit", b"413")]:
         answers, state = run(machine()[0], [HEADS[name]])
