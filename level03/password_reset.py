@@ -29,9 +29,8 @@ What it teaches
 Users, passwords, login, refresh tokens and the lockout are level03/jwt_auth.py's, imported.
 
 What it leaves out: a durable mail queue with retries (level 05 email_queue), templates and
-per-user preferences (level 04 email_notifications), SMTP authentication and TLS, a web form to
-ask for the link (it is a JSON API call here), per-IP rate limits (level 06 rate_limiter),
-multi-factor checks before a reset. password_reset.md's "In production" says who does those.
+per-user preferences (level 04 email_notifications), SMTP authentication and TLS, per-IP rate
+limits (level 06 rate_limiter), multi-factor checks before a reset. password_reset.md's "In production" says who does those.
 """
 import argparse
 import base64
@@ -393,7 +392,7 @@ class Mailer:
 PAGE_STYLE = ("body{font-family:system-ui,sans-serif;max-width:28rem;margin:3rem auto;"
               "padding:0 1rem;line-height:1.5}label,input,button{display:block;width:100%;"
               "box-sizing:border-box}input{margin:.25rem 0 1rem;padding:.5rem;font-size:1rem}"
-              "button{padding:.6rem;font-size:1rem}.error{color:#a00}")
+              "button{padding:.6rem;font-size:1rem}.error{color:#a00}[hidden]{display:none}")
 # CSP (W3C CSP Level 3): nothing may load, the one inline style is allowed by its hash, the
 # form may post only here, no framing (clickjacking), no <base> tricks. No script at all.
 _STYLE_HASH = base64.b64encode(hashlib.sha256(PAGE_STYLE.encode("utf-8")).digest()).decode()
@@ -438,7 +437,19 @@ def reset_form_page(token, email, messages=(), status=200):
 def invalid_link_page():
     return page("This link does not work", (
         "<p>This reset link is invalid, has expired or was already used. A link works once, "
-        "and only the newest one you asked for.</p>\n<p>Ask for a new link.</p>\n"), 400)
+        "and only the newest one you asked for.</p>\n"
+        "<p><a href=\"/forgot\">Ask for a new link</a>.</p>\n"), 400)
+
+
+def forgot_form_page(messages=(), status=200):
+    """The form of `GET /forgot`, for a person who has no API client: it posts to
+    `/auth/forgot` as a form, and gets a page back."""
+    errors = "".join(f"<p class=\"error\" role=\"alert\">{html.escape(m)}</p>\n" for m in messages)
+    return page("Forgot your password?", (
+        f"{errors}<form method=\"post\" action=\"/auth/forgot\">\n"
+        "<label for=\"email\">The email address of your account</label>\n"
+        "<input id=\"email\" name=\"email\" type=\"email\" autocomplete=\"username\" required "
+        "autofocus>\n<button type=\"submit\">Mail me a reset link</button>\n</form>\n"), status)
 
 
 # =============================================================================================
@@ -457,12 +468,19 @@ app.get("/me", responses={200: "The user the bearer token names"})(read_me)
 
 
 @app.post("/auth/forgot", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
-          request_schema=body_schema(FORGOT),
+          request_schema=body_schema(FORGOT),   # JSON; the form of GET /forgot posts the same
           responses={202: "Accepted: a link is mailed if the address has an account"})
 def forgot_password(request):
     """Ask for a password reset link by email (the same answer whether the account exists)"""
     state = request.app.state
-    values = validate(request.json_object(), FORGOT)
+    from_form = request.content_type == FORM   # the page of GET /forgot; else JSON
+    try:
+        values = validate(request.fields(), FORGOT)
+    except ValidationFailed as error:
+        if not from_form:
+            raise
+        return forgot_form_page([f"The {e['field']} {e['message']}." for e in error.errors],
+                                error.status)
     outcome = request_password_reset(state.auth, values["email"], state.mail.token_ttl)
     # Built for every request, sent only to an account: building a MIME message takes a
     # millisecond or two, which a client can time, as it could time a hash (see jwt_auth's
@@ -475,10 +493,17 @@ def forgot_password(request):
     else:
         trace_event("reset mail built and dropped: the same work, nothing sent")
     # One body for every case; 202 (RFC 9110 §15.3.3): accepted, the outcome not told.
-    return json_response({
-        "status": "accepted",
-        "detail": f"if an account uses this address, a link to reset its password is on its "
-                  f"way; it works once, within {describe_duration(state.mail.token_ttl)}"}, 202)
+    detail = (f"if an account uses this address, a link to reset its password is on its way; "
+              f"it works once, within {describe_duration(state.mail.token_ttl)}")
+    if from_form:
+        return page("Check your mail", f"<p>{html.escape(detail.capitalize())}.</p>\n", 202)
+    return json_response({"status": "accepted", "detail": detail}, 202)
+
+
+@app.get("/forgot", public=True, responses={200: "An HTML form to ask for a reset link"})
+def show_forgot_form(request):
+    """A page to ask for a reset link: a form that posts to /auth/forgot"""
+    return forgot_form_page()
 
 
 @app.post("/auth/reset", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
@@ -519,7 +544,10 @@ def form_error_page(auth, token, error):
                     400: "An HTML page: the link is invalid, expired or used"})
 def show_reset_form(request):
     """The page the reset link opens: a form that posts to /auth/reset"""
-    token = request.query_param("token", "")
+    try:
+        token = request.query_param("token", "")
+    except BadRequest:   # a query that is not UTF-8 (`%ff`) holds no token: a person reads this
+        token = ""
     # Looking changes nothing: mail scanners that open every link must not burn the token.
     found = live_reset_token(request.app.state.auth.db, token) if token else None
     if found is None:

@@ -604,10 +604,14 @@ $("logout-all").addEventListener("click",
                                 () => logOut("/auth/logout-all", "Logged out everywhere."));
 $("refresh").addEventListener("click", () => loadSessions());
 
-call("GET", "/auth/session").then((answer) => {
-  if (answer.status === 200) return showSignedIn(answer.data);
+if (document.body.hasAttribute("data-signed-out")) {
   showSignedOut("");
-});
+} else {
+  call("GET", "/auth/session").then((answer) => {
+    if (answer.status === 200) return showSignedIn(answer.data);
+    showSignedOut("");
+  });
+}
 """
 
 PAGE = f"""<!doctype html>
@@ -664,13 +668,18 @@ PAGE_HEADERS = {
                                f"form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
+    "Vary": "Cookie",   # the page says whether the request had a session cookie
 }
+# Without a sid cookie there is no session to ask for, and asking would cost a 401 that the
+# browser's console reports as an error on every signed-out visit: the page tells its script.
+SIGNED_OUT_PAGE = PAGE.replace("<body>", "<body data-signed-out>", 1)
 
 
 @app.get("/app", public=True, responses={200: "An HTML page: log in, your sessions, log out"})
 def serve_page(request):
     """A small page that signs in with the cookie and sends the CSRF header"""
-    return html_response(PAGE, headers=PAGE_HEADERS)
+    signed_out = COOKIE_NAME not in request.cookies
+    return html_response(SIGNED_OUT_PAGE if signed_out else PAGE, headers=PAGE_HEADERS)
 
 
 # =============================================================================================

@@ -462,6 +462,32 @@ def test_a_bad_link_shows_a_page_that_says_so(client, query):
     assert "not-a-live-token" not in resp.text
 
 
+def test_a_link_that_is_not_utf8_still_gets_the_page(client):
+    resp = client.http.get(client.url + "/reset?token=%ff", timeout=TIMEOUT)
+    expect(resp, 400)
+    check_page_headers(resp)
+    assert '<a href="/forgot">Ask for a new link</a>' in resp.text
+
+
+def test_a_new_link_can_be_asked_for_from_a_page(client, outbox):
+    page = expect(client.http.get(client.url + "/forgot", timeout=TIMEOUT), 200)
+    check_page_headers(page)
+    (form,) = parse_page(page.text).forms
+    assert form["method"].lower() == "post" and form["action"] == "/auth/forgot"
+    assert [i["name"] for i in parse_page(page.text).inputs] == ["email"]
+    address = fresh_email("form")
+    client.signup(address)
+    sent = client.http.post(client.url + "/auth/forgot", data={"email": address}, timeout=TIMEOUT)
+    expect(sent, 202)
+    check_page_headers(sent)
+    assert "on its way" in sent.text
+    outbox.wait_for(address)
+    wrong = client.http.post(client.url + "/auth/forgot", data={"email": "nope"}, timeout=TIMEOUT)
+    expect(wrong, 422)
+    check_page_headers(wrong)
+    assert "email address" in wrong.text and parse_page(wrong.text).forms
+
+
 def test_the_form_works_as_a_browser_posts_it(client, outbox):
     address = fresh_email("browser")
     client.signup(address)

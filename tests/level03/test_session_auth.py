@@ -653,6 +653,17 @@ def test_app_is_html_under_a_strict_csp_that_allows_exactly_its_own_script(serve
     assert "localStorage" not in script and "document.cookie" not in script
 
 
+def test_the_page_asks_for_the_session_only_when_there_is_a_cookie(server):
+    """Signed out, asking GET /auth/session costs a 401, which a browser's console shows as an
+    error on every visit: the page tells its script whether a sid cookie came with it."""
+    signed_out = expect(requests.get(server.url + "/app", timeout=TIMEOUT), 200)
+    assert "<body data-signed-out>" in signed_out.text
+    browser, _ = account(server)
+    signed_in = expect(browser.get("/app"), 200)
+    assert "<body>" in signed_in.text and "data-signed-out" not in signed_in.text.split("<script>")[0]
+    assert "Cookie" in signed_in.headers.get("Vary", "")
+
+
 def test_the_pages_flow_with_a_real_cookie_jar(server):
     """What the page's script does, step by step, with requests' cookie jar in place of the
     browser's: GET /auth/session, a form login, the list, a revoke, logout."""
