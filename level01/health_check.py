@@ -24,6 +24,7 @@ the health endpoints, a separate startup probe (the README says what each would 
     python level01/health_check.py [--db PATH] [--check-timeout S] [--min-free-mb N]
                                    [--shutdown-delay S] [--trace] [--server threaded]
 """
+import contextvars
 import functools
 import shutil
 import sqlite3
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from lib import App, ServiceUnavailable, trace_event
 from lib.app import bounded
 from lib.request import utc_timestamp
+from lib.storage import masked_sql
 
 app = App("health_check", "Liveness and readiness: is the process up, and may it take traffic?",
           port=8001)
@@ -69,8 +71,10 @@ def check_database(uri):
     A fresh connection, not the server's own: an open connection keeps working on a file that
     was deleted or replaced under it, which is exactly the failure to catch. `mode=rw` refuses to
     create a missing file. `BEGIN IMMEDIATE` waits for the write lock, so a writer that holds it
-    (a migration, a backup) makes this check slow and the timeout in `run_checks` decides."""
+    (a migration, a backup) makes this check slow and the timeout in `run_checks` decides.
+    Its statements go into the request's trace like any other SQL (a no-op without --trace)."""
     conn = sqlite3.connect(uri, uri=True, timeout=LOCK_WAIT, isolation_level=None)
+    conn.set_trace_callback(lambda statement: trace_event(masked_sql(statement)))
     try:
         conn.execute("BEGIN IMMEDIATE")
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # reads the header and schema
@@ -115,8 +119,13 @@ class Check:
         with self._lock:
             if self._running is None or self._running.done():
                 self._running = Future()
-                threading.Thread(target=self._run, args=(self._running,), daemon=True,
+                # The thread runs in a copy of the caller's context, so the request's trace
+                # (a context variable) receives the probe's SQL; a new thread would start empty.
+                threading.Thread(target=contextvars.copy_context().run,
+                                 args=(self._run, self._running), daemon=True,
                                  name=f"check-{self.name}").start()
+            else:
+                trace_event(f"check {self.name}: waiting for the run already in flight")
             return self._running
 
     def _run(self, future):

@@ -342,6 +342,37 @@ def test_trace_shows_each_check(start_server):
     server.wait_for_stderr("check disk: ok")
 
 
+def trace_block(server, request_id):
+    """The `--trace` block of one request: its lines after `trace <id> …`, once it has closed."""
+    server.wait_for_stderr(re.compile(rf"^trace {re.escape(request_id)} "))
+    lines = server.stderr_text().splitlines()
+    start = next(n for n, line in enumerate(lines) if line.startswith(f"trace {request_id} "))
+    block = []
+    for line in lines[start + 1:]:
+        if not line.startswith(" "):
+            break
+        block.append(line.strip())
+    assert any("← assign_request_id" in line for line in block), block
+    return block
+
+
+@pytest.mark.parametrize("db, statements", [
+    ("file", ["SQL BEGIN IMMEDIATE", "SQL SELECT count(*) FROM sqlite_master", "SQL ROLLBACK"]),
+    (":memory:", ["SQL SELECT count(*) FROM sqlite_master"]),
+])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_trace_shows_the_sql_the_readiness_probe_ran(start_server, transport, db, statements):
+    """common.md: the trace shows every SQL statement the request ran, the db check's too,
+    although it runs on a thread (and, for a file, a connection) of its own."""
+    args = ["--db", ":memory:"] if db == ":memory:" else []
+    server = start_server(SCRIPT, "--trace", "--server", transport, *args)
+    expect_json(get(server, "/health/ready", headers={"X-Request-Id": "ready-sql-1"}), 200)
+    block = trace_block(server, "ready-sql-1")
+    steps = [next((n for n, line in enumerate(block) if text in line), None)
+             for text in ["→ handler readiness", *statements, "check db: ok"]]
+    assert None not in steps and steps == sorted(steps), "\n".join(block)
+
+
 def test_openapi_documents_the_503(shared):
     doc = expect_json(get(shared, "/openapi.json"), 200)
     assert "503" in doc["paths"]["/health/ready"]["get"]["responses"]
