@@ -23,7 +23,7 @@ What other projects import from here (names are stable):
               random token is stored: refresh tokens here, reset tokens, session ids)
   storage     SCHEMA (and its parts USERS_SCHEMA, LOGIN_FAILURES_SCHEMA, REFRESH_TOKENS_SCHEMA,
               SECRETS_SCHEMA), UserStore, user_json, LoginLockout, RefreshTokenStore,
-              InvalidRefreshToken, load_or_create_secret, utc_now_text
+              InvalidRefreshToken, load_or_create_secret
   the flow    Credentials (users, lockout, scrypt cost: what checking a password needs),
               Auth (Credentials and the token settings, built once in main), create_account,
               authenticate_password, issue_token_pair, token_answer, bearer_token,
@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from lib import (App, Conflict, Forbidden, TooManyRequests, Unauthorized, ValidationFailed,
                  created, json_response, no_content, trace_event)
 from lib.app import bounded, exit_usage_error, seconds
+from lib.request import utc_timestamp
 from lib.validation import Email, Field, Invalid, Text, body_schema, is_unicode_text, validate
 
 app = App("jwt_auth", "Sign up, log in, and call the API with HS256 JSON Web Tokens.", port=8008)
@@ -115,11 +116,6 @@ CREATE TABLE IF NOT EXISTS server_secrets (
 """
 
 SCHEMA = USERS_SCHEMA + LOGIN_FAILURES_SCHEMA + REFRESH_TOKENS_SCHEMA + SECRETS_SCHEMA
-
-
-def utc_now_text(now=None):
-    """RFC 3339 UTC to the second: `2026-11-24T06:41:00Z`."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
 
 
 # =============================================================================================
@@ -492,7 +488,7 @@ class UserStore:
 
     def create(self, email, password_hash):
         """Insert a user; a taken email (in any case) is a 409. Returns the user as JSON."""
-        created_at = utc_now_text()
+        created_at = utc_timestamp()
         try:
             cursor = self.db.execute(
                 "INSERT INTO users (email, email_key, password_hash, created_at) VALUES (?, ?, ?, ?)",

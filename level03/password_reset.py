@@ -59,12 +59,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from lib import (App, BadRequest, HTTPError, ValidationFailed, html_response, json_response,
                  no_content, redirect, trace_event)
 from lib.app import bounded, exit_usage_error, http_url
+from lib.request import utc_timestamp
 from lib.storage import REPO_ROOT
 from lib.validation import Email, Text, body_schema, validate
 from level03.jwt_auth import (AUTH_BODY_LIMIT, SCHEMA as IDENTITY_SCHEMA, Auth, Password,
                               add_auth_arguments, add_token_routes, email_argument, email_key,
                               hash_password, password_problem, read_me, require_user,
-                              token_hash, utc_now_text)
+                              token_hash)
 
 app = App("password_reset", "Forgot your password? A single-use reset link by email, without "
           "telling anyone which accounts exist.", port=8011)
@@ -341,7 +342,7 @@ def deliver(message, settings):
 
 
 def log_line(text):
-    sys.stderr.write(f"{utc_now_text()} {text}\n")
+    sys.stderr.write(f"{utc_timestamp()} {text}\n")
     sys.stderr.flush()
 
 

@@ -30,10 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from lib import App, Conflict, Forbidden, NotFound, created, json_response, no_content
 from lib.app import exit_usage_error
 from lib.listing import list_params, page
+from lib.request import utc_timestamp
 from lib.validation import Choice, Text, body_schema, validate
+from level01.counter import etag
 from level03.jwt_auth import (SCHEMA as IDENTITY_SCHEMA, Auth, add_auth_arguments,
                               add_token_routes, create_account, current_user, email_argument,
-                              email_key, require_user, utc_now_text)
+                              email_key, require_user)
 
 app = App("rbac", "Roles and permissions: users, moderators and admins over a small posts API.",
           port=8010)
@@ -275,10 +277,6 @@ def post_json(row):
             "updated_at": row["updated_at"]}
 
 
-def etag(row):
-    return f'"{row["version"]}"'
-
-
 def can_see(request, row):
     return not row["hidden"] or row["author_id"] == current_user(request)["id"] \
         or has_permission(request, "posts:read:hidden")
@@ -301,7 +299,7 @@ def require_owner_or(request, row, permission):
 
 
 def post_response(row, status=200):
-    return json_response(post_json(row), status, {"ETag": etag(row)})
+    return json_response(post_json(row), status, {"ETag": etag(row["version"])})
 
 
 @app.post("/posts", permission="posts:create", request_schema=body_schema(POST_FIELDS),
@@ -309,13 +307,13 @@ def post_response(row, status=200):
 def create_post(request):
     """Write a post"""
     values = validate(request.json_object(), POST_FIELDS, read_only=POST_READ_ONLY)
-    now = utc_now_text()
+    now = utc_timestamp()
     db = request.app.state.auth.db
     cursor = db.execute("INSERT INTO posts (author_id, title, body, created_at, updated_at) "
                         "VALUES (?, ?, ?, ?, ?)",
                         (current_user(request)["id"], values["title"], values["body"], now, now))
     row = db.query_one("SELECT * FROM posts WHERE id = ?", (cursor.lastrowid,))
-    return created(post_json(row), f"/posts/{row['id']}", {"ETag": etag(row)})
+    return created(post_json(row), f"/posts/{row['id']}", {"ETag": etag(row["version"])})
 
 
 @app.get("/posts", permission="posts:read", query={"limit": "1–100 (default 20)",
@@ -346,12 +344,12 @@ def update_post(request, post_id):
     with db.transaction():
         row = visible_post(request, post_id)
         require_owner_or(request, row, "posts:update:any")
-        request.require_if_match(etag(row))
+        request.require_if_match(etag(row["version"]))
         if values:
             db.execute("UPDATE posts SET title = ?, body = ?, version = version + 1, "
                        "updated_at = ? WHERE id = ?",
                        (values.get("title", row["title"]), values.get("body", row["body"]),
-                        utc_now_text(), post_id))
+                        utc_timestamp(), post_id))
         row = db.query_one("SELECT * FROM posts WHERE id = ?", (post_id,))
     return post_response(row)
 
@@ -363,7 +361,7 @@ def delete_post(request, post_id):
     with db.transaction():
         row = visible_post(request, post_id)
         require_owner_or(request, row, "posts:delete:any")
-        request.require_if_match(etag(row))
+        request.require_if_match(etag(row["version"]))
         db.execute("DELETE FROM posts WHERE id = ?", (post_id,))
     return no_content()
 
@@ -374,7 +372,7 @@ def set_hidden(request, post_id, hidden):
         row = visible_post(request, post_id)
         if bool(row["hidden"]) != hidden:
             db.execute("UPDATE posts SET hidden = ?, version = version + 1, updated_at = ? "
-                       "WHERE id = ?", (int(hidden), utc_now_text(), post_id))
+                       "WHERE id = ?", (int(hidden), utc_timestamp(), post_id))
         row = db.query_one("SELECT * FROM posts WHERE id = ?", (post_id,))
     return post_response(row)
 

@@ -51,11 +51,12 @@ from lib import (App, BadRequest, Forbidden, NotFound, Unauthorized, html_respon
                  json_response, no_content, trace_event)
 from lib.app import http_url
 from lib.listing import list_params, page
+from lib.request import utc_timestamp
 from lib.validation import body_schema, validate
 from level03.jwt_auth import (AUTH_BODY_LIMIT, CREDENTIALS, LOGIN_FAILURES_SCHEMA, SIGN_UP,
                               USERS_SCHEMA, Credentials, add_password_arguments,
                               at_least_a_second, authenticate_password, create_account,
-                              current_user, token_hash, user_json, utc_now_text)
+                              current_user, token_hash, user_json)
 
 app = App("session_auth", "Log in once; a cookie carries a server-side session, guarded "
           "against fixation and CSRF.", port=8009)
@@ -221,11 +222,11 @@ class SessionStore:
     def describe(self, row, current_hash=None):
         """What a client may see of a session: never its id, its hash or its CSRF token."""
         return {"id": public_session_id(row["id_hash"]),
-                "created_at": utc_now_text(row["created_at"]),
-                "last_seen_at": utc_now_text(row["last_seen_at"]),
-                "idle_expires_at": utc_now_text(min(row["last_seen_at"] + self.idle_ttl,
+                "created_at": utc_timestamp(row["created_at"]),
+                "last_seen_at": utc_timestamp(row["last_seen_at"]),
+                "idle_expires_at": utc_timestamp(min(row["last_seen_at"] + self.idle_ttl,
                                                     row["created_at"] + self.absolute_ttl)),
-                "expires_at": utc_now_text(row["created_at"] + self.absolute_ttl),
+                "expires_at": utc_timestamp(row["created_at"] + self.absolute_ttl),
                 "user_agent": row["user_agent"], "ip": row["ip"],
                 "current": row["id_hash"] == current_hash}
 
