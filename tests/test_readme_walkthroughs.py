@@ -9,7 +9,9 @@ THE CONVENTION (for whoever writes `levelNN/<name>.md`)
 - A block whose first command line starts with `python ` or `python3 ` is how to run the server:
   it is not run. The test starts the server itself, with `--port 0` and a temporary `--db`, plus
   the other flags of the FIRST such line (`python level01/counter.py --memory` → `--memory`;
-  `--host`, `--port` and `--db` are replaced). Keep the run command in a block of its own.
+  `--host`, `--port` and `--db` are replaced; a `/tmp/` path among them is pointed at the
+  test's own directory, as in the commands, so `--log /tmp/x.log` names the file the commands
+  read). Keep the run command in a block of its own.
 - Every other line is a shell command, run in order by one bash process (`set -e -o pipefail`),
   so a variable set on one line is visible to later lines:
       TOKEN=$(curl -s -X POST localhost:8008/auth/login -d '…' \\
@@ -383,10 +385,10 @@ def test_readme_walkthrough(project, start_server, tmp_path):
                                   f"commands besides the run command (see this test's docstring)")
     assert shutil.which("curl") and shutil.which("bash"), "the walk-through needs bash and curl"
 
-    script, extra = server_invocation(walkthrough.run_line, project)
-    server = start_server(script, *extra)
     tmp_dir = tmp_path / "tmp"
     tmp_dir.mkdir()
+    script, extra = server_invocation(walkthrough.run_line, project)
+    server = start_server(script, *(private_tmp(word, tmp_dir) for word in extra))
     code, output, timed_out = run_script(build_script(walkthrough, project, server, tmp_dir),
                                          tmp_path)
     segments = split_output(output)
@@ -485,10 +487,10 @@ TRACED = [pytest.param(p, id=p.name) for p in existing_projects()
 
 
 @pytest.mark.parametrize("project", TRACED)
-def test_readme_trace_samples_show_the_real_order_of_steps(project, start_server):
+def test_readme_trace_samples_show_the_real_order_of_steps(project, start_server, tmp_path):
     walkthrough = parse_walkthrough((ROOT / project.readme).read_text(encoding="utf-8"))
     script, extra = server_invocation(walkthrough.run_line, project)
-    server = start_server(script, *extra, "--trace")
+    server = start_server(script, *(private_tmp(word, tmp_path) for word in extra), "--trace")
     problems = []
     for n, (method, path, shown) in enumerate(
             trace_samples((ROOT / project.readme).read_text(encoding="utf-8"))):
