@@ -33,9 +33,6 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-BACKLOG = 2048  # uvicorn's default
-
-
 def health_app(payload: object) -> Starlette:
     async def health(request) -> JSONResponse:
         return JSONResponse(payload)
@@ -44,11 +41,12 @@ def health_app(payload: object) -> Starlette:
 
 
 class AnnouncedServer(uvicorn.Server):
-    """Prints the line the benchmark waits for once uvicorn accepts connections."""
+    """Prints the line the benchmark waits for, with the port uvicorn bound, once it accepts
+    connections."""
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        host, port = sockets[0].getsockname()[:2]
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
         print(f"listening on http://{host}:{port}", flush=True)
 
 
@@ -62,16 +60,18 @@ def main() -> None:
     with args.body_file:
         payload = json.load(args.body_file)
 
-    # The socket is bound here rather than by uvicorn, so that --port 0 can report its port.
-    sock = socket.create_server((args.host, args.port), backlog=BACKLOG)
+    # uvicorn binds the socket itself, as it does when run from its command line. (A socket bound
+    # here and handed over with `sockets=` would lack TCP_NODELAY: asyncio sets it on accepted
+    # sockets only when the listening one was made with proto IPPROTO_TCP, which
+    # socket.create_server does not do, and every answer would wait ~40 ms for a delayed ACK.)
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
-    config = uvicorn.Config(health_app(payload), http="httptools", loop="asyncio", lifespan="off",
-                            log_config=log_config)
+    config = uvicorn.Config(health_app(payload), host=args.host, port=args.port, http="httptools",
+                            loop="asyncio", lifespan="off", log_config=log_config)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the handler it
     # found installed: this one makes that an exit with status 0, as the runner expects.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    AnnouncedServer(config).run(sockets=[sock])
+    AnnouncedServer(config).run()
 
 
 if __name__ == "__main__":
