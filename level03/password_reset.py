@@ -361,17 +361,23 @@ class Mailer:
         self.thread = threading.Thread(target=self._run, name="mailer", daemon=True)
         self.thread.start()
 
-    def post(self, message):
-        """Queue an EmailMessage, to be delivered."""
+    def post(self, message, *, deliver=True):
+        """Queue an EmailMessage, to be delivered; with `deliver=False`, to be rendered and
+        dropped: the same work on this thread, for a request that must not be told apart."""
         try:
-            self.jobs.put_nowait(message)
+            self.jobs.put_nowait((message, deliver))
         except queue.Full:
             log_line(f"mail queue full ({MAIL_QUEUE_LIMIT}): a message was dropped")
             return
-        trace_event(f"mail queued: {message['Subject']!r}")
+        trace_event(f"mail queued: {message['Subject']!r}" if deliver else
+                    "mail queued to be rendered and dropped: the same work, nothing sent")
 
     def _run(self):
-        while (message := self.jobs.get()) is not None:
+        while (job := self.jobs.get()) is not None:
+            message, wanted = job
+            if not wanted:
+                message.as_bytes(policy=EML_POLICY)
+                continue
             try:
                 where = deliver(message, self.settings)
                 log_line(f"mail {message['Subject']!r} {message['Message-ID']} "
@@ -487,12 +493,11 @@ def forgot_password(request):
     # millisecond or two, which a client can time, as it could time a hash (see jwt_auth's
     # dummy hash). Built after the answer, on the mail thread, it would slow the answer of a
     # known address still, by taking the interpreter (the GIL) while that answer is written.
+    # The mail thread then renders it in both cases too, and drops it without an account: a
+    # message rendered only for known addresses would take the interpreter from their answers.
     link = reset_link(site_url(state.mail, request.app.port), outcome.token)
     message = build_reset_message(state.mail, outcome.send_to or values["email"], link)
-    if outcome.send_to is not None:
-        state.mailer.post(message)
-    else:
-        trace_event("reset mail built and dropped: the same work, nothing sent")
+    state.mailer.post(message, deliver=outcome.send_to is not None)
     # One body for every case; 202 (RFC 9110 §15.3.3): accepted, the outcome not told.
     detail = (f"if an account uses this address, a link to reset its password is on its way; "
               f"it works once, within {describe_duration(state.mail.token_ttl)}")
