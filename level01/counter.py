@@ -4,7 +4,7 @@ What it teaches:
 
 - State that lives on the server and survives the client, the process, and a crash: every
   change is committed to sqlite before the answer is sent, so an acknowledged increment is never
-  lost, even to `kill -9` (WAL journal, `synchronous=NORMAL`, group commit; see lib/storage.py).
+  lost, even to `kill -9` (WAL journal, `synchronous=NORMAL`; see lib/storage.py).
 - Concurrent writes without lost updates. Reading a value into Python, adding one and writing it
   back loses increments when two requests interleave. Here the database does the arithmetic in
   one statement (`INSERT … ON CONFLICT DO UPDATE SET value = value + :delta … RETURNING`), which
@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from lib import App, BadRequest, Conflict, Response, json_response, no_content
 from lib.listing import list_params, page
+from lib.routing import PAGE
 from lib.request import utc_timestamp
 from lib.trace import trace_event
 from lib.validation import Integer, body_schema, validate
@@ -143,9 +144,8 @@ class SqliteCounters:
         """Run one writing statement and return its rows (RETURNING); committed on return."""
         if check is None:
             # One statement: no BEGIN or COMMIT of its own, this is the hot path of every
-            # increment. sqlite runs it atomically, and lib/storage.py commits it before the
-            # answer goes out: alone (autocommit), or with the other writes of the same turn
-            # of the event loop (group commit).
+            # increment. sqlite runs it atomically and commits it on its own (autocommit)
+            # before `execute_returning` returns, so before the answer goes out.
             return self.db.execute_returning(sql, params)
         # Check, then write: two statements, so they need a transaction around them, and an
         # IMMEDIATE one, which takes the write lock first; no other writer can change the
@@ -265,10 +265,10 @@ def counter_response(state):
 STATE = "the counter's new state (ETag: its version)"
 STALE = "If-Match names a version that is no longer current; nothing changed"
 BAD_NAME = "the name is not 1–64 characters of [A-Za-z0-9_.-]"
+NAME_SCHEMA = {"name": {"pattern": "^[A-Za-z0-9_.-]{1,64}$", "not": {"enum": [".", ".."]}}}
 
 
-@app.get("/counters", query={"limit": "page size, 1–100 (default 20)",
-                             "cursor": "next_cursor of the previous page"},
+@app.get("/counters", query=PAGE,
          responses={200: '{"items": [...], "next_cursor": "..." | null}, ordered by name'})
 def list_counters(request):
     """Every counter that has been touched, ordered by name (paginated)"""
@@ -278,7 +278,7 @@ def list_counters(request):
     return page(rows, limit, lambda state: [state["name"]])
 
 
-@app.get("/counters/{name}", responses={200: "the counter; a never-touched one reads as 0",
+@app.get("/counters/{name}", path_schemas=NAME_SCHEMA, responses={200: "the counter; a never-touched one reads as 0",
                                         304: "If-None-Match names the current version",
                                         400: BAD_NAME})
 def read_counter(request, name):
@@ -291,7 +291,7 @@ def read_counter(request, name):
 
 
 @app.post("/counters/{name}/increment", request_schema=body_schema(STEP), body_required=False,
-          responses={200: STATE, 400: BAD_NAME, 409: "would overflow", 412: STALE,
+          path_schemas=NAME_SCHEMA, if_match=True, responses={200: STATE, 400: BAD_NAME, 409: "would overflow", 412: STALE,
                      422: 'bad "by"'})
 def increment_counter(request, name):
     """Add `by` (optional JSON body {"by": 1…1000000000}, default 1)"""
@@ -300,7 +300,7 @@ def increment_counter(request, name):
 
 
 @app.post("/counters/{name}/decrement", request_schema=body_schema(STEP), body_required=False,
-          responses={200: STATE, 400: BAD_NAME, 409: "would overflow", 412: STALE,
+          path_schemas=NAME_SCHEMA, if_match=True, responses={200: STATE, 400: BAD_NAME, 409: "would overflow", 412: STALE,
                      422: 'bad "by"'})
 def decrement_counter(request, name):
     """Subtract `by` (optional JSON body {"by": 1…1000000000}, default 1)"""
@@ -308,14 +308,14 @@ def decrement_counter(request, name):
     return counter_response(app.state.counters.add(name, -step_size(request), precondition(request)))
 
 
-@app.post("/counters/{name}/reset", responses={200: STATE, 400: BAD_NAME, 412: STALE})
+@app.post("/counters/{name}/reset", path_schemas=NAME_SCHEMA, if_match=True, responses={200: STATE, 400: BAD_NAME, 412: STALE})
 def reset_counter(request, name):
     """Set the value to 0 (honours If-Match)"""
     name = counter_name(name)
     return counter_response(app.state.counters.set(name, 0, precondition(request)))
 
 
-@app.put("/counters/{name}", request_schema=body_schema(NEW_VALUE),
+@app.put("/counters/{name}", request_schema=body_schema(NEW_VALUE), path_schemas=NAME_SCHEMA, if_match=True,
          responses={200: STATE, 400: BAD_NAME, 412: STALE, 422: 'bad or missing "value"'})
 def set_counter(request, name):
     """Set the value (JSON body {"value": n}; honours If-Match)"""
@@ -323,7 +323,7 @@ def set_counter(request, name):
     return counter_response(app.state.counters.set(name, new_value(request), precondition(request)))
 
 
-@app.delete("/counters/{name}", responses={204: "deleted (also when it did not exist)",
+@app.delete("/counters/{name}", path_schemas=NAME_SCHEMA, if_match=True, responses={204: "deleted (also when it did not exist)",
                                            400: BAD_NAME, 412: STALE})
 def delete_counter(request, name):
     """Forget a counter: it reads as 0 again (idempotent; honours If-Match)"""

@@ -450,9 +450,8 @@ def test_concurrent_writers_with_the_same_if_match_only_one_wins(start_server, a
 
 
 def test_a_refused_conditional_write_undoes_only_itself(start_server):
-    # On asyncio, requests answered in the same turn of the loop share one transaction (group
-    # commit); a stale If-Match inside it must roll back its own savepoint, not the increments
-    # of the other requests, which were answered 200.
+    # Concurrent increments and stale If-Match writes: each refused write must undo only its
+    # own transaction, never the increments of the other requests, which were answered 200.
     server = start_server(SCRIPT)
     expect_json(Client(server).put("mixed", {"value": 0}), 200)  # version 1: "0" is stale forever
     statuses = []
@@ -514,9 +513,8 @@ def limit_file_size(size):
 
 @pytest.mark.parametrize("transport", ["asyncio", "threaded"])
 def test_an_increment_whose_commit_fails_is_never_acknowledged(start_server, transport):
-    # On asyncio the writes of one loop turn are committed together (lib.storage.GroupCommit):
-    # when that commit fails, every answer that waited for it must become an error, and the
-    # value on disk must be exactly the increments answered 200.
+    # A full disk (RLIMIT_FSIZE) makes commits fail: every increment whose commit failed must be
+    # answered with an error, and the value on disk must be exactly the increments answered 200.
     server = start_server(SCRIPT, "--server", transport, preexec_fn=limit_file_size(192 * 1024))
     answered = {"ok": 0, "failed": 0}
     lock = threading.Lock()
