@@ -1,8 +1,7 @@
 """The asyncio transport (the default): one event loop, asyncio streams, a coroutine per connection.
 
 Why it is the default: a threaded server is bound by the GIL and by thread switches, while one
-event loop does the same work several times faster on one core (PERFORMANCE.md in the project's
-shared notes, trap 4), and long-lived connections — Server-Sent Events, WebSockets, a gateway's
+event loop does the same work several times faster on one core (tests/bench/README.md), and long-lived connections — Server-Sent Events, WebSockets, a gateway's
 proxied streams — cost a coroutine each instead of a thread each.
 
 `serve_connection` is the whole of it: the loop of `lib.connection` with `await` where it
@@ -127,7 +126,7 @@ class AsyncioServer:
             if conn.linger:
                 await linger(reader, writer)
         except (ConnectionError, OSError):
-            pass  # PERFORMANCE.md trap 3: a client that leaves is not an error
+            pass  # a client that leaves is not an error: no traceback for it
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError, OSError):

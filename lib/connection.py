@@ -48,7 +48,7 @@ from lib.request import Request
 
 HEAD_TIMEOUT = 10.0
 MIN_BODY_RATE = 500    # bytes/s a body must keep up on average, beyond its first idle timeout
-BACKLOG = 128          # PERFORMANCE.md trap 2: socketserver's default of 5 drops bursts
+BACKLOG = 128          # socketserver's default listen backlog, 5, drops bursts of connections
 LINGER_SECONDS = 1.0   # how long, and how much, to read and drop of a refused request's
 LINGER_BYTES = 1024 * 1024  # bytes before closing
 

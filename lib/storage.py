@@ -3,7 +3,7 @@
 - WAL journal mode with `synchronous=NORMAL`: a commit is one append to the write-ahead log, so
   single-row commits are ~45× faster than the default rollback journal, and every committed
   transaction survives the process being killed (kill -9); only an OS crash or power loss can
-  lose the last commits (https://www.sqlite.org/wal.html, PERFORMANCE.md trap 5).
+  lose the last commits (https://www.sqlite.org/wal.html).
 - One connection per thread. A sqlite connection must not be used by two threads at once;
   giving each thread its own (threading.local) avoids a global lock, lets readers run in
   parallel with the writer (WAL), and leaves sqlite to serialise writers. `busy_timeout` makes a
@@ -63,11 +63,6 @@ class Database:
         self._all_lock = threading.Lock()
         self._shared_lock = threading.RLock() if path == ":memory:" else None
         self._writer_lock = self._shared_lock or threading.RLock()
-        # This thread's connection, as the process's one writer (see the module docstring),
-        # waiting as sqlite would, at most BUSY_TIMEOUT_S; and as a reader (no lock, but for
-        # :memory:'s shared connection).
-        self._writer_turn = _Held(self._writer_lock, self.connection, BUSY_TIMEOUT_S)
-        self._reader_turn = _Held(self._shared_lock, self.connection)
         self._shared = None
         if path != ":memory:":
             try:
@@ -116,31 +111,42 @@ class Database:
             conn = self._local.conn = self._connect()
         return conn
 
+    @contextlib.contextmanager
+    def _writing(self):
+        """This thread's connection, as the process's one writer (see the module docstring).
+        Waiting is bounded like sqlite's own: past `BUSY_TIMEOUT_S` it fails the same way."""
+        if not self._writer_lock.acquire(timeout=BUSY_TIMEOUT_S):
+            raise sqlite3.OperationalError("database is locked")
+        try:
+            yield self.connection()
+        finally:
+            self._writer_lock.release()
+
     def query(self, sql, params=()):
-        with self._reader_turn as conn:
+        with self.reading() as conn:
             return conn.execute(sql, params).fetchall()
 
     def query_one(self, sql, params=()):
-        with self._reader_turn as conn:
+        with self.reading() as conn:
             return conn.execute(sql, params).fetchone()
 
     def execute(self, sql, params=()):
         """One statement that writes, committed on its own (autocommit). Returns the cursor."""
-        with self._writer_turn as conn:
+        with self._writing() as conn:
             return conn.execute(sql, params)
 
     def execute_returning(self, sql, params=()):
         """One writing statement with `RETURNING`, committed on its own; its rows. They are
         fetched before the writer lock is let go: the statement (and so its commit) only
         finishes when its last row is read."""
-        with self._writer_turn as conn:
+        with self._writing() as conn:
             return conn.execute(sql, params).fetchall()
 
     @contextlib.contextmanager
     def transaction(self):
         """`BEGIN IMMEDIATE` … `COMMIT` (durable when the block ends), or `ROLLBACK` when the
         block raises."""
-        with self._writer_turn as conn:
+        with self._writing() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -153,10 +159,11 @@ class Database:
     @contextlib.contextmanager
     def reading(self):
         """This thread's connection for reads outside a transaction (each statement stands
-        alone), held safely (`:memory:` shares one behind the lock). For code written against
-        a connection, which then runs the same inside `transaction()` and out of it."""
-        with self._reader_turn as conn:
-            yield conn
+        alone). WAL lets reads run beside the writer, so no lock but `:memory:`'s, whose one
+        connection all threads share. For code written against a connection, which then runs
+        the same inside `transaction()` and out of it."""
+        with self._shared_lock or contextlib.nullcontext():
+            yield self.connection()
 
     def ping(self):
         """A real round trip to the file, for readiness checks."""
@@ -170,31 +177,3 @@ class Database:
             self._all.clear()
         self._local = threading.local()
         self._shared = None
-
-
-class _Held:
-    """`with held as conn:` — take `lock` (if any), get a connection, let the lock go at the
-    end. A plain class rather than `@contextmanager`: it is entered for every query, and a
-    generator-based manager costs several times more per use."""
-
-    __slots__ = ("lock", "connection", "timeout")
-
-    def __init__(self, lock, connection, timeout=-1):
-        self.lock = lock
-        self.connection = connection
-        self.timeout = timeout
-
-    def __enter__(self):
-        if self.lock is None:
-            return self.connection()
-        if not self.lock.acquire(timeout=self.timeout):
-            raise sqlite3.OperationalError("database is locked")
-        try:
-            return self.connection()
-        except BaseException:
-            self.lock.release()
-            raise
-
-    def __exit__(self, *exc_info):
-        if self.lock is not None:
-            self.lock.release()

@@ -7,8 +7,7 @@ at the price of a thread per open connection and the GIL. Choose it with `--serv
 It keeps `socketserver`'s accept loop and thread per connection, and replaces
 `BaseHTTPRequestHandler`'s parsing with `lib.connection`, the machine the asyncio transport
 drives too: put `ConnectionHandler.handle` beside `AsyncioServer.serve_connection` and the steps
-are the same, without the `await`. The stock server's traps (PERFORMANCE.md, in the project's
-shared notes) are avoided here:
+are the same, without the `await`. The stock server's traps are avoided here:
 
 1. Nagle + delayed ACK: each answer goes to the kernel in one write, and `TCP_NODELAY` is set.
 2. Listen backlog 5: the socket listens with `BACKLOG` (128).
@@ -64,7 +63,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             if conn.linger:
                 linger(sock)
         except OSError:
-            pass  # PERFORMANCE.md trap 3: a client that leaves (or times out) is not an error
+            pass  # a client that leaves (or times out) is not an error: no traceback for it
         finally:
             server.untrack(sock)
 
