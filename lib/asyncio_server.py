@@ -16,9 +16,10 @@ iterator is advanced in the pool too; an async iterator is awaited on the loop.
 
 Taking the connection over: a handler that switches protocols (a WebSocket upgrade, a proxied
 tunnel) needs the raw stream after its answer. `serve_connection` hands the reader and writer
-to the answer's `takeover(reader, writer)` coroutine (`Response.takeover`) once the answer's
-bytes are written, and the connection is that coroutine's until it returns; the transport then
-closes it.
+to the answer's `takeover(reader, writer, unread)` coroutine (`Response.takeover`) once the
+answer's bytes are written, with `unread` the bytes already read past the request (what the
+client sent right behind it, as h11's `trailing_data`), and the connection is that coroutine's
+until it returns; the transport then closes it.
 
 Timeouts: each connection's machine carries a deadline, and one sweeper task aborts the
 connections that passed theirs — one timer for all, rather than one per read.
@@ -121,7 +122,7 @@ class AsyncioServer:
                         writer.write(conn.send(response))
                         await writer.drain()  # the client must take it: the deadline holds
                         if response.takeover is not None and conn.state != State.CLOSED:
-                            await response.takeover(reader, writer)
+                            await response.takeover(reader, writer, bytes(conn.buffer))
                             break
             if conn.linger:
                 await linger(reader, writer)

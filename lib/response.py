@@ -11,11 +11,14 @@ PROBLEM_JSON = "application/problem+json"
 
 
 class Response:
-    __slots__ = ("status", "headers", "body")
+    __slots__ = ("status", "headers", "body", "takeover")
 
     def __init__(self, body=b"", status=200, headers=None, content_type=None):
         self.status = status
         self.body = body
+        # asyncio only: `async takeover(reader, writer, unread)` gets the connection once this
+        # answer is sent (a protocol switch: a WebSocket, a tunnel); see lib/asyncio_server.py.
+        self.takeover = None
         self.headers = list(headers.items()) if isinstance(headers, dict) else list(headers or ())
         if content_type:
             self.headers.append(("Content-Type", content_type))
@@ -33,8 +36,6 @@ class Response:
         self.headers.append((name, value))
 
     streaming = False
-    takeover = None  # asyncio: `async takeover(reader, writer)` gets the connection after this
-                     # answer (a protocol switch: WebSocket, a tunnel); see lib.asyncio_server
 
     @property
     def size(self):

@@ -136,6 +136,26 @@ def test_an_async_stream_on_the_event_loop(start_server):
     assert resp.header("Content-Type") == "text/event-stream"
 
 
+def test_a_switched_protocol_gets_the_connection_after_its_answer(start_server):
+    """asyncio: the 101's `takeover` gets the stream's reader and writer, and bytes sent right
+    behind the request (before the answer arrived) are the new protocol's, not a request."""
+    server = start_server(APP)
+    with RawConnection(server.host, server.port) as conn:
+        conn.send(request_bytes("GET", "/upgrade") + b"hello\n")
+        answer = conn.read_response()
+        assert answer.status == 101 and answer.header("Upgrade") == "shout"
+        assert answer.header("Content-Length") is None
+        deadline = time.monotonic() + 5
+        while conn.buffer != b"HELLO\n":
+            conn._recv(deadline)
+        conn.send(b"again\n")
+        while conn.buffer != b"HELLO\nAGAIN\n":
+            conn._recv(deadline)
+    with connect(server) as conn:  # the server goes on
+        conn.send(request_bytes("GET", "/health"))
+        assert conn.read_response().status == 200
+
+
 def test_a_big_answer_to_a_slow_reader_arrives_whole_while_others_are_served(server):
     with connect(server) as slow:
         slow.send(request_bytes("GET", "/big"))

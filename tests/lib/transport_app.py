@@ -80,6 +80,21 @@ def sleep(request):
     return {"slept": True}
 
 
+@app.get("/upgrade")
+def upgrade(request):
+    """101, then the connection is the handler's (asyncio only): it echoes each line back in
+    upper case until the client closes — how a WebSocket or a tunnel takes a connection over."""
+    async def echo_lines(reader, writer, unread):
+        writer.write(unread.upper())  # the client may not wait for the 101 to start talking
+        while line := await reader.readline():
+            writer.write(line.upper())
+            await writer.drain()
+
+    response = Response(b"", 101, {"Upgrade": "shout", "Connection": "Upgrade"})
+    response.takeover = echo_lines
+    return response
+
+
 def main(argv=None):
     app.run(app.parse_args(argv))
 
