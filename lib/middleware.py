@@ -107,8 +107,11 @@ def error_response(request, error):
     to the log only."""
     if isinstance(error, HTTPError):
         return problem_response(error)
-    sys.stderr.write(f"error in {request.method} {request.path} id={request.request_id}\n"
-                     f"{''.join(traceback.format_exception(error))}")
+    try:
+        sys.stderr.write(f"error in {request.method} {printable(request.path)} "
+                         f"id={request.request_id}\n{''.join(traceback.format_exception(error))}")
+    except OSError:
+        pass  # stderr cannot be written (a full disk): the client still gets its 500
     body = {"type": "about:blank", "title": "Internal Server Error", "status": 500,
             "detail": f"unexpected error; quote request id {request.request_id} when reporting it"}
     return Response(json_body(body), 500, None, PROBLEM_JSON)

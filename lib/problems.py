@@ -23,7 +23,7 @@ def reason_phrase(status):
 
 
 _MODERN_PHRASES = {413: "Content Too Large", 414: "URI Too Long", 416: "Range Not Satisfiable",
-                   422: "Unprocessable Content"}
+                   422: "Unprocessable Content", 507: "Insufficient Storage"}
 
 
 class HTTPError(Exception):

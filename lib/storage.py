@@ -26,9 +26,11 @@
 import contextlib
 import re
 import sqlite3
+import sys
 import threading
 from pathlib import Path
 
+from lib.problems import HTTPError
 from lib.trace import trace_event
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +40,14 @@ _LITERAL = re.compile(r"[xX]?'(?:[^']|'')*'")
 
 class StorageError(Exception):
     """The database cannot be opened or set up (bad path, not a database, no permission)."""
+
+
+class StorageFull(HTTPError):
+    """507: a write failed because the disk is full or failing (SQLITE_FULL, SQLITE_IOERR).
+    Nothing of the request was stored; it is the machine's trouble, not a bug in the code, so
+    the log gets one line for it rather than a traceback."""
+
+    status = 507
 
 
 def default_db_path(name):
@@ -119,6 +129,13 @@ class Database:
             raise sqlite3.OperationalError("database is locked")
         try:
             yield self.connection()
+        except sqlite3.OperationalError as error:
+            if not getattr(error, "sqlite_errorname", "").startswith(("SQLITE_FULL", "SQLITE_IOERR")):
+                raise
+            with contextlib.suppress(OSError):  # stderr may be on the full disk too
+                sys.stderr.write(f"error: the database could not be written: {error}\n")
+            raise StorageFull("the change could not be stored (the server's disk is full or "
+                              "failing); nothing of it was saved, retry later") from None
         finally:
             self._writer_lock.release()
 

@@ -528,7 +528,7 @@ def test_an_increment_whose_commit_fails_is_never_acknowledged(start_server, tra
                         answered["ok"] += 1
                         continue
                     answered["failed"] += 1
-                expect_problem(resp, 500)
+                expect_problem(resp, 507)  # Insufficient Storage: nothing of it was stored
                 return
 
     threads = [threading.Thread(target=client) for _ in range(8)]
@@ -538,6 +538,7 @@ def test_an_increment_whose_commit_fails_is_never_acknowledged(start_server, tra
         thread.join(60)
     assert answered["failed"] == 8, answered  # every client met the full disk
     assert answered["ok"] > 0, answered
+    assert "Traceback" not in server.stderr_text()  # a full disk is one line, not a traceback
     server.stop()
 
     again = Client(start_server(SCRIPT, db=server.db_path))
