@@ -44,7 +44,8 @@ from lib import App, BadRequest, HTTPError, Response, json_response, trace_event
 from lib.app import bounded, exit_usage_error
 from lib.listing import list_params, page
 from lib.middleware import error_response
-from lib.request import utc_timestamp
+from lib.request import Query, utc_timestamp
+from lib.routing import PAGE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LOG = REPO_ROOT / "data" / "request_logger.log"
@@ -382,10 +383,11 @@ def parse_log_filters(request):
     return limit, below, (lambda e: all(check(e) for check in checks)), since_ts
 
 
-@app.get("/logs", logged=False, query={
-    "limit": "entries per page, 1–100 (default 20)", "cursor": "next_cursor of the previous page",
-    "status": "a status (404) or a class (4xx)", "method": "GET, POST, …",
-    "path_prefix": "paths starting with this", "since": "RFC 3339 time: entries logged at or after it"})
+@app.get("/logs", logged=False, query=[
+    *PAGE, Query("status", "a status (404) or a class (4xx)", {"pattern": "^[1-5]([0-9]{2}|[xX]{2})$"}),
+    Query("method", "GET, POST, …", {"pattern": "^[A-Za-z]{1,32}$"}),
+    Query("path_prefix", "paths starting with this", {"pattern": "^/"}),
+    Query("since", "RFC 3339 time: entries logged at or after it", {"format": "date-time"})])
 def list_logs(request):
     """Logged requests, newest first (not including reads of /logs itself)"""
     limit, below, matches, since_ts = parse_log_filters(request)
@@ -467,10 +469,13 @@ def echo_post(request):
 MAX_SLOW_MS = 5000
 
 
-@app.get("/slow", blocking=True, query={"ms": f"how long to wait, 0–{MAX_SLOW_MS} (default 1000)"})
+SLOW_MS = Query("ms", f"how long to wait, 0–{MAX_SLOW_MS} (default 1000)", int, 1000, 0, MAX_SLOW_MS)
+
+
+@app.get("/slow", blocking=True, query=[SLOW_MS])
 def slow(request):
     """Answer after waiting ms milliseconds (a slow request for the log to flag)"""
-    ms = request.query_int("ms", 1000, low=0, high=MAX_SLOW_MS)
+    ms = SLOW_MS.read(request)
     time.sleep(ms / 1000)  # blocking=True: on the asyncio transport this runs in the worker pool
     return {"slept_ms": ms}
 
@@ -485,7 +490,7 @@ REQUIRED_HEADERS = {
 }
 
 
-@app.get("/status/{code:int}")
+@app.get("/status/{code:int}", path_schemas={"code": {"minimum": 200, "maximum": 599}})
 def answer_with_status(request, code):
     """Answer with the given status, 200–599 (a problem body from 400 on)"""
     if not 200 <= code <= 599:

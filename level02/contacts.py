@@ -53,6 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from lib import (App, BadRequest, Conflict, UnprocessableContent, UnsupportedMediaType,
                  ValidationFailed, created, json_response, no_content, text_response)
 from lib.listing import Sort, SortKey, list_params, page
+from lib.request import Query
+from lib.routing import PAGE
 from lib.validation import Email, Field, Invalid, Text, TextList, body_schema, validate
 from level02.expenses import csv_document, csv_download, unescape_formula
 from level01.counter import etag
@@ -424,7 +426,7 @@ SORTS = {
 
 def matching_contacts(request, owner):
     """Every contact the filters match, in the requested order, with details (the exports)."""
-    sort = SORTS[request.query_choice("sort", tuple(SORTS), "name")]
+    sort = SORTS[SORT.read(request)]
     where, params = contact_filter(request, owner)
     rows = app.state.db.query(f"SELECT * FROM contacts c WHERE {where} ORDER BY {sort.order_by}", params)
     return contacts_with_details(rows)
@@ -598,11 +600,10 @@ def import_records(owner, header, records):
 
 USER = {401: "no valid X-User-Id header"}
 STALE = "If-Match names a version that is no longer current; nothing changed"
-FILTERS = {"q": "words (prefixes, any case or accents) of name, company, email; or phone digits",
-           "tag": "only contacts with this tag (repeat for several)",
-           "company": "only this company (any case or accents)",
-           "sort": "name (default), -name or -created_at"}
-PAGE = {"limit": "page size, 1–100 (default 20)", "cursor": "next_cursor of the previous page"}
+SORT = Query("sort", "name (default), -name or -created_at", tuple(SORTS), "name")
+FILTERS = [Query("q", "words (prefixes, any case or accents) of name, company, email; or phone digits"),
+           Query("tag", "only contacts with this tag (repeat for several)"),
+           Query("company", "only this company (any case or accents)"), SORT]
 CONTACT_ERRORS = {404: "no such contact of yours", 409: "an email belongs to another contact",
                   412: STALE, 422: "bad, unknown or read-only fields", **USER}
 
@@ -618,12 +619,12 @@ def create_contact(request):
     return contact_response(contact, 201)
 
 
-@app.get("/contacts", query={**FILTERS, **PAGE},
+@app.get("/contacts", query=[*FILTERS, *PAGE],
          responses={200: '{"items", "next_cursor"}', 400: "a bad sort, limit or cursor", **USER})
 def list_contacts(request):
     """Your contacts, searched, filtered and sorted (paginated)"""
     owner = require_user(request)
-    sort = SORTS[request.query_choice("sort", tuple(SORTS), "name")]
+    sort = SORTS[SORT.read(request)]
     limit, cursor = list_params(request, sort.shape)
     where, params = contact_filter(request, owner)
     if cursor:
@@ -645,7 +646,7 @@ def find_duplicates(request):
     return {"groups": duplicate_groups(require_user(request))}
 
 
-@app.get("/contacts/export.csv", blocking=True, query=FILTERS,
+@app.get("/contacts/export.csv", blocking=True, query=FILTERS, media_type="text/csv",
          responses={200: "text/csv (RFC 4180), header row first; the import's format", **USER})
 def export_contacts_csv(request):
     """Every matching contact as CSV (emails, phones and tags separated by ';')"""
@@ -653,7 +654,7 @@ def export_contacts_csv(request):
     return csv_download(csv_document(CSV_COLUMNS, map(csv_row, contacts)), "contacts.csv")
 
 
-@app.get("/contacts/export.vcf", blocking=True, query=FILTERS,
+@app.get("/contacts/export.vcf", blocking=True, query=FILTERS, media_type="text/vcard",
          responses={200: "text/vcard: one vCard 4.0 (RFC 6350) per contact", **USER})
 def export_contacts_vcard(request):
     """Every matching contact as vCard 4.0, for address books"""
@@ -697,7 +698,7 @@ def change_contact(request, owner, contact_id, values):
     return contact_response(contact)
 
 
-@app.put("/contacts/{contact_id:int}", request_schema=body_schema(CONTACT_FIELDS),
+@app.put("/contacts/{contact_id:int}", request_schema=body_schema(CONTACT_FIELDS), if_match=True,
          responses={200: "the contact (ETag)", **CONTACT_ERRORS})
 def replace_contact(request, contact_id):
     """Replace a contact: fields left out become empty (honours If-Match)"""
@@ -707,6 +708,7 @@ def replace_contact(request, contact_id):
 
 
 @app.patch("/contacts/{contact_id:int}", request_schema=body_schema(CONTACT_FIELDS, partial=True),
+           if_match=True,
            responses={200: "the contact (ETag)", **CONTACT_ERRORS})
 def update_contact_fields(request, contact_id):
     """Change the fields given; a list given replaces the whole list (honours If-Match)"""
@@ -715,7 +717,7 @@ def update_contact_fields(request, contact_id):
     return change_contact(request, owner, contact_id, values)
 
 
-@app.delete("/contacts/{contact_id:int}", responses={204: "deleted", **CONTACT_ERRORS})
+@app.delete("/contacts/{contact_id:int}", if_match=True, responses={204: "deleted", **CONTACT_ERRORS})
 def delete_contact(request, contact_id):
     """Delete a contact and its emails, phones and tags (honours If-Match)"""
     # The emails, phones and tags go with it: ON DELETE CASCADE.

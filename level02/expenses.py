@@ -33,6 +33,7 @@ right shape and is accepted), exchange rates, recurring expenses, budgets, attac
 """
 import argparse
 import csv
+import datetime
 import io
 import re
 import sqlite3
@@ -44,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from lib import App, Conflict, ValidationFailed, created, json_response, no_content, text_response
 from lib.listing import Sort, SortKey, list_params, page
-from lib.request import bad_query
+from lib.request import Query, bad_query
+from lib.routing import PAGE
 from lib.validation import Date, Field, Integer, Invalid, Text, body_schema, validate
 from level01.counter import etag
 from level02.notes import (delete_owned, find_owned, owned_for_update, require_user, timestamp,
@@ -269,13 +271,13 @@ def expense_filter(request, owner):
     parameters, never pasted into the SQL text."""
     where, params = ["e.owner = ?"], [owner]
     # An impossible date (2026-02-30) is a 400 here: a bad query parameter (common.md).
-    start, end = request.query_date("from"), request.query_date("to")
+    start, end = FILTERS["from"].read(request), FILTERS["to"].read(request)
     if start and end and start > end:
         raise bad_query("from", "must not be after 'to'")
     low, high = query_amount(request, "min"), query_amount(request, "max")
     if low is not None and high is not None and low > high:
         raise bad_query("min", "must not be more than 'max'")
-    category_id = request.query_int("category_id", None, low=1, high=MAX_ID)
+    category_id = FILTERS["category_id"].read(request)
     currency = request.query_param("currency")
     if currency and not CURRENCY_CODE.fullmatch(currency):
         raise bad_query("currency", "must be an ISO 4217 code: three capital letters")
@@ -341,7 +343,6 @@ CATEGORIES_BY_NAME = Sort("name", SortKey("name_key", str), SortKey("id", int))
 CATEGORY_FIELDS = {"name": Text(1, 100, required=True)}
 USER = {401: "no valid X-User-Id header"}
 STALE = "If-Match names a version that is no longer current; nothing changed"
-PAGE = {"limit": "page size, 1–100 (default 20)", "cursor": "next_cursor of the previous page"}
 
 
 @app.post("/categories", request_schema=body_schema(CATEGORY_FIELDS),
@@ -386,7 +387,7 @@ def read_category(request, category_id):
 
 
 @app.patch("/categories/{category_id:int}",
-           request_schema=body_schema(CATEGORY_FIELDS, partial=True),
+           request_schema=body_schema(CATEGORY_FIELDS, partial=True), if_match=True,
            responses={404: "no such category of yours", 409: "the new name is taken",
                       412: STALE, 422: "bad or unknown fields", **USER})
 def rename_category(request, category_id):
@@ -402,15 +403,19 @@ def rename_category(request, category_id):
     return json_response(category_json(row), headers=tagged(row))
 
 
+REASSIGN_TO = Query("reassign_to", "move this category's expenses to that category of yours first",
+                    int, None, 1, MAX_ID)
+
+
 @app.delete("/categories/{category_id:int}",
-            query={"reassign_to": "move this category's expenses to that category of yours first"},
+            query=[REASSIGN_TO], if_match=True,
             responses={204: "deleted", 404: "no such category of yours",
                        409: "expenses still use it and no reassign_to was given", 412: STALE,
                        422: "reassign_to is not another category of yours", **USER})
 def delete_category(request, category_id):
     """Delete a category; 409 while expenses use it, unless ?reassign_to=ID moves them"""
     owner = require_user(request)
-    reassign_to = request.query_int("reassign_to", None, low=1, high=MAX_ID)
+    reassign_to = REASSIGN_TO.read(request)
     with app.state.db.transaction() as conn:
         owned_for_update(conn, "categories", owner, category_id, request.require_if_match)
         if reassign_to is not None:
@@ -441,11 +446,16 @@ EXPENSE_FIELDS = {
     "date": Date(required=True),
     "note": Text(0, 1000, default=""),
 }
-FILTERS = {"from": "on or after this date (YYYY-MM-DD)", "to": "on or before this date",
-           "category_id": "only this category", "min": 'amount at least, e.g. "10.00"',
-           "max": "amount at most", "currency": "only this ISO 4217 code",
-           "q": "text in the note (case-insensitive)"}
-SORT_HELP = {"sort": "-date (default), date, -amount or amount"}
+FILTERS = {q.name: q for q in (
+    Query("from", "on or after this date (YYYY-MM-DD)", datetime.date),
+    Query("to", "on or before this date", datetime.date),
+    Query("category_id", "only this category", int, None, 1, MAX_ID),
+    Query("min", 'amount at least, e.g. "10.00"', {"pattern": AMOUNT_PATTERN}),
+    Query("max", "amount at most", {"pattern": AMOUNT_PATTERN}),
+    Query("currency", "only this ISO 4217 code", {"pattern": f"^{CURRENCY_CODE.pattern}$"}),
+    Query("q", "text in the note (case-insensitive)"))}
+SORT = Query("sort", "-date (default), date, -amount or amount", tuple(SORTS), "-date")
+GROUP_BY = Query("group_by", "category (default), month or day", tuple(GROUPS), "category")
 EXPENSE_ERRORS = {404: "no such expense of yours", 412: STALE,
                   422: "bad, unknown or read-only fields; a category_id that is not yours", **USER}
 
@@ -495,12 +505,12 @@ def create_expense(request):
     return created(expense_json(row), f"/expenses/{row['id']}", headers=tagged(row))
 
 
-@app.get("/expenses", query={**FILTERS, **SORT_HELP, **PAGE},
+@app.get("/expenses", query=[*FILTERS.values(), SORT, *PAGE],
          responses={200: '{"items", "next_cursor"}', 400: "a bad filter, sort, limit or cursor", **USER})
 def list_expenses(request):
     """Your expenses, filtered and sorted (paginated)"""
     owner = require_user(request)
-    sort = SORTS[request.query_choice("sort", tuple(SORTS), "-date")]
+    sort = SORTS[SORT.read(request)]
     limit, cursor = list_params(request, sort.shape)
     where, params = expense_filter(request, owner)
     if cursor:
@@ -512,13 +522,13 @@ def list_expenses(request):
     return page(rows, limit, sort.cursor_values, expense_json)
 
 
-@app.get("/expenses/summary", query={"group_by": "category (default), month or day", **FILTERS},
+@app.get("/expenses/summary", query=[GROUP_BY, *FILTERS.values()],
          responses={200: '{"groups": [{"key", "count", "totals": {"USD": "12.30"}}], "count", '
                          '"totals"}', 400: "a bad filter or group_by", **USER})
 def summarise_expenses(request):
     """Totals per group and per currency, exact, never mixing currencies"""
     owner = require_user(request)
-    group_by = request.query_choice("group_by", tuple(GROUPS), "category")
+    group_by = GROUP_BY.read(request)
     key, order = GROUPS[group_by]
     where, params = expense_filter(request, owner)
     # SUM over INTEGER columns is integer arithmetic in sqlite: exact.
@@ -534,13 +544,13 @@ def summarise_expenses(request):
 EXPORT_COLUMNS = ["id", "date", "amount", "currency", "category_id", "category", "note"]
 
 
-@app.get("/expenses/export.csv", blocking=True, query={**FILTERS, **SORT_HELP},
+@app.get("/expenses/export.csv", blocking=True, query=[*FILTERS.values(), SORT], media_type="text/csv",
          responses={200: "text/csv (RFC 4180) of every matching expense, header row first",
                     400: "a bad filter or sort", **USER})
 def export_expenses(request):
     """Every expense matching the filters (all pages) as a CSV download"""
     owner = require_user(request)
-    sort = SORTS[request.query_choice("sort", tuple(SORTS), "-date")]
+    sort = SORTS[SORT.read(request)]
     where, params = expense_filter(request, owner)
     # The category's name by a subquery rather than a join, so that the sort's unqualified
     # columns (`date`, `id`) can only mean the expense's.
@@ -561,7 +571,7 @@ def read_expense(request, expense_id):
     return json_response(expense_json(row), headers=tagged(row))
 
 
-@app.put("/expenses/{expense_id:int}", request_schema=body_schema(EXPENSE_FIELDS),
+@app.put("/expenses/{expense_id:int}", request_schema=body_schema(EXPENSE_FIELDS), if_match=True,
          responses={200: "the expense (ETag)", **EXPENSE_ERRORS})
 def replace_expense(request, expense_id):
     """Replace an expense: fields left out take their defaults (honours If-Match)"""
@@ -571,6 +581,7 @@ def replace_expense(request, expense_id):
 
 
 @app.patch("/expenses/{expense_id:int}", request_schema=body_schema(EXPENSE_FIELDS, partial=True),
+           if_match=True,
            responses={200: "the expense (ETag)", **EXPENSE_ERRORS})
 def update_expense(request, expense_id):
     """Change the fields given (honours If-Match)"""
@@ -579,7 +590,7 @@ def update_expense(request, expense_id):
     return change_expense(request, owner, expense_id, values)
 
 
-@app.delete("/expenses/{expense_id:int}", responses={204: "deleted", **EXPENSE_ERRORS})
+@app.delete("/expenses/{expense_id:int}", if_match=True, responses={204: "deleted", **EXPENSE_ERRORS})
 def delete_expense(request, expense_id):
     """Delete an expense (honours If-Match)"""
     delete_owned(app.state.db, "expenses", require_user(request), expense_id,

@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from lib import App, NotFound, PreconditionFailed, Unauthorized, created, json_response, no_content
 from lib.listing import Sort, SortKey, list_params, page
-from lib.request import bad_query, utc_timestamp
+from lib.request import Query, bad_query, utc_timestamp
+from lib.routing import PAGE
 from lib.validation import Boolean, Invalid, Text, TextList, body_schema, validate
 from level01.counter import etag
 
@@ -277,7 +278,7 @@ def one_note(note):
 # Routes
 
 
-@app.post("/notes", summary="Create a note", request_schema=body_schema(NOTE_FIELDS))
+@app.post("/notes", summary="Create a note", request_schema=body_schema(NOTE_FIELDS), status=201)
 def create_note(request):
     owner = require_user(request)
     values = validate(request.json_object(), NOTE_FIELDS, read_only=SERVER_OWNED)
@@ -285,20 +286,23 @@ def create_note(request):
     return created(render_note(note), f"/notes/{note['id']}", {"ETag": etag(note["version"])})
 
 
-@app.get("/notes", summary="List your notes, a page at a time", query={
-    "q": "text in the title or body (case-insensitive substring)",
-    "tag": "only notes with this tag (repeat for several: all must match)",
-    "pinned": "true or false",
-    "archived": "true: only archived notes; false (default): only the others",
-    "sort": "-updated_at (default, pinned first), updated_at, title, -created_at, created_at",
-    "limit": "1–100 (default 20)", "cursor": "next_cursor of the previous page"})
+SORT = Query("sort", "-updated_at (default, pinned first), updated_at, title, -created_at, created_at",
+             tuple(SORTS), "-updated_at")
+PINNED = Query("pinned", "true or false", bool)
+ARCHIVED = Query("archived", "true: only archived notes; false (default): only the others", bool, False)
+
+
+@app.get("/notes", summary="List your notes, a page at a time", query=[
+    Query("q", "text in the title or body (case-insensitive substring)"),
+    Query("tag", "only notes with this tag (repeat for several: all must match)"),
+    PINNED, ARCHIVED, SORT, *PAGE])
 def list_notes(request):
     owner = require_user(request)
-    sort = SORTS[request.query_choice("sort", SORTS, default="-updated_at")]
+    sort = SORTS[SORT.read(request)]
     limit, cursor = list_params(request, sort.shape)
-    archived = request.query_bool("archived", default=False)
+    archived = ARCHIVED.read(request)
     where, params = ["owner = ?", "archived = ?"], [owner, int(archived)]
-    pinned = request.query_bool("pinned")
+    pinned = PINNED.read(request)
     if pinned is not None:
         where.append("pinned = ?")
         params.append(int(pinned))
@@ -322,7 +326,7 @@ def read_note(request, note_id):
 
 
 @app.patch("/notes/{note_id:int}", summary="Change the fields sent (If-Match: the ETag)",
-           request_schema=body_schema(NOTE_FIELDS, partial=True))
+           request_schema=body_schema(NOTE_FIELDS, partial=True), if_match=True)
 def patch_note(request, note_id):
     owner = require_user(request)
     changes = validate(request.json_object(), NOTE_FIELDS, partial=True, read_only=SERVER_OWNED)
@@ -332,7 +336,7 @@ def patch_note(request, note_id):
 
 
 @app.put("/notes/{note_id:int}", summary="Replace a note: fields left out get their defaults",
-         request_schema=body_schema(NOTE_FIELDS))
+         request_schema=body_schema(NOTE_FIELDS), if_match=True)
 def replace_note(request, note_id):
     owner = require_user(request)
     values = validate(request.json_object(), NOTE_FIELDS, read_only=SERVER_OWNED)
@@ -341,14 +345,14 @@ def replace_note(request, note_id):
     return one_note(note)
 
 
-@app.delete("/notes/{note_id:int}", summary="Delete a note")
+@app.delete("/notes/{note_id:int}", summary="Delete a note", status=204, if_match=True)
 def remove_note(request, note_id):
     owner = require_user(request)
     delete_owned(app.state.db, "notes", owner, note_id, request.require_if_match)
     return no_content()
 
 
-@app.post("/notes/{note_id:int}/archive", summary="Archive a note: out of the default list")
+@app.post("/notes/{note_id:int}/archive", summary="Archive a note: out of the default list", if_match=True)
 def archive_note(request, note_id):
     owner = require_user(request)
     note = update_owned(app.state.db, "notes", owner, note_id, request.require_if_match,
@@ -356,7 +360,7 @@ def archive_note(request, note_id):
     return one_note(note)
 
 
-@app.post("/notes/{note_id:int}/unarchive", summary="Bring an archived note back")
+@app.post("/notes/{note_id:int}/unarchive", summary="Bring an archived note back", if_match=True)
 def unarchive_note(request, note_id):
     owner = require_user(request)
     note = update_owned(app.state.db, "notes", owner, note_id, request.require_if_match,

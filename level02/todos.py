@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from lib import App, NotFound, created, json_response, no_content
 from lib.listing import Sort, SortKey, list_params, page
-from lib.request import bad_query
+from lib.request import Query, bad_query
+from lib.routing import PAGE
 from lib.validation import Boolean, Choice, Date, Field, Invalid, Text, body_schema, validate
 from level01.counter import etag
 from level02.notes import (TAGS, delete_owned, find_owned, require_user, tag_filters,
@@ -106,7 +107,7 @@ def user_today(request):
     (`Europe/Paris`), UTC without it. An unknown zone is a 400. UTC needs no time zone
     database, so the default works everywhere; other names need the system's (or, on Windows,
     the `tzdata` package)."""
-    name = request.query_param("tz") or "UTC"
+    name = TZ.read(request) or "UTC"
     if name == "UTC":
         zone = datetime.timezone.utc
     elif name in known_time_zones():
@@ -179,20 +180,32 @@ SORTS = {
 }
 
 STATUS = {"open": "completed_at IS NULL", "done": "completed_at IS NOT NULL"}  # or "all"
+TZ = Query("tz", "your IANA time zone, for 'today' (default UTC)",
+           {"enum": sorted(known_time_zones() | {"UTC"})})
+FILTERS = {q.name: q for q in (
+    Query("status", "open, done or all (default)", (*STATUS, "all"), "all"),
+    Query("due_before", "YYYY-MM-DD: due strictly before this day", datetime.date),
+    Query("due_after", "YYYY-MM-DD: due strictly after this day", datetime.date),
+    Query("overdue", "true: open and due before today; false: all the others", bool),
+    Query("priority", "low, normal or high", tuple(PRIORITY_RANK)),
+    Query("tag", "only todos with this tag (repeat for several: all must match)"),
+    Query("q", "text in the title or notes (case-insensitive substring)"), TZ)}
+SORT = Query("sort", "due (default), -due, priority, -priority, created_at, -created_at",
+             tuple(SORTS), "due")
 
 
 def list_filters(request):
     """The list's query parameters as [(SQL condition, parameters)]."""
     _, today = user_today(request)
     filters = []
-    status = request.query_choice("status", (*STATUS, "all"), default="all")
+    status = FILTERS["status"].read(request)
     if status != "all":
         filters.append((STATUS[status], []))
     for name, condition in (("due_before", "due < ?"), ("due_after", "due > ?")):
-        day = request.query_date(name)  # an impossible date is a 400
+        day = FILTERS[name].read(request)  # an impossible date is a 400
         if day is not None:  # a todo without a due date is neither before nor after a day
             filters.append((condition, [day.isoformat()]))
-    overdue = request.query_bool("overdue")
+    overdue = FILTERS["overdue"].read(request)
     if overdue is True:
         filters.append(("(completed_at IS NULL AND due < ?)", [today.isoformat()]))
     elif overdue is False:
@@ -200,7 +213,7 @@ def list_filters(request):
         # date `due < ?` is NULL, NOT NULL is NULL, and the todo would vanish from the list.
         filters.append(("(completed_at IS NOT NULL OR due IS NULL OR due >= ?)",
                         [today.isoformat()]))
-    priority = request.query_choice("priority", PRIORITY_RANK)
+    priority = FILTERS["priority"].read(request)
     if priority is not None:
         filters.append(("priority = ?", [PRIORITY_RANK[priority]]))
     return filters + tag_filters(request, "todos") + text_search(request, ["title", "notes"])
@@ -284,7 +297,7 @@ def count_todos(db, owner, today):
 # Routes
 
 
-@app.post("/todos", summary="Create a todo", request_schema=body_schema(TODO_FIELDS))
+@app.post("/todos", summary="Create a todo", request_schema=body_schema(TODO_FIELDS), status=201)
 def create_todo(request):
     owner = require_user(request)
     values = validate(request.json_object(), TODO_FIELDS, read_only=SERVER_OWNED)
@@ -292,20 +305,11 @@ def create_todo(request):
     return created(render_todo(todo), f"/todos/{todo['id']}", {"ETag": etag(todo["version"])})
 
 
-@app.get("/todos", summary="List your todos, a page at a time", query={
-    "status": "open, done or all (default)",
-    "due_before": "YYYY-MM-DD: due strictly before this day",
-    "due_after": "YYYY-MM-DD: due strictly after this day",
-    "overdue": "true: open and due before today; false: all the others",
-    "priority": "low, normal or high",
-    "tag": "only todos with this tag (repeat for several: all must match)",
-    "q": "text in the title or notes (case-insensitive substring)",
-    "tz": "your IANA time zone, for 'today' (default UTC)",
-    "sort": "due (default), -due, priority, -priority, created_at, -created_at",
-    "limit": "1–100 (default 20)", "cursor": "next_cursor of the previous page"})
+@app.get("/todos", summary="List your todos, a page at a time",
+         query=[*FILTERS.values(), SORT, *PAGE])
 def list_todos(request):
     owner = require_user(request)
-    sort = SORTS[request.query_choice("sort", SORTS, default="due")]
+    sort = SORTS[SORT.read(request)]
     limit, cursor = list_params(request, sort.shape)
     filters = list_filters(request)
     if cursor:
@@ -321,7 +325,7 @@ def list_todos(request):
 
 
 @app.get("/todos/summary", summary="Count open, done, overdue and due-today todos, by priority",
-         query={"tz": "your IANA time zone, for 'today' (default UTC)"})
+         query=[TZ])
 def summarise_todos(request):
     owner = require_user(request)
     zone, today = user_today(request)
@@ -346,7 +350,7 @@ def read_todo(request, todo_id):
 
 
 @app.patch("/todos/{todo_id:int}", summary="Change the fields sent; done sets completed_at",
-           request_schema=body_schema(TODO_FIELDS, partial=True))
+           request_schema=body_schema(TODO_FIELDS, partial=True), if_match=True)
 def patch_todo(request, todo_id):
     owner = require_user(request)
     changes = validate(request.json_object(), TODO_FIELDS, partial=True, read_only=SERVER_OWNED)
@@ -356,7 +360,7 @@ def patch_todo(request, todo_id):
 
 
 @app.put("/todos/{todo_id:int}", summary="Replace a todo: fields left out get their defaults",
-         request_schema=body_schema(TODO_FIELDS))
+         request_schema=body_schema(TODO_FIELDS), if_match=True)
 def replace_todo(request, todo_id):
     owner = require_user(request)
     values = validate(request.json_object(), TODO_FIELDS, read_only=SERVER_OWNED)
@@ -365,7 +369,7 @@ def replace_todo(request, todo_id):
     return one_todo(todo)
 
 
-@app.delete("/todos/{todo_id:int}", summary="Delete a todo")
+@app.delete("/todos/{todo_id:int}", summary="Delete a todo", status=204, if_match=True)
 def remove_todo(request, todo_id):
     owner = require_user(request)
     delete_owned(app.state.db, "todos", owner, todo_id, request.require_if_match)

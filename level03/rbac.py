@@ -31,6 +31,7 @@ from lib import App, Conflict, Forbidden, NotFound, created, json_response, no_c
 from lib.app import exit_usage_error
 from lib.listing import list_params, page
 from lib.request import utc_timestamp
+from lib.routing import PAGE
 from lib.validation import Choice, Text, body_schema, validate
 from level01.counter import etag
 from level03.jwt_auth import (SCHEMA as IDENTITY_SCHEMA, Auth, add_auth_arguments,
@@ -211,8 +212,7 @@ def read_my_permissions(request):
             "permissions": sorted(request.context["permissions"])}
 
 
-@app.get("/users", permission="users:read", query={"limit": "1–100 (default 20)",
-                                                   "cursor": "from next_cursor"})
+@app.get("/users", permission="users:read", query=PAGE)
 def list_users(request):
     """Users and their roles (moderators and admins)"""
     limit, cursor = list_params(request, (int,))
@@ -316,8 +316,7 @@ def create_post(request):
     return created(post_json(row), f"/posts/{row['id']}", {"ETag": etag(row["version"])})
 
 
-@app.get("/posts", permission="posts:read", query={"limit": "1–100 (default 20)",
-                                                   "cursor": "from next_cursor"})
+@app.get("/posts", permission="posts:read", query=PAGE)
 def list_posts(request):
     """Posts, newest first (hidden ones only to their author and moderators)"""
     limit, cursor = list_params(request, (int,))
@@ -335,7 +334,7 @@ def read_post(request, post_id):
     return post_response(visible_post(request, post_id))
 
 
-@app.patch("/posts/{post_id:int}", permission="posts:update:own",
+@app.patch("/posts/{post_id:int}", permission="posts:update:own", if_match=True,
            request_schema=body_schema(POST_FIELDS, partial=True))
 def update_post(request, post_id):
     """Edit a post: your own, or anyone's with posts:update:any"""
@@ -354,7 +353,7 @@ def update_post(request, post_id):
     return post_response(row)
 
 
-@app.delete("/posts/{post_id:int}", permission="posts:delete:own")
+@app.delete("/posts/{post_id:int}", permission="posts:delete:own", status=204, if_match=True)
 def delete_post(request, post_id):
     """Delete a post: your own, or anyone's with posts:delete:any"""
     db = request.app.state.auth.db

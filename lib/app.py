@@ -225,7 +225,7 @@ def call_handler(request):
         return result
     if result is None:
         return no_content()
-    return json_response(result)
+    return json_response(result, route.status)  # the status the route declares
 
 
 def traced_handler(request, call_next):

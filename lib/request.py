@@ -12,6 +12,7 @@ import datetime
 import json
 import re
 import time
+from typing import NamedTuple
 from urllib.parse import parse_qsl, unquote
 
 from lib.problems import (BadRequest, LengthRequired, PreconditionFailed, UnprocessableContent,
@@ -35,6 +36,34 @@ def bad_query(name, message):
     return BadRequest(f"query parameter '{name}' {message}",
                       errors=[{"field": name, "message": message}])
 
+
+
+class Query(NamedTuple):
+    """A query parameter a route declares (`query=[...]`): `/openapi.json` shows its `schema`
+    and the handler reads it with `read(request)`, so the document says what is enforced.
+    `kind`: str, int (from `low` to `high`), bool, datetime.date, a tuple of the choices, or the
+    JSON Schema of a text the handler checks itself (`{"pattern": ...}`)."""
+    name: str
+    description: str
+    kind: object = str
+    default: object = None
+    low: int = None
+    high: int = None
+
+    @property
+    def schema(self):
+        return ({"type": "integer", "minimum": self.low, "maximum": self.high} if self.kind is int
+                else {"type": "boolean"} if self.kind is bool
+                else {"type": "string", "format": "date"} if self.kind is datetime.date
+                else {"type": "string", "enum": list(self.kind)} if isinstance(self.kind, tuple)
+                else {"type": "string", **(self.kind if isinstance(self.kind, dict) else {})})
+
+    def read(self, request):
+        return (request.query_int(self.name, self.default, low=self.low, high=self.high) if self.kind is int
+                else request.query_bool(self.name, self.default) if self.kind is bool
+                else request.query_date(self.name, self.default) if self.kind is datetime.date
+                else request.query_choice(self.name, self.kind, self.default) if isinstance(self.kind, tuple)
+                else request.query_param(self.name, self.default))
 
 def _is_plain_integer(text):
     """ASCII digits with an optional minus: what `int()` takes besides (`+5`, `1_0`, ` 5`,

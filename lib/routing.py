@@ -17,7 +17,9 @@ OPTIONS by the router itself (204 with `Allow`).
 """
 import re
 
+from lib.listing import DEFAULT_LIMIT, MAX_LIMIT
 from lib.problems import BadRequest, MethodNotAllowed, NotFound
+from lib.request import Query
 
 _PARAM = re.compile(r"{([A-Za-z_][A-Za-z0-9_]*)(?::(int|str|path))?}")
 SQLITE_INTEGER_RANGE = range(-2**63, 2**63)
@@ -46,6 +48,14 @@ _CONVERTERS = {  # name: (segment regex, conversion, OpenAPI schema)
 }
 
 
+# The list contract's parameters (common.md "Lists"; lib.listing.list_params reads them), and
+# the answer's shape, which a route that takes them documents: `query=[*PAGE, ...]`.
+PAGE = (Query("limit", f"page size, 1–{MAX_LIMIT} (default {DEFAULT_LIMIT})", int, DEFAULT_LIMIT, 1, MAX_LIMIT),
+        Query("cursor", "the next_cursor of the page before"))
+PAGE_ANSWER = {"type": "object", "required": ["items", "next_cursor"],
+               "properties": {"items": {"type": "array"}, "next_cursor": {"type": ["string", "null"]}}}
+
+
 class Route:
     """One method + path pattern + handler, with what the docs and middleware need to know.
 
@@ -53,13 +63,18 @@ class Route:
     a sleep): the asyncio transport runs it in the worker pool instead of on the event loop.
     `body_limit` caps the request body in bytes. `request_schema` is the JSON body's schema for
     the OpenAPI document (`lib.validation.body_schema`); `body_required=False` when the body may
-    be left out altogether. `meta` carries whatever a project's middleware reads from the route
+    be left out altogether. `query` lists the route's `lib.request.Query` parameters, which the
+    handler reads with them. `status` is the success status (default: the 2xx in `responses`,
+    else 200), which a handler returning data is answered with; `response_schema` and
+    `media_type` describe that answer. `path_schemas` narrows a path parameter's schema
+    (`{"code": {"minimum": 200}}`); `if_match=True` says the route honours If-Match. `meta` carries whatever a project's middleware reads from the route
     (a permission, an auth requirement); by convention `public=True` says the route needs no
     credentials (lib's built-in `/`, `/openapi.json` and `/health` carry it)."""
 
     def __init__(self, method, pattern, handler, *, summary=None, blocking=False,
-                 body_limit=None, request_schema=None, body_required=True, query=None,
-                 responses=None, tags=None, **meta):
+                 body_limit=None, request_schema=None, body_required=True, query=(),
+                 responses=None, tags=None, status=None, response_schema=None,
+                 media_type="application/json", path_schemas=None, if_match=False, **meta):
         self.method = method.upper()
         self.pattern = pattern
         self.handler = handler
@@ -69,8 +84,12 @@ class Route:
         self.body_limit = body_limit
         self.request_schema = request_schema
         self.body_required = body_required
-        self.query = query or {}
+        self.query = query
         self.responses = responses or {}
+        self.status = status or min((s for s in self.responses if 200 <= s < 300), default=200)
+        self.response_schema = response_schema or (PAGE_ANSWER if PAGE[0] in query else
+                                                {"type": "object"} if media_type.endswith("json") else {})
+        self.media_type, self.path_schemas, self.if_match = media_type, path_schemas or {}, if_match
         self.tags = tags
         self.meta = meta
         self.params = [(m.group(1), m.group(2) or "str") for m in _PARAM.finditer(pattern)]
@@ -154,22 +173,27 @@ class Router:
             operation = {"summary": route.summary, "operationId": route.handler.__name__}
             if route.tags:
                 operation["tags"] = route.tags
-            parameters = [{"name": name, "in": "path", "required": True, "schema": _CONVERTERS[kind][2]}
+            parameters = [{"name": name, "in": "path", "required": True,
+                           "schema": {**_CONVERTERS[kind][2], **route.path_schemas.get(name, {})}}
                           for name, kind in route.params]
-            for name, text in route.query.items():  # not `description`: that names the document's
-                parameters.append({"name": name, "in": "query", "required": False,
-                                   "description": text, "schema": {"type": "string"}})
+            parameters += [{"name": q.name, "in": "query", "description": q.description,  # empty:
+                            "schema": q.schema, "allowEmptyValue": True} for q in route.query]  # absent
+            if route.if_match:
+                parameters.append({"name": "If-Match", "in": "header", "schema": {"type": "string"},
+                                   "description": "the ETag last read; a stale one is a 412"})
             if parameters:
                 operation["parameters"] = parameters
             if route.request_schema is not None:
                 operation["requestBody"] = {
                     "required": route.body_required,
                     "content": {"application/json": {"schema": route.request_schema}}}
-            responses = {str(status): {"description": text} for status, text in route.responses.items()}
-            if not any(code.startswith("2") for code in responses):  # a declared 200/204 stands
-                responses["200" if route.method != "POST" else "201"] = {"description": "Success"}
-            responses["default"] = {"description": "Problem details (RFC 9457)",
-                                    "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+            problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+            responses = {str(status): {"description": text, **({"content": problem} if status >= 400 else {})}
+                         for status, text in route.responses.items()}
+            success = responses.setdefault(str(route.status), {"description": "Success"})
+            if route.status != 204:
+                success["content"] = {route.media_type: {"schema": route.response_schema}}
+            responses["default"] = {"description": "Problem details (RFC 9457)", "content": problem}
             operation["responses"] = responses
             # OpenAPI names a parameter `{id}`: the converter (`{id:int}`) is ours alone.
             path = _PARAM.sub(lambda m: "{" + m.group(1) + "}", route.pattern)

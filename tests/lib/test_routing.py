@@ -1,9 +1,12 @@
 """lib/routing.py: a match is none (404), partial (405 + Allow) or full (handler + converted
 parameters); path converters; and the OpenAPI document and index built from the same routes."""
+import datetime
+
 import pytest
 
 from lib.problems import BadRequest, MethodNotAllowed, NotFound
-from lib.routing import Route, Router, allowed_methods
+from lib.request import Query, Request
+from lib.routing import PAGE, PAGE_ANSWER, Route, Router, allowed_methods
 
 
 def handler_named(name, doc=None):
@@ -265,7 +268,7 @@ def test_meta_keeps_unknown_options():
 def documented_router():
     router = Router()
     router.add(Route("GET", "/notes", handler_named("list_notes", "List notes."),
-                     query={"limit": "page size", "cursor": "from next_cursor"}, tags=["notes"]))
+                     query=PAGE, tags=["notes"]))
     router.add(Route("POST", "/notes", handler_named("create_note", "Create a note."),
                      request_schema={"type": "object", "required": ["title"]},
                      responses={201: "the note", 422: "invalid fields"}))
@@ -311,11 +314,11 @@ def test_openapi_path_parameters_with_their_types():
 
 def test_openapi_query_parameters():
     operation = documented_router().openapi("t", "d", "1")["paths"]["/notes"]["get"]
-    assert operation["parameters"] == [
-        {"name": "limit", "in": "query", "required": False, "description": "page size",
-         "schema": {"type": "string"}},
-        {"name": "cursor", "in": "query", "required": False, "description": "from next_cursor",
-         "schema": {"type": "string"}}]
+    limit, cursor = operation["parameters"]
+    assert limit["name"] == "limit" and limit["in"] == "query"
+    assert limit["schema"] == {"type": "integer", "minimum": 1, "maximum": 100}
+    assert cursor["name"] == "cursor" and cursor["schema"] == {"type": "string"}
+    assert operation["responses"]["200"]["content"]["application/json"]["schema"] == PAGE_ANSWER
     assert operation["tags"] == ["notes"]
     assert operation["operationId"] == "list_notes"
     assert operation["summary"] == "List notes."
@@ -341,8 +344,10 @@ def test_openapi_request_body_may_be_optional():
 def test_openapi_responses():
     paths = documented_router().openapi("t", "d", "1")["paths"]
     post = paths["/notes"]["post"]["responses"]
-    assert post["201"] == {"description": "the note"}
-    assert post["422"] == {"description": "invalid fields"}
+    assert post["201"] == {"description": "the note",
+                           "content": {"application/json": {"schema": {"type": "object"}}}}
+    assert post["422"]["content"]["application/problem+json"]["schema"] == \
+        {"$ref": "#/components/schemas/Problem"}
     assert "200" not in post
     assert post["default"]["content"]["application/problem+json"]["schema"] == \
         {"$ref": "#/components/schemas/Problem"}
@@ -350,8 +355,38 @@ def test_openapi_responses():
     assert set(paths["/notes/{note_id}"]["get"]["responses"]) == {"200", "default"}
 
 
-def test_openapi_default_success_of_an_undocumented_post_is_201():
+def test_openapi_success_status_is_the_declared_one():
     router = Router()
-    router.add(Route("POST", "/things", handler_named("make_thing")))
-    responses = router.openapi("t", "d", "1")["paths"]["/things"]["post"]["responses"]
-    assert set(responses) == {"201", "default"}
+    router.add(Route("POST", "/things", handler_named("make_thing"), status=201))
+    router.add(Route("POST", "/things/{id:int}/archive", handler_named("archive_thing")))
+    router.add(Route("DELETE", "/things/{id:int}", handler_named("delete_thing"), status=204))
+    paths = router.openapi("t", "d", "1")["paths"]
+    assert set(paths["/things"]["post"]["responses"]) == {"201", "default"}
+    assert set(paths["/things/{id}/archive"]["post"]["responses"]) == {"200", "default"}
+    assert paths["/things/{id}"]["delete"]["responses"]["204"] == {"description": "Success"}
+
+
+def test_query_declarations_document_what_they_read():
+    declared = [Query("n", "a number", int, 5, 1, 9), Query("on", "a flag", bool),
+                Query("day", "a date", datetime.date), Query("sort", "an order", ("a", "-a"), "a"),
+                Query("code", "a code", {"pattern": "^[A-Z]{3}$"})]
+    assert [q.schema for q in declared] == [
+        {"type": "integer", "minimum": 1, "maximum": 9}, {"type": "boolean"},
+        {"type": "string", "format": "date"}, {"type": "string", "enum": ["a", "-a"]},
+        {"type": "string", "pattern": "^[A-Z]{3}$"}]
+    request = Request("GET", "/", "n=7&on=true&day=2026-02-28&sort=-a&code=EUR")
+    assert [q.read(request) for q in declared] == [7, True, datetime.date(2026, 2, 28), "-a", "EUR"]
+    assert [q.read(Request("GET", "/")) for q in declared] == [5, None, None, "a", None]
+    for bad in ("n=10", "on=1", "day=2026-02-30", "sort=b"):
+        with pytest.raises(BadRequest):
+            [q.read(Request("GET", "/", bad)) for q in declared]
+
+
+def test_openapi_if_match_and_path_schemas_when_declared():
+    router = Router()
+    router.add(Route("PUT", "/counters/{name}", handler_named("set_counter"), if_match=True,
+                     path_schemas={"name": {"pattern": "^[a-z]+$"}}))
+    operation = router.openapi("t", "d", "1")["paths"]["/counters/{name}"]["put"]
+    name, if_match = operation["parameters"]
+    assert name["schema"] == {"type": "string", "pattern": "^[a-z]+$"}
+    assert if_match["name"] == "If-Match" and if_match["in"] == "header"

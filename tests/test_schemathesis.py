@@ -1,0 +1,112 @@
+"""Every server held to its own OpenAPI document by a contract tester (issue 11 item 5).
+
+schemathesis (requirements-interop.txt; the test skips without it) reads `GET /openapi.json`,
+generates requests from it — valid ones and deliberately invalid ones — and checks each answer
+against the document: the status is one the operation declares, the body matches the declared
+schema and media type, a valid request is not refused, an invalid one is not accepted, and
+nothing is a 5xx (`--checks all`). Any finding fails the test, with schemathesis' report (each
+failure with a curl command to replay it) as the message.
+
+The number of examples per operation is bounded (`SCHEMATHESIS_EXAMPLES`, default 5) and the
+seed fixed, so a run is repeatable and the eleven servers take about a minute; raise the number
+and drop the seed by hand to search harder.
+
+The servers that need a caller get one: level 02 an `X-User-Id` header, level 03 an account
+signed up first (a bearer token, or a session cookie and its CSRF token).
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from tests.harness import expect_json
+from tests.projects import NOT_STANDALONE, existing_projects
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("schemathesis") is None,
+                                reason="schemathesis is not installed (requirements-interop.txt)")
+
+EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "5"))
+SEED = "20261124"
+PROJECTS = [p for p in existing_projects() if p.name not in NOT_STANDALONE]
+ACCOUNT = {"email": "contract@example.com", "password": "correct horse battery staple"}
+ACCEPTED = '"2xx", "3xx", 401, 403, 404, 409, 429'   # schemathesis' default for valid requests
+
+# What a JSON Schema cannot say, told to schemathesis instead; each entry is narrow and says why.
+CONFIG = f"""
+# An If-Match that is not the current ETag is a 412: the tester cannot guess the current one.
+[checks.positive_data_acceptance]
+expected-statuses = [{ACCEPTED}, 412]
+
+# A cursor is opaque: only the server can make a valid one (a made-up one is a 400, common.md).
+# The tester asks for the first page; cursors are tested in the projects' own tests.
+[parameters]
+"query.cursor" = ""
+
+# counter: a deleted counter reads as 0 (level01.md), it is not "still available".
+[[operations]]
+include-path-regex = "^/counters/"
+checks.use_after_free.enabled = false
+
+# A new password may also be refused for what no schema can test: being a common password or
+# the email (NIST SP 800-63B); the length rule is in the schema.
+[[operations]]
+include-path = ["/auth/signup", "/auth/password"]
+checks.positive_data_acceptance.expected-statuses = [{ACCEPTED}, 412, 422]
+
+# A reset token is valid only when the server issued it: a made-up one is a 400.
+[[operations]]
+include-path = ["/auth/reset", "/reset"]
+checks.positive_data_acceptance.expected-statuses = [{ACCEPTED}, 400, 412, 422]
+
+# request_logger: /status/{{code}} answers the status asked for, 5xx included: that is its point.
+[[operations]]
+include-path = "/status/{{code}}"
+checks.not_a_server_error.enabled = false
+
+# expenses: from ≤ to and min ≤ max relate two parameters, which a schema cannot (a 400).
+[[operations]]
+include-path = ["/expenses", "/expenses/summary", "/expenses/export.csv"]
+checks.positive_data_acceptance.expected-statuses = [{ACCEPTED}, 400, 412]
+
+# expenses: reassign_to must name another category of yours (422), which no schema knows.
+[[operations]]
+include-path = "/categories/{{category_id}}"
+include-method = "DELETE"
+checks.positive_data_acceptance.expected-statuses = [{ACCEPTED}, 412, 422]
+"""
+
+
+def caller_headers(project, url):
+    """The headers that make the generated requests come from a signed-in caller."""
+    if project.level == 2:
+        return {"X-User-Id": "contract-tester"}
+    if project.level != 3:
+        return {}
+    resp = requests.post(f"{url}/auth/signup", json=ACCOUNT, timeout=10)
+    expect_json(resp, 201)
+    if project.name == "session_auth":
+        body = resp.json()
+        return {"Cookie": f"sid={resp.cookies['sid']}", "X-CSRF-Token": body["csrf_token"]}
+    resp = requests.post(f"{url}/auth/login", json=ACCOUNT, timeout=10)
+    return {"Authorization": f"Bearer {expect_json(resp, 200)['access_token']}"}
+
+
+@pytest.mark.parametrize("project", PROJECTS, ids=[p.name for p in PROJECTS])
+def test_the_server_keeps_its_openapi_document(start_server, project, tmp_path):
+    args = ["--admin-email", ACCOUNT["email"]] if project.name == "rbac" else []
+    server = start_server(project.script, *args)
+    headers = caller_headers(project, server.url)
+    (tmp_path / "schemathesis.toml").write_text(CONFIG)
+    command = [sys.executable, "-c", "from schemathesis.cli import schemathesis; schemathesis()",
+               "--config-file", str(tmp_path / "schemathesis.toml"), "run", f"{server.url}/openapi.json", "--checks", "all",
+               "--max-examples", str(EXAMPLES), "--seed", SEED, "--no-shrink",
+               "--workers", "1", "--request-timeout", "10"]
+    for name, value in headers.items():
+        command += ["--header", f"{name}: {value}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          stdin=subprocess.DEVNULL, env={**os.environ, "NO_COLOR": "1"})
+    assert done.returncode == 0, f"schemathesis found problems in {project.name}:\n" \
+                                 f"{done.stdout[-20000:]}\n{done.stderr[-2000:]}"
