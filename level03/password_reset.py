@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from lib import (App, BadRequest, HTTPError, ValidationFailed, html_response, json_response,
                  no_content, redirect, trace_event)
 from lib.app import bounded, exit_usage_error, http_url
-from lib.request import utc_timestamp
+from lib.request import Query, utc_timestamp
 from lib.storage import REPO_ROOT
 from lib.validation import Email, Text, body_schema, validate
 from level03.jwt_auth import (AUTH_BODY_LIMIT, SCHEMA as IDENTITY_SCHEMA, Auth, Password,
@@ -506,7 +506,7 @@ def forgot_password(request):
     return json_response({"status": "accepted", "detail": detail}, 202)
 
 
-@app.get("/forgot", public=True, responses={200: "An HTML form to ask for a reset link"})
+@app.get("/forgot", public=True, media_type="text/html", responses={200: "An HTML form to ask for a reset link"})
 def show_forgot_form(request):
     """A page to ask for a reset link: a form that posts to /auth/forgot"""
     return forgot_form_page()
@@ -545,7 +545,7 @@ def form_error_page(auth, token, error):
     return reset_form_page(token, found["email"], messages, error.status)
 
 
-@app.get("/reset", public=True, query={"token": "the token from the reset mail"},
+@app.get("/reset", public=True, media_type="text/html", query=[Query("token", "the token from the reset mail")],
          responses={200: "An HTML form to choose a new password",
                     400: "An HTML page: the link is invalid, expired or used"})
 def show_reset_form(request):
@@ -561,7 +561,7 @@ def show_reset_form(request):
     return reset_form_page(token, found["email"])
 
 
-@app.get("/reset/done", public=True, responses={200: "An HTML page: the password is changed"})
+@app.get("/reset/done", public=True, media_type="text/html", responses={200: "An HTML page: the password is changed"})
 def show_reset_done(request):
     """The page after a successful reset from the form"""
     return page("Password changed", (

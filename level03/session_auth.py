@@ -52,6 +52,7 @@ from lib import (App, BadRequest, Forbidden, NotFound, Unauthorized, html_respon
 from lib.app import http_url
 from lib.listing import list_params, page
 from lib.request import utc_timestamp
+from lib.routing import PAGE
 from lib.validation import body_schema, validate
 from level03.jwt_auth import (AUTH_BODY_LIMIT, CREDENTIALS, LOGIN_FAILURES_SCHEMA, SIGN_UP,
                               USERS_SCHEMA, Credentials, add_password_arguments,
@@ -448,7 +449,7 @@ def log_out(request):
     return signed_out(request)
 
 
-@app.get("/auth/sessions", query={"limit": "1–100 (default 20)", "cursor": "from next_cursor"},
+@app.get("/auth/sessions", query=PAGE,
          responses={200: "The user's live sessions, newest first"})
 def list_sessions(request):
     """Your live sessions: where and when, and which one is this"""
@@ -676,7 +677,7 @@ PAGE_HEADERS = {
 SIGNED_OUT_PAGE = PAGE.replace("<body>", "<body data-signed-out>", 1)
 
 
-@app.get("/app", public=True, responses={200: "An HTML page: log in, your sessions, log out"})
+@app.get("/app", public=True, media_type="text/html", responses={200: "An HTML page: log in, your sessions, log out"})
 def serve_page(request):
     """A small page that signs in with the cookie and sends the CSRF header"""
     signed_out = COOKIE_NAME not in request.cookies

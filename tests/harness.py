@@ -646,3 +646,18 @@ def request_bytes(method, target, headers=(), body=b"", host="test.invalid"):
 
 def _indent(text, prefix="    "):
     return "\n".join(prefix + line for line in text.splitlines()) or prefix + "(empty)"
+
+
+def assert_content_length(resp):
+    length = resp.header("Content-Length")
+    assert length is not None, f"no Content-Length on a {resp.status}: {resp.raw[:400]!r}"
+    assert int(length) == len(resp.body), f"Content-Length {length}, body {len(resp.body)} bytes"
+
+
+def assert_still_serving(server):
+    """After a request meant to upset it, the server still answers a fresh connection."""
+    with RawConnection(server.host, server.port) as conn:
+        conn.send(request_bytes("GET", "/health", {"Connection": "close"}))
+        resp = conn.read_response()
+    assert resp.status == 200, f"after the bad request GET /health → {resp.status}"
+

@@ -19,8 +19,9 @@ import uuid
 import pytest
 import requests
 
-from tests.harness import (RawConnection, ServerGroup, describe_exchange, expect, expect_json,
-                           expect_problem, request_bytes, request_schemas, run_once, takes_db)
+from tests.harness import (RawConnection, ServerGroup, assert_still_serving, describe_exchange,
+                           expect, expect_json, expect_problem, request_bytes, request_schemas,
+                           run_once, takes_db)
 from tests.projects import NOT_STANDALONE, existing_projects
 
 PROJECTS = [p for p in existing_projects() if p.name not in NOT_STANDALONE]
@@ -95,19 +96,6 @@ def index_routes(index):
 
 def openapi_doc(server):
     return expect_json(get(server, "/openapi.json"), 200)
-
-
-def assert_content_length(resp):
-    length = resp.header("Content-Length")
-    assert length is not None, f"no Content-Length on a {resp.status}: {resp.raw[:400]!r}"
-    assert int(length) == len(resp.body), f"Content-Length {length}, body {len(resp.body)} bytes"
-
-
-def assert_still_serving(server):
-    with RawConnection(server.host, server.port) as conn:
-        conn.send(request_bytes("GET", "/health", {"Connection": "close"}))
-        resp = conn.read_response()
-    assert resp.status == 200, f"after the bad request GET /health → {resp.status}"
 
 
 # --------------------------------------------------------------------------------------------

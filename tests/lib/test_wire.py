@@ -16,7 +16,8 @@ import uuid
 
 import pytest
 
-from tests.harness import RawConnection, raw_exchange, request_bytes, run_once
+from tests.harness import (RawConnection, assert_content_length, assert_still_serving, raw_exchange,
+                           request_bytes, run_once)
 
 APP = "tests/lib/transport_app.py"
 TRANSPORTS = ("asyncio", "threaded")
@@ -48,19 +49,6 @@ def assert_problem_bytes(resp, status):
         and isinstance(problem.get("type"), str), f"not a problem: {problem!r}"
     assert resp.header("X-Request-Id"), f"no X-Request-Id on the {status}"
     assert_content_length(resp)
-
-
-def assert_content_length(resp):
-    length = resp.header("Content-Length")
-    assert length is not None, f"no Content-Length on a {resp.status}: {resp.raw[:400]!r}"
-    assert int(length) == len(resp.body), f"Content-Length {length}, body {len(resp.body)} bytes"
-
-
-def assert_still_serving(server):
-    with RawConnection(server.host, server.port) as conn:
-        conn.send(request_bytes("GET", "/health", {"Connection": "close"}))
-        resp = conn.read_response()
-    assert resp.status == 200, f"after the bad request GET /health → {resp.status}"
 
 
 # --------------------------------------------------------------------------------------------
