@@ -65,18 +65,27 @@ class Query(NamedTuple):
 
     @property
     def schema(self):
-        return ({"type": "integer", "minimum": self.low, "maximum": self.high} if self.kind is int
-                else {"type": "boolean"} if self.kind is bool
-                else {"type": "string", "format": "date"} if self.kind is datetime.date
-                else {"type": "string", "enum": list(self.kind)} if isinstance(self.kind, tuple)
-                else {"type": "string", **(self.kind if isinstance(self.kind, dict) else {})})
+        if self.kind is int:
+            return {"type": "integer", "minimum": self.low, "maximum": self.high}
+        if self.kind is bool:
+            return {"type": "boolean"}
+        if self.kind is datetime.date:
+            return {"type": "string", "format": "date"}
+        if isinstance(self.kind, tuple):
+            return {"type": "string", "enum": list(self.kind)}
+        return {"type": "string", **(self.kind if isinstance(self.kind, dict) else {})}
 
     def read(self, request):
-        return (request.query_int(self.name, self.default, low=self.low, high=self.high) if self.kind is int
-                else request.query_bool(self.name, self.default) if self.kind is bool
-                else request.query_date(self.name, self.default) if self.kind is datetime.date
-                else request.query_choice(self.name, self.kind, self.default) if isinstance(self.kind, tuple)
-                else request.query_param(self.name, self.default))
+        if self.kind is int:
+            return request.query_int(self.name, self.default, low=self.low, high=self.high)
+        if self.kind is bool:
+            return request.query_bool(self.name, self.default)
+        if self.kind is datetime.date:
+            return request.query_date(self.name, self.default)
+        if isinstance(self.kind, tuple):
+            return request.query_choice(self.name, self.kind, self.default)
+        return request.query_param(self.name, self.default)
+
 
 def _is_plain_integer(text):
     """ASCII digits with an optional minus: what `int()` takes besides (`+5`, `1_0`, ` 5`,

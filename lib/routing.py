@@ -67,9 +67,10 @@ class Route:
     handler reads with them. `status` is the success status (default: the 2xx in `responses`,
     else 200), which a handler returning data is answered with; `response_schema` and
     `media_type` describe that answer. `path_schemas` narrows a path parameter's schema
-    (`{"code": {"minimum": 200}}`); `if_match=True` says the route honours If-Match. `meta` carries whatever a project's middleware reads from the route
-    (a permission, an auth requirement); by convention `public=True` says the route needs no
-    credentials (lib's built-in `/`, `/openapi.json` and `/health` carry it)."""
+    (`{"code": {"minimum": 200}}`); `if_match=True` says the route honours If-Match. `meta`
+    carries whatever a project's middleware reads from the route (a permission, an auth
+    requirement); by convention `public=True` says the route needs no credentials (lib's
+    built-in `/`, `/openapi.json` and `/health` carry it)."""
 
     def __init__(self, method, pattern, handler, *, summary=None, blocking=False,
                  body_limit=None, request_schema=None, body_required=True, query=(),
@@ -87,9 +88,13 @@ class Route:
         self.query = query
         self.responses = responses or {}
         self.status = status or min((s for s in self.responses if 200 <= s < 300), default=200)
-        self.response_schema = response_schema or (PAGE_ANSWER if PAGE[0] in query else
-                                                {"type": "object"} if media_type.endswith("json") else {})
-        self.media_type, self.path_schemas, self.if_match = media_type, path_schemas or {}, if_match
+        if response_schema is None:  # a list's shape, else any JSON object, else any body
+            response_schema = (PAGE_ANSWER if PAGE[0] in query
+                               else {"type": "object"} if media_type.endswith("json") else {})
+        self.response_schema = response_schema
+        self.media_type = media_type
+        self.path_schemas = path_schemas or {}
+        self.if_match = if_match
         self.tags = tags
         self.meta = meta
         self.params = [(m.group(1), m.group(2) or "str") for m in _PARAM.finditer(pattern)]
