@@ -222,8 +222,9 @@ def counter_name(name):
 
 
 # The request bodies. `validate` (lib/validation.py) refuses unknown fields and the server's own
-# ones, and names every bad field in one 422. Its Integer refuses JSON `true` and `1.0`: Python
-# would take `True == 1`, but a step is an integer. `body_schema` turns the same declarations
+# ones, and names every bad field in one 422. Its Integer refuses JSON `true` and `1.5`: Python
+# would take `True == 1`, but a step is an integer (`5.0` is one: JSON has a single number type,
+# and JSON Schema counts it as the integer 5). `body_schema` turns the same declarations
 # into the routes' request schemas in /openapi.json, so the documentation cannot drift.
 SERVER_OWNED = {"name", "version", "updated_at"}
 STEP = {"by": Integer(1, MAX_STEP, default=1, description="how much to add or subtract; default 1")}

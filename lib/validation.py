@@ -101,8 +101,16 @@ class Text(Field):
 
     def shape(self):
         schema = {"type": "string", "minLength": self.min_length, "maxLength": self.max_length}
-        if self.pattern:  # JSON Schema patterns are unanchored; `clean` matches the whole text
-            schema["pattern"] = f"^(?:{self.pattern.pattern})$"
+        # JSON Schema patterns are unanchored and see the text as sent; `clean` trims it (white
+        # space alone trims to nothing, too short) and then matches the whole of it.
+        space = r"\s*" if self.strip else ""
+        patterns = [f"^{space}(?:{self.pattern.pattern}){space}$"] if self.pattern else []
+        if self.strip and self.min_length:
+            patterns.append(r"\S" if self.min_length == 1 else rf"\S[\s\S]{{{self.min_length - 2},}}\S")
+        if patterns:
+            schema["pattern"] = patterns[0]
+        if len(patterns) > 1:  # one `pattern` keyword per schema: the second one joins through allOf
+            schema["allOf"] = [{"pattern": patterns[1]}]
         return schema
 
     def clean(self, value):
@@ -139,6 +147,11 @@ class Integer(Field):
         return schema
 
     def clean(self, value):
+        # JSON has one number type: `910.0` is the integer 910 (as JSON Schema counts it), but
+        # only while a float holds it exactly (RFC 8259 §6: below 2**53); beyond, `…993.0` would
+        # silently become `…992`.
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 53:
+            value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
             raise Invalid("must be an integer")
         if (self.minimum is not None and value < self.minimum) or \

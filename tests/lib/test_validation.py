@@ -79,10 +79,20 @@ def test_integer_accepts(field, value):
     assert field.check(value) == value
 
 
+@pytest.mark.parametrize("value", [5.0, -910.0, 0.0, -0.0, 2.0 ** 53 - 1])
+def test_integer_accepts_an_integral_number_as_json_schema_does(value):
+    cleaned = Integer().check(value)  # JSON has one number type: 5.0 is the integer 5
+    assert cleaned == value and type(cleaned) is int
+
+
 @pytest.mark.parametrize("field, value, message", [
     (Integer(), "5", "must be an integer"),
-    (Integer(), 5.0, "must be an integer"),
     (Integer(), 5.5, "must be an integer"),
+    (Integer(), 2.0 ** 53, "must be an integer"),         # a float may no longer hold it exactly
+    (Integer(), -1e300, "must be an integer"),
+    (Integer(), float("inf"), "must be an integer"),
+    (Integer(), float("nan"), "must be an integer"),
+    (Integer(1, 10), 11.0, "must be an integer from 1 to 10"),
     (Integer(), True, "must be an integer"),              # bool is an int in Python, not in JSON
     (Integer(), False, "must be an integer"),
     (Integer(), [1], "must be an integer"),
@@ -356,9 +366,9 @@ def test_body_schema_describes_every_field_and_what_is_required():
     assert body_schema(fields) == {
         "type": "object", "additionalProperties": False, "required": ["title"],
         "properties": {
-            "title": {"type": "string", "minLength": 1, "maxLength": 200},
-            "tags": {"type": "array", "maxItems": 10,
-                     "items": {"type": "string", "minLength": 1, "maxLength": 30}, "default": []},
+            "title": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"\S"},
+            "tags": {"type": "array", "maxItems": 10, "default": [],
+                     "items": {"type": "string", "minLength": 1, "maxLength": 30, "pattern": r"\S"}},
             "pinned": {"type": "boolean", "default": False},
             "priority": {"enum": ["low", "high", None], "default": None},
             "due": {"type": ["string", "null"], "format": "date"},
@@ -376,16 +386,37 @@ def test_a_partial_body_requires_nothing():
     schema = body_schema({"title": Text(1, 200, required=True), "pinned": Boolean(default=False)},
                          partial=True)
     assert "required" not in schema
-    assert schema["properties"] == {"title": {"type": "string", "minLength": 1, "maxLength": 200},
+    assert schema["properties"] == {"title": {"type": "string", "minLength": 1, "maxLength": 200,
+                                              "pattern": r"\S"},
                                     "pinned": {"type": "boolean"}}  # PATCH fills in no default
 
 
 def test_schema_pattern_is_anchored_like_the_check():
-    field = Text(3, 3, pattern="[A-Z]{3}")
+    field = Text(3, 3, strip=False, pattern="[A-Z]{3}")
     pattern = field.schema()["pattern"]
     assert pattern == "^(?:[A-Z]{3})$"
-    for value in ("USD", "usd", "USDX", "XUSD"):  # JSON Schema searches; the anchors make it whole
+    for value in ("USD", "usd", "USDX", "XUSD", " USD"):  # JSON Schema searches; anchors make it whole
         assert bool(re.search(pattern, value)) == accepts(field, value), value
+
+
+def schema_accepts(schema, value):
+    """Whether a string `value` is valid by a Text's schema (the keywords a Text uses)."""
+    patterns = [schema.get("pattern", "")] + [part["pattern"] for part in schema.get("allOf", [])]
+    return (schema["minLength"] <= len(value) <= schema["maxLength"]
+            and all(re.search(pattern, value) for pattern in patterns))
+
+
+@pytest.mark.parametrize("field, values", [
+    (Text(1, 20), ["a", " a ", "", " ", "\t\n", "\u3000", "\x1c"]),  # Python's strip: \x1c is space
+    (Text(2, 20), ["ab", " a b ", "a", " a ", "  a  ", "a\u3000"]),
+    (Text(3, 20), ["abc", " a b", " ab ", "a  "]),
+    (Text(0, 20), ["", " ", "a"]),
+    (Text(1, 20, strip=False), [" ", "a"]),
+    (Text(3, 20, pattern="[A-Z]{3}"), ["USD", " USD ", "usd", "US", " US "]),
+])
+def test_the_schema_of_trimmed_text_accepts_what_clean_accepts(field, values):
+    for value in values:  # white space alone or around too short a text is refused: says so
+        assert schema_accepts(field.schema(), value) == accepts(field, value), repr(value)
 
 
 def accepts(field, value):
