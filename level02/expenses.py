@@ -104,6 +104,10 @@ DECIMAL_AMOUNT = re.compile(r"(?P<units>[0-9]{1,13})(?:\.(?P<cents>[0-9]{1,2}))?
 # The same rule in /openapi.json. JSON Schema patterns are ECMA-262 regexes and unanchored: so
 # anchored here, and without Python's group names (`(?P<name>…)`, which ECMA-262 cannot read).
 AMOUNT_PATTERN = "^" + re.sub(r"\(\?P<\w+>", "(", DECIMAL_AMOUNT.pattern) + "$"
+# A body's amount is also in range, > 0 and ≤ MAX_AMOUNT; a regex cannot compare numbers, so the
+# range is spelled out in digits: at most 13 digits before the point and a value below 10**9 is
+# up to 4 leading zeros and 9 digits, or exactly 1000000000; above 0 is some digit from 1 to 9.
+AMOUNT_IN_RANGE = [r"^(?:0{0,4}[0-9]{1,9}(?:\.[0-9]{1,2})?|0{0,3}1000000000(?:\.00?)?)$", "[1-9]"]
 
 
 def parse_amount(text):
@@ -133,7 +137,7 @@ class Amount(Field):
 
     def shape(self):
         most = format_amount(MAX_AMOUNT)
-        return {"type": "string", "pattern": AMOUNT_PATTERN,
+        return {"type": "string", "pattern": AMOUNT_IN_RANGE[0], "allOf": [{"pattern": AMOUNT_IN_RANGE[1]}],
                 "description": f'decimal string, > 0 and ≤ {most}, like "12.30"'}
 
     def clean(self, value):

@@ -590,7 +590,12 @@ def test_data_survives_a_restart(start_server, tmp_path):
 # The OpenAPI document: the request bodies it describes are the ones the server checks
 
 
-AMOUNT_PATTERN = r"^([0-9]{1,13})(?:\.([0-9]{1,2}))?$"
+AMOUNT_PATTERN = r"^(?:0{0,4}[0-9]{1,9}(?:\.[0-9]{1,2})?|0{0,3}1000000000(?:\.00?)?)$"
+NOT_ZERO = "[1-9]"
+
+
+def amount_schema_accepts(amount):
+    return bool(re.search(AMOUNT_PATTERN, amount) and re.search(NOT_ZERO, amount))
 
 
 def test_openapi_describes_every_category_and_expense_body(server):
@@ -598,7 +603,7 @@ def test_openapi_describes_every_category_and_expense_body(server):
     assert set(schemas) == {("POST", "/categories"), ("PATCH", "/categories/{category_id}"),
                             ("POST", "/expenses"), ("PUT", "/expenses/{expense_id}"),
                             ("PATCH", "/expenses/{expense_id}")}, "DELETE takes no body"
-    name = {"name": {"type": "string", "minLength": 1, "maxLength": 100}}
+    name = {"name": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": r"\S"}}
     assert schemas["POST", "/categories"] == {"type": "object", "additionalProperties": False,
                                               "properties": name, "required": ["name"]}
     assert schemas["PATCH", "/categories/{category_id}"] == {
@@ -612,7 +617,7 @@ def test_openapi_describes_every_category_and_expense_body(server):
         properties = schema["properties"]
         filled_in = key[0] != "PATCH"  # POST and PUT fill in what is left out; PATCH keeps it
         assert properties["amount"] == {
-            "type": "string", "pattern": AMOUNT_PATTERN,
+            "type": "string", "pattern": AMOUNT_PATTERN, "allOf": [{"pattern": NOT_ZERO}],
             "description": 'decimal string, > 0 and ≤ 1000000000.00, like "12.30"'}
         assert without_description(properties["currency"]) == {
             "type": "string", "minLength": 3, "maxLength": 3, "pattern": "^(?:[A-Z]{3})$"}
@@ -629,17 +634,20 @@ def test_openapi_describes_every_category_and_expense_body(server):
 
 @pytest.mark.parametrize("amount, stored", [
     ("12.30", "12.30"), ("12.3", "12.30"), ("12", "12.00"), ("0.01", "0.01"), ("007.5", "7.50"),
-    ("1000000000.00", "1000000000.00"),
+    ("1000000000.00", "1000000000.00"), ("0001000000000.0", "1000000000.00"),
+    ("0000999999999.99", "999999999.99"), ("0.1", "0.10"), ("0000000000000.01", "0.01"),
 ])
 def test_an_amount_the_pattern_allows_is_accepted(client, amount, stored):
-    assert re.search(AMOUNT_PATTERN, amount)
+    assert amount_schema_accepts(amount)
     assert client.expense(amount)["amount"] == stored
 
 
 @pytest.mark.parametrize("amount", ["12.345", "1e3", "-1", "+1", " 1", "12.30 ", "1,000",
-                                    "\u0661\u0662", "12.", ".5", "", "12345678901234"])
+                                    "\u0661\u0662", "12.", ".5", "", "12345678901234",
+                                    "0", "0.00", "0000000000000", "1000000000.01", "1000000001",
+                                    "00000000000001", "00001000000000"])
 def test_an_amount_the_pattern_excludes_is_refused(client, amount):
-    assert not re.search(AMOUNT_PATTERN, amount)
+    assert not amount_schema_accepts(amount)  # the range too: a regex can spell it out in digits
     resp = client.post("/expenses", {"amount": amount, "date": "2026-03-01"})
     assert error_fields(expect_problem(resp, 422)) == {"amount"}
 
@@ -647,7 +655,7 @@ def test_an_amount_the_pattern_excludes_is_refused(client, amount):
 def test_the_documented_limits_are_the_enforced_ones(server, client):
     schemas = request_schemas(requests.get, server.url)
     properties = schemas["POST", "/expenses"]["properties"]
-    # The range is the description's: "> 0 and ≤ 1000000000.00" (the pattern allows both).
+    # The range is the description's: "> 0 and ≤ 1000000000.00", and the patterns'.
     for amount in ("0.00", "1000000000.01", 12.3):
         resp = client.post("/expenses", {"amount": amount, "date": "2026-03-01"})
         assert error_fields(expect_problem(resp, 422)) == {"amount"}, amount
