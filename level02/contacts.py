@@ -148,6 +148,11 @@ def words(text):
 
 # What a written phone number may contain: digits, the usual separators, a leading +.
 PHONE_TEXT = re.compile(r"\+?[0-9 ().\-/]+")
+# The whole rule of `normalise_phone` as /openapi.json's pattern, for a number written with + or
+# 00 and its country code (a --default-country-code also admits national ones): after them 8 to
+# 15 digits, the first not 0, with separators anywhere between.
+SEPARATORS = r"[ ().\-/]*"
+PHONE_PATTERN = rf"^\s*(?:\+|{SEPARATORS}0{SEPARATORS}0){SEPARATORS}[1-9](?:{SEPARATORS}[0-9]){{7,14}}{SEPARATORS}\s*$"
 
 
 def normalise_phone(text, default_country_code=None):
@@ -219,7 +224,7 @@ class PhoneList(Field):
 
     def shape(self):
         return {"type": "array", "maxItems": MAX_PHONES,
-                "items": {"type": "string", "minLength": 1, "maxLength": 50,
+                "items": {"type": "string", "minLength": 1, "maxLength": 50, "pattern": PHONE_PATTERN,
                           "description": 'with + and country code, like "+1 555 123 4567" '
                                          "(digits, spaces and ( ) . - / only); kept as E.164"}}
 
@@ -245,7 +250,7 @@ class Tags(TextList):
 
     def shape(self):
         schema = super().shape()
-        schema["items"]["pattern"] = f"^[^{re.escape(LIST_SEPARATOR)}]*$"
+        schema["items"]["allOf"] = [{"pattern": f"^[^{re.escape(LIST_SEPARATOR)}]*$"}]  # and the item's
         return schema
 
     def clean(self, value):
@@ -663,7 +668,9 @@ def export_contacts_vcard(request):
                          headers={"Content-Disposition": 'attachment; filename="contacts.vcf"'})
 
 
-@app.post("/contacts/import", blocking=True, body_limit=IMPORT_BODY_LIMIT,
+@app.post("/contacts/import", blocking=True, body_limit=IMPORT_BODY_LIMIT, request_media_type="text/csv",
+          request_schema={"type": "string", "description": "CSV in UTF-8: a header naming the columns, name "
+                          f"among them (the export's: {','.join(CSV_COLUMNS)}), then a contact a record"},
           responses={201: '{"created": n ≥ 1, "skipped": [{"line", "reason"}]}',
                      200: "nothing was created (every row skipped, or none)",
                      400: "not CSV, or not UTF-8", 413: "more than 2 MiB",

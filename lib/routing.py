@@ -61,10 +61,11 @@ class Route:
 
     `blocking` marks a handler that may block for a while (a password hash, an SMTP exchange,
     a sleep): the asyncio transport runs it in the worker pool instead of on the event loop.
-    `body_limit` caps the request body in bytes. `request_schema` is the JSON body's schema for
-    the OpenAPI document (`lib.validation.body_schema`); `body_required=False` when the body may
-    be left out altogether. `query` lists the route's `lib.request.Query` parameters, which the
-    handler reads with them. `status` is the success status (default: the 2xx in `responses`,
+    `body_limit` caps the request body in bytes. `request_schema` is the body's schema for the
+    OpenAPI document (`lib.validation.body_schema`), a JSON body's unless `request_media_type`
+    says otherwise (`"text/csv"`); `body_required=False` when the body may be left out
+    altogether. `query` lists the route's `lib.request.Query` parameters, which the handler
+    reads with them. `status` is the success status (default: the 2xx in `responses`,
     else 200), which a handler returning data is answered with; `response_schema` and
     `media_type` describe that answer. `path_schemas` narrows a path parameter's schema
     (`{"code": {"minimum": 200}}`); `if_match=True` says the route honours If-Match. `meta`
@@ -73,9 +74,10 @@ class Route:
     built-in `/`, `/openapi.json` and `/health` carry it)."""
 
     def __init__(self, method, pattern, handler, *, summary=None, blocking=False,
-                 body_limit=None, request_schema=None, body_required=True, query=(),
-                 responses=None, tags=None, status=None, response_schema=None,
-                 media_type="application/json", path_schemas=None, if_match=False, **meta):
+                 body_limit=None, request_schema=None, request_media_type="application/json",
+                 body_required=True, query=(), responses=None, tags=None, status=None,
+                 response_schema=None, media_type="application/json", path_schemas=None,
+                 if_match=False, **meta):
         self.method = method.upper()
         self.pattern = pattern
         self.handler = handler
@@ -84,6 +86,7 @@ class Route:
         self.blocking = blocking
         self.body_limit = body_limit
         self.request_schema = request_schema
+        self.request_media_type = request_media_type
         self.body_required = body_required
         self.query = query
         self.responses = responses or {}
@@ -191,7 +194,7 @@ class Router:
             if route.request_schema is not None:
                 operation["requestBody"] = {
                     "required": route.body_required,
-                    "content": {"application/json": {"schema": route.request_schema}}}
+                    "content": {route.request_media_type: {"schema": route.request_schema}}}
             problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
             responses = {str(status): {"description": text, **({"content": problem} if status >= 400 else {})}
                          for status, text in route.responses.items()}

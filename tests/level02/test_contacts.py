@@ -623,7 +623,7 @@ def test_openapi_describes_every_contact_body(server):
         properties = schema["properties"]
         # POST and PUT fill in what is left out; a PATCH leaves it as it is
         empty_text, no_items = ({}, {}) if key[0] == "PATCH" else ({"default": ""}, {"default": []})
-        assert properties["name"] == {"type": "string", "minLength": 1, "maxLength": 200}
+        assert properties["name"] == {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"\S"}
         assert properties["company"] == {"type": "string", "minLength": 0, "maxLength": 200, **empty_text}
         assert properties["notes"] == {"type": "string", "minLength": 0, "maxLength": 10_000, **empty_text}
         assert properties["emails"] == {"type": "array", "maxItems": 10, "items": {
@@ -631,11 +631,31 @@ def test_openapi_describes_every_contact_body(server):
         phones = properties["phones"]
         assert (phones["type"], phones["maxItems"], phones.get("default")) == \
             ("array", 10, no_items.get("default"))
-        assert {k: v for k, v in phones["items"].items() if k != "description"} == {
+        assert {k: v for k, v in phones["items"].items() if k not in ("description", "pattern")} == {
             "type": "string", "minLength": 1, "maxLength": 50}
         assert "with + and country code" in phones["items"]["description"]
         assert properties["tags"] == {"type": "array", "maxItems": 20, "items": {
-            "type": "string", "minLength": 1, "maxLength": 30, "pattern": "^[^;]*$"}, **no_items}
+            "type": "string", "minLength": 1, "maxLength": 30, "pattern": r"\S",
+            "allOf": [{"pattern": "^[^;]*$"}]}, **no_items}
+
+
+@pytest.mark.parametrize("phone", ["+1 (555) 123-4567", "0044 20 7946 0958", "(00) 44 2079460958",
+                                   " +15551234567 ", "+12345678", "+123456789012345", "+1-5-5-5/1.2.3.4",
+                                   "+1234567", "+1234567890123456", "+0123456789", "0012345678901234567",
+                                   "555 123 4567", "00 0 1234567", "+1 555 CALL NOW", "++15551234567",
+                                   "+", "", "  ", "+1 555 123 4567 ext 2"])
+def test_the_phone_pattern_accepts_what_the_server_does(server, client, phone):
+    pattern = request_schemas(requests.get, server.url)["POST", "/contacts"]["properties"]["phones"]["items"]["pattern"]
+    resp = client.post("/contacts", {"name": "Phone", "phones": [phone]})
+    assert bool(re.search(pattern, phone)) == (resp.status_code == 201), (phone, resp.status_code)
+
+
+def test_openapi_says_an_import_is_a_csv_body(server):
+    doc = expect_json(requests.get(f"{server.url}/openapi.json", timeout=10), 200)
+    body = doc["paths"]["/contacts/import"]["post"]["requestBody"]
+    assert body["required"] is True and list(body["content"]) == ["text/csv"]
+    assert body["content"]["text/csv"]["schema"]["type"] == "string"
+    assert "header" in body["content"]["text/csv"]["schema"]["description"]
 
 
 def test_the_documented_limits_are_the_enforced_ones(server, client):
@@ -647,8 +667,8 @@ def test_the_documented_limits_are_the_enforced_ones(server, client):
                              tags=[f"t{i}" for i in range(tags["maxItems"])])
     assert contact["phones"] == [{"number": "+15550104477", "label": longest_phone}]
     assert len(contact["tags"]) == tags["maxItems"]
-    assert re.search(tags["items"]["pattern"], "work") and \
-        not re.search(tags["items"]["pattern"], "a;b")
+    assert re.search(tags["items"]["allOf"][0]["pattern"], "work") and \
+        not re.search(tags["items"]["allOf"][0]["pattern"], "a;b")
     for bad, field in [({"name": "n" * (properties["name"]["maxLength"] + 1)}, "name"),
                        ({"phones": [longest_phone + "4"]}, "phones"),
                        ({"tags": ["a;b"]}, "tags"),   # the CSV list separator: the pattern

@@ -341,6 +341,14 @@ def test_openapi_request_body_may_be_optional():
     assert operation["requestBody"]["required"] is False
 
 
+def test_openapi_request_body_of_another_media_type():
+    router = Router()
+    router.add(Route("POST", "/import", lambda request: None, request_schema={"type": "string"},
+                     request_media_type="text/csv"))
+    body = router.openapi("t", "d", "1")["paths"]["/import"]["post"]["requestBody"]
+    assert body == {"required": True, "content": {"text/csv": {"schema": {"type": "string"}}}}
+
+
 def test_openapi_responses():
     paths = documented_router().openapi("t", "d", "1")["paths"]
     post = paths["/notes"]["post"]["responses"]
