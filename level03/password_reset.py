@@ -547,7 +547,8 @@ def form_error_page(auth, token, error):
 
 @app.get("/reset", public=True, media_type="text/html", query=[Query("token", "the token from the reset mail")],
          responses={200: "An HTML form to choose a new password",
-                    400: "An HTML page: the link is invalid, expired or used"})
+                    400: {"description": "An HTML page: the link is invalid, expired or used",
+                          "content": {"text/html": {"schema": {"type": "string"}}}}})
 def show_reset_form(request):
     """The page the reset link opens: a form that posts to /auth/reset"""
     try:

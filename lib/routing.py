@@ -65,9 +65,10 @@ class Route:
     OpenAPI document (`lib.validation.body_schema`), a JSON body's unless `request_media_type`
     says otherwise (`"text/csv"`); `body_required=False` when the body may be left out
     altogether. `query` lists the route's `lib.request.Query` parameters, which the handler
-    reads with them. `status` is the success status (default: the 2xx in `responses`,
-    else 200), which a handler returning data is answered with; `response_schema` and
-    `media_type` describe that answer. `path_schemas` narrows a path parameter's schema
+    reads with them. `responses` maps a status to what it means (a 4xx answers a problem+json),
+    or to a whole OpenAPI Response Object when it answers otherwise. `status` is the success
+    status (default: the 2xx in `responses`, else 200), which a handler returning data is
+    answered with; `response_schema` and `media_type` describe that answer. `path_schemas` narrows a path parameter's schema
     (`{"code": {"minimum": 200}}`); `if_match=True` says the route honours If-Match. `meta`
     carries whatever a project's middleware reads from the route (a permission, an auth
     requirement); by convention `public=True` says the route needs no credentials (lib's
@@ -196,7 +197,8 @@ class Router:
                     "required": route.body_required,
                     "content": {route.request_media_type: {"schema": route.request_schema}}}
             problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
-            responses = {str(status): {"description": text, **({"content": problem} if status >= 400 else {})}
+            responses = {str(status): text if isinstance(text, dict) else  # a whole Response Object
+                         {"description": text, **({"content": problem} if status >= 400 else {})}
                          for status, text in route.responses.items()}
             success = responses.setdefault(str(route.status), {"description": "Success"})
             if route.status != 204:

@@ -545,10 +545,10 @@ def test_notes_survive_a_restart(start_server):
 
 
 NOTE_PROPERTIES = {  # as a PATCH sees them; POST and PUT also show the defaults they fill in
-    "title": {"type": "string", "minLength": 1, "maxLength": 200},
+    "title": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"\S"},
     "body": {"type": "string", "minLength": 0, "maxLength": 100_000},
     "tags": {"type": "array", "maxItems": 10,
-             "items": {"type": "string", "minLength": 1, "maxLength": 30}},
+             "items": {"type": "string", "minLength": 1, "maxLength": 30, "pattern": r"\S"}},
     "pinned": {"type": "boolean"},
 }
 NOTE_DEFAULTS = {"body": "", "tags": [], "pinned": False}

@@ -504,12 +504,12 @@ def test_openapi_describes_every_todo_body(server):
         properties = schema["properties"]
         # POST and PUT fill in what is left out, and say with what; a PATCH leaves it as it is
         default = (lambda value: {}) if key[0] == "PATCH" else (lambda value: {"default": value})
-        assert properties["title"] == {"type": "string", "minLength": 1, "maxLength": 200}
+        assert properties["title"] == {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"\S"}
         assert properties["notes"] == {"type": "string", "minLength": 0, "maxLength": 10_000, **default("")}
         assert properties["due"] == {"type": ["string", "null"], "format": "date", **default(None)}
         assert properties["priority"] == {"enum": ["low", "normal", "high"], **default("normal")}
         assert properties["tags"] == {"type": "array", "maxItems": 10, **default([]),
-                                      "items": {"type": "string", "minLength": 1, "maxLength": 30}}
+                                      "items": {"type": "string", "minLength": 1, "maxLength": 30, "pattern": r"\S"}}
         assert (properties["done"]["type"], properties["done"].get("default")) == \
             ("boolean", None if key[0] == "PATCH" else False)
     bulk = schemas["POST", "/todos/bulk"]

@@ -64,7 +64,7 @@ def body_schema(properties, required):
 EMAIL_SCHEMA = {"type": "string", "format": "email", "maxLength": 254}
 NEW_PASSWORD_SCHEMA = {"type": "string", "minLength": 8, "maxLength": 128}  # the policy's 8–128
 GIVEN_PASSWORD_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 512}  # checked, not judged
-REFRESH_TOKEN_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 200}
+REFRESH_TOKEN_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"\S"}
 
 SIGN_UP_BODY = body_schema({"email": EMAIL_SCHEMA, "password": NEW_PASSWORD_SCHEMA},
                            ["email", "password"])

@@ -462,6 +462,12 @@ def test_a_bad_link_shows_a_page_that_says_so(client, query):
     assert "not-a-live-token" not in resp.text
 
 
+def test_openapi_says_a_bad_link_is_an_html_page(client):
+    doc = expect_json(client.http.get(client.url + "/openapi.json", timeout=TIMEOUT), 200)
+    responses = doc["paths"]["/reset"]["get"]["responses"]
+    assert list(responses["200"]["content"]) == list(responses["400"]["content"]) == ["text/html"]
+
+
 def test_a_link_that_is_not_utf8_still_gets_the_page(client):
     resp = client.http.get(client.url + "/reset?token=%ff", timeout=TIMEOUT)
     expect(resp, 400)
@@ -683,7 +689,7 @@ def test_openapi_describes_each_body_exactly(client):
         **TOKEN_ROUTE_BODIES,
         ("POST", "/auth/forgot"): body_schema({"email": EMAIL_SCHEMA}, ["email"]),
         ("POST", "/auth/reset"): body_schema(
-            {"token": {"type": "string", "minLength": 1, "maxLength": 200},
+            {"token": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"\S"},
              "password": NEW_PASSWORD_SCHEMA}, ["token", "password"]),
     }
     described = {(route, name): text for route, (_, texts) in bodies.items()

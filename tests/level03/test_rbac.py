@@ -382,7 +382,7 @@ def test_posts_list_pages_newest_first(api):
 # --------------------------------------------------------------------------------------------
 # The request bodies in /openapi.json: generated from the fields the server validates
 
-POST_FIELDS = {"title": {"type": "string", "minLength": 1, "maxLength": 200},  # as PATCH shows them
+POST_FIELDS = {"title": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"\S"},  # as PATCH shows them
                "body": {"type": "string", "minLength": 0, "maxLength": 20000}}
 
 

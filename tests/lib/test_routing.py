@@ -349,6 +349,16 @@ def test_openapi_request_body_of_another_media_type():
     assert body == {"required": True, "content": {"text/csv": {"schema": {"type": "string"}}}}
 
 
+def test_openapi_a_response_may_be_a_whole_response_object():
+    page = {"description": "an HTML page", "content": {"text/html": {"schema": {"type": "string"}}}}
+    router = Router()
+    router.add(Route("GET", "/reset", lambda request: None, media_type="text/html",
+                     responses={200: "the form", 400: page, 404: "no such thing"}))
+    responses = router.openapi("t", "d", "1")["paths"]["/reset"]["get"]["responses"]
+    assert responses["400"] == page
+    assert list(responses["404"]["content"]) == ["application/problem+json"]
+
+
 def test_openapi_responses():
     paths = documented_router().openapi("t", "d", "1")["paths"]
     post = paths["/notes"]["post"]["responses"]
