@@ -119,7 +119,7 @@ class App:
             request.context["failure"] = failure
         if not self.tracing:
             return self._chain(request)
-        recorded, token = trace.start(f"{request.method} {middleware.printable(request.path)}")
+        recorded, token = trace.start(f"{request.method} {request.path}")
         try:
             return self._chain(request)
         finally:

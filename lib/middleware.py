@@ -24,6 +24,7 @@ import traceback
 from lib.problems import HTTPError
 from lib.request import utc_timestamp
 from lib.response import json_body, problem_response, PROBLEM_JSON, Response
+from lib.trace import printable
 
 # common.md: a client's own id is kept if it is sane: 1–128 visible ASCII characters.
 _SANE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}\Z")
@@ -60,13 +61,6 @@ def time_request(request, call_next):
     request.context["duration_ms"] = elapsed
     response.headers.append(("Server-Timing", f"app;dur={elapsed:.2f}"))
     return response
-
-
-def printable(text):
-    """`text` safe to write on one log line: control characters (CR, LF, ESC …) escaped. A path
-    is decoded from its %-escapes, so without this a client could end the line and forge the
-    next one (`/x%0d%0a… DELETE /notes/1 204`)."""
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def log_access(request, call_next):

@@ -37,6 +37,8 @@ def serve(app, args):
     def announce():
         sys.stdout.write(f"listening on http://{shown_host}:{port}\n")
         sys.stdout.flush()
+        sys.stderr.write(f"try: curl -i http://{shown_host}:{port}/ (its routes), or open "
+                         f"/openapi.json; Ctrl-C stops it\n")
 
     transport = {"asyncio": AsyncioServer, "threaded": ThreadedServer}[args.server]
     try:

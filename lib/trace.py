@@ -26,18 +26,26 @@ import time
 _current = contextvars.ContextVar("trace", default=None)
 
 
+def printable(text):
+    """`text` safe to write on one log line: control characters (CR, LF, ESC …) escaped. A path
+    is decoded from its %-escapes, and error messages quote what a client sent, so without this
+    a client could end the line and forge the next one (`/x%0d%0a… DELETE /notes/1 204`) in the
+    access log or a trace. Used for both."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 class Trace:
     __slots__ = ("title", "started", "lines", "depth")
 
     def __init__(self, title):
-        self.title = title
+        self.title = printable(title)
         self.started = time.perf_counter()
         self.lines = []
         self.depth = 1
 
     def add(self, text):
         elapsed = (time.perf_counter() - self.started) * 1000
-        self.lines.append(f"  +{elapsed:8.3f} ms  {'  ' * self.depth}{text}")
+        self.lines.append(f"  +{elapsed:8.3f} ms  {'  ' * self.depth}{printable(text)}")
 
     def render(self, request_id):
         return "\n".join([f"trace {request_id} {self.title}", *self.lines]) + "\n"

@@ -354,7 +354,7 @@ def test_compose_nests_the_first_step_outermost():
     ("/nul\x00", "/nul\\x00"),
 ])
 def test_printable_escapes_control_characters(path, shown):
-    from lib.middleware import printable
+    from lib.trace import printable
 
     assert printable(path) == shown
     assert "\n" not in printable(path) and "\r" not in printable(path)
