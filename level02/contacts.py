@@ -235,7 +235,7 @@ class PhoneList(Field):
             raise Invalid(f"must have at most {MAX_PHONES} numbers")
         phones = {}
         for index, item in enumerate(value):
-            if not isinstance(item, str) or not 1 <= len(item.strip()) <= 50:
+            if not isinstance(item, str) or not 1 <= len(item) <= 50:  # as sent, as in the schema
                 raise Invalid(f"item {index} must be a string of 1 to 50 characters")
             try:
                 number = normalise_phone(item, app.state.default_country_code)

@@ -118,6 +118,8 @@ class Text(Field):
             raise Invalid("must be a string")
         if not is_unicode_text(value):
             raise Invalid("must be Unicode text (a lone surrogate such as \\ud800 is not)")
+        if len(value) > self.max_length:  # as sent, as the schema's maxLength counts it
+            raise Invalid(f"must be at most {self.max_length} characters")
         if self.strip:
             value = value.strip()
         if self.lower:
@@ -125,8 +127,6 @@ class Text(Field):
         if len(value) < self.min_length:
             raise Invalid("must not be empty" if self.min_length == 1 else
                           f"must be at least {self.min_length} characters")
-        if len(value) > self.max_length:
-            raise Invalid(f"must be at most {self.max_length} characters")
         if self.pattern and not self.pattern.fullmatch(value):
             raise Invalid(self.pattern_text or f"must match {self.pattern.pattern}")
         return value

@@ -34,7 +34,7 @@ def errors_of(data, fields, **kw):
     (Text(strip=False), "  kept  ", "  kept  "),
     (Text(lower=True), "MiXeD", "mixed"),
     (Text(1, 5), "héllo", "héllo"),                       # characters, not bytes
-    (Text(1, 3), "  abc  ", "abc"),                       # length after trimming
+    (Text(1, 5), "  abc", "abc"),                         # trimmed
     (Text(pattern=r"[a-z]+"), "abc", "abc"),
     (Text(), "emoji 🎉", "emoji 🎉"),
 ])
@@ -50,6 +50,7 @@ def test_text_accepts(field, value, cleaned):
     (Text(1), "   ", "must not be empty"),                # blank after trimming
     (Text(3), "ab", "must be at least 3 characters"),
     (Text(0, 3), "abcd", "must be at most 3 characters"),
+    (Text(0, 3), " abc ", "must be at most 3 characters"),   # as sent: the schema's maxLength
     (Text(pattern=r"[a-z]+"), "abc1", "must match [a-z]+"),
     (Text(pattern=r"[a-z]+", pattern_text="lower-case letters only"), "A", "lower-case letters only"),
     (Text(), "\ud800", "must be Unicode text (a lone surrogate such as \\ud800 is not)"),
@@ -410,7 +411,7 @@ def schema_accepts(schema, value):
     (Text(1, 20), ["a", " a ", "", " ", "\t\n", "\u3000", "\x1c"]),  # Python's strip: \x1c is space
     (Text(2, 20), ["ab", " a b ", "a", " a ", "  a  ", "a\u3000"]),
     (Text(3, 20), ["abc", " a b", " ab ", "a  "]),
-    (Text(0, 20), ["", " ", "a"]),
+    (Text(0, 20), ["", " ", "a", "a" + " " * 20]),  # maxLength counts the text as sent
     (Text(1, 20, strip=False), [" ", "a"]),
     (Text(3, 20, pattern="[A-Z]{3}"), ["USD", " USD ", "usd", "US", " US "]),
 ])
