@@ -13,8 +13,11 @@ are the same, without the `await`. The stock server's traps are avoided here:
 2. Listen backlog 5: the socket listens with `BACKLOG` (128).
 3. Tracebacks on disconnect: a client that goes away ends its connection quietly.
 
-Timeouts: before each read or write the socket's timeout is set to what is left of the
-connection's deadline, so a client that stops sending or reading frees its thread.
+Timeouts: the sockets block without a timeout of their own. As on the asyncio transport, each
+connection's machine carries a deadline, and one sweeper (the main thread, between its checks
+for a stop signal) shuts the connections that passed theirs, which wakes their thread out of
+recv() or send(): a client that stops sending or reading frees its thread, and a request costs
+no timeout system calls.
 
 Shared state under threads: handlers run in many threads at once, so whatever they share needs
 its own locking — the sqlite layer gives each thread its own connection for that reason.
@@ -48,18 +51,17 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             while True:
                 event = conn.next_event()
                 if event is NEED_DATA:
-                    wait_until(sock, conn.deadline)
                     conn.receive_data(sock.recv(READ_SIZE))
                 elif event is CLOSE:
                     break
                 elif isinstance(event, bytes):
-                    send(sock, conn, event)
+                    sock.sendall(event)
                 else:
                     response = server.app.handle(event)
                     if response.streaming and event.method != "HEAD":
                         stream(sock, conn, response)
                     else:
-                        send(sock, conn, conn.send(response))
+                        sock.sendall(conn.send(response))
             if conn.linger:
                 linger(sock)
         except OSError:
@@ -68,27 +70,16 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             server.untrack(sock)
 
 
-def wait_until(sock, deadline):
-    """Bound the socket's next blocking call by `deadline` (a passed one fails it at once)."""
-    sock.settimeout(max(0.0, deadline - time.monotonic()))
-
-
-def send(sock, conn, data):
-    """All of `data`, taken by the client before the connection's deadline."""
-    wait_until(sock, conn.deadline)
-    sock.sendall(data)
-
-
 def stream(sock, conn, response):
     """Each piece as it comes, each taken by the client within the idle timeout."""
     chunks = response.chunks
     try:
-        send(sock, conn, conn.start_stream(response))
+        sock.sendall(conn.start_stream(response))
         for piece in chunks:
             if piece:
-                send(sock, conn, conn.chunk(piece))
+                sock.sendall(conn.chunk(piece))
                 response.sent += len(piece)
-        send(sock, conn, conn.end_stream())
+        sock.sendall(conn.end_stream())
     except OSError:
         raise
     except Exception:
@@ -109,7 +100,7 @@ def linger(sock):
         sock.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + LINGER_SECONDS
         while dropped < LINGER_BYTES:
-            wait_until(sock, deadline)
+            sock.settimeout(max(0.0, deadline - time.monotonic()))
             data = sock.recv(READ_SIZE)
             if not data:
                 break
@@ -158,8 +149,8 @@ class ThreadedServer(ThreadingHTTPServer):
                                   name="accept", daemon=True)
         worker.start()
         announce()
-        while not stop.wait(0.5):
-            pass
+        while not stop.wait(max(0.05, min(0.5, self.idle_timeout / 4))):
+            self.close_expired()
         self.app.draining = True
         if self.shutdown_delay:
             time.sleep(self.shutdown_delay)
@@ -172,9 +163,24 @@ class ThreadedServer(ThreadingHTTPServer):
                 break
             for sock, conn in connections:
                 if conn.state == State.IDLE:
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)  # wakes its thread out of recv()
-                    except OSError:
-                        pass
+                    shut(sock)
             time.sleep(0.02)
         self.server_close()
+
+    def close_expired(self):
+        """Shut the connections whose client missed its deadline (see the module docstring)."""
+        now = time.monotonic()
+        with self.lock:
+            expired = [sock for sock, conn in self.connections.items()
+                       if conn.deadline is not None and now > conn.deadline]
+        for sock in expired:
+            shut(sock)
+
+
+def shut(sock):
+    """Shut both directions: a thread blocked in this socket's recv() or send() wakes up (with
+    end of file, or an error) and ends its connection."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # closed already
