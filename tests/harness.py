@@ -391,7 +391,7 @@ def request_schemas(get, url):
     return {(method.upper(), path): body["content"]["application/json"]["schema"]
             for path, operations in doc["paths"].items()
             for method, operation in operations.items()
-            if (body := operation.get("requestBody"))}
+            if "application/json" in (body := operation.get("requestBody", {})).get("content", {})}
 
 
 def without_description(schema):
