@@ -47,7 +47,8 @@ from lib import App, NotFound, created, json_response, no_content
 from lib.listing import Sort, SortKey, list_params, page
 from lib.request import Query, bad_query
 from lib.routing import PAGE
-from lib.validation import Boolean, Choice, Date, Field, Invalid, Text, body_schema, validate
+from lib.validation import (Boolean, Choice, Date, Field, Integer, Invalid, Text, body_schema,
+                            validate)
 from level01.counter import etag
 from level02.notes import (TAGS, delete_owned, find_owned, require_user, tag_filters,
                            text_search, timestamp, update_owned)
@@ -222,20 +223,22 @@ def list_filters(request):
 class IdList(Field):
     """1 to `MAX_BULK` ids (positive integers), de-duplicated in order."""
 
+    ID = Integer(1, 2**63 - 1)
+
     def shape(self):
         # No uniqueItems: a repeated id is accepted (and counted once), not refused.
-        return {"type": "array", "minItems": 1, "maxItems": MAX_BULK,
-                "items": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}}
+        return {"type": "array", "minItems": 1, "maxItems": MAX_BULK, "items": self.ID.shape()}
 
     def clean(self, value):
         if not isinstance(value, list) or not value:
             raise Invalid("must be a non-empty list of todo ids")
         if len(value) > MAX_BULK:
             raise Invalid(f"must have at most {MAX_BULK} ids")
-        for item in value:
-            if not isinstance(item, int) or isinstance(item, bool) or not 0 < item < 2**63:
-                raise Invalid("must contain only todo ids (positive integers)")
-        return list(dict.fromkeys(value))
+        try:
+            ids = [self.ID.clean(item) for item in value]  # 4332.0 is the id 4332, as in JSON
+        except Invalid:
+            raise Invalid("must contain only todo ids (positive integers)") from None
+        return list(dict.fromkeys(ids))
 
 
 BULK_FIELDS = {"ids": IdList(required=True),

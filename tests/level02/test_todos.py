@@ -470,6 +470,7 @@ def test_bulk_is_all_or_nothing(alice, bob, action):
     ({"ids": ["1"], "action": "complete"}, {"ids"}),
     ({"ids": [True], "action": "complete"}, {"ids"}),
     ({"ids": [0], "action": "complete"}, {"ids"}),
+    ({"ids": [1.5], "action": "complete"}, {"ids"}),
     ({"ids": [2**63], "action": "complete"}, {"ids"}),
     ({"ids": 1, "action": "complete"}, {"ids"}),
     ({"ids": [1], "action": "archive"}, {"action"}),
@@ -479,6 +480,13 @@ def test_bulk_is_all_or_nothing(alice, bob, action):
 ])
 def test_bulk_validation(alice, body, fields):
     assert error_fields(expect_problem(alice.post("/todos/bulk", json=body), 422)) == fields
+
+
+def test_bulk_takes_an_integral_number_as_the_id_it_is(alice):
+    """JSON has one number type: 4.0 is the id 4, as the OpenAPI document's integer says."""
+    todo = alice.create(title="as a float")
+    expect_json(alice.post("/todos/bulk", json={"ids": [float(todo["id"])], "action": "complete"}), 200)
+    assert expect_json(alice.get(f"/todos/{todo['id']}"), 200)["done"] is True
 
 
 def test_bulk_takes_a_hundred_ids(alice):
