@@ -27,6 +27,7 @@ connections that passed theirs — one timer for all, rather than one per read.
 import asyncio
 import contextlib
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -98,6 +99,10 @@ class AsyncioServer:
     async def serve_connection(self, reader, writer):
         """Serve every request of one connection, in order, until it closes."""
         client = writer.get_extra_info("peername") or ("", 0)
+        # No Nagle delay, as on the threaded transport: asyncio sets TCP_NODELAY only when the
+        # listening socket was made with IPPROTO_TCP, which socket.create_server does not do,
+        # and a streamed answer's pieces would then wait for the client's delayed ACKs.
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if len(self.connections) >= self.max_connections:
             writer.write(overloaded_answer(self.app, client))
             await linger(reader, writer)
