@@ -21,15 +21,17 @@ The flows run in loadgen.py's closed loop (`run_closed_loop`): N keep-alive sock
 (up to --drain-timeout). A flow parses the JSON body of an answer only where it needs it.
 
 Run: python tests/bench/flows.py http://127.0.0.1:8004 notes --connections 32 --duration 5
-Prints one JSON line: requests, ok (2xx), errors, duration_s, rps, p50_ms, p99_ms for the whole
+Prints one JSON line: requests, ok (2xx), errors, duration_s, rps, p50_ms, p95_ms, p99_ms for the whole
 mix, and `operations`: the same figures for each operation.
 """
 
 import argparse
+import itertools
 import json
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
+from documents import search_queries
 from loadgen import Flow, build_request, run_closed_loop
 
 LOGIN_PASSWORD = "bench password, long enough"
@@ -75,7 +77,13 @@ def login_flow(host: str, index: int) -> Flow:
         yield "POST /auth/login", login
 
 
-FLOWS: dict[str, Callable[[str, int], Flow]] = {"notes": notes_flow, "login": login_flow}
+def search_flow(host: str, index: int) -> Flow:
+    queries = [(name, request_bytes("GET", host, target, {})) for name, target in search_queries().items()]
+    for n in itertools.count(index):
+        yield queries[n % len(queries)]
+
+
+FLOWS: dict[str, Callable[[str, int], Flow]] = {"notes": notes_flow, "login": login_flow, "search": search_flow}
 
 
 def run_flows(url: str, flow_name: str, connections: int, duration: float, drain_timeout: float) -> dict:

@@ -18,8 +18,9 @@ responses (every project server sends Content-Length).
 
 Run: python tests/bench/loadgen.py http://127.0.0.1:8001/health --connections 32 --duration 5
      [--method POST --body '{"by": 1}' --content-type application/json] [--header 'X-User-Id: ann']
-Prints one JSON line: requests, ok (2xx), errors (other statuses and broken connections),
-duration_s, rps, p50_ms, p99_ms.
+     [--expect-status 302] (the status counted as ok instead of any 2xx: a redirect)
+Prints one JSON line: requests, ok (2xx, or the expected status), errors (other statuses and
+broken connections), duration_s, rps, p50_ms, p95_ms, p99_ms.
 """
 
 import argparse
@@ -99,14 +100,17 @@ def summary(latencies: list[float], ok: int, errors: int, elapsed: float) -> dic
         "duration_s": round(elapsed, 3),
         "rps": round(len(latencies) / elapsed, 1),
         "p50_ms": round(percentile_ms(latencies, 0.50), 3),
+        "p95_ms": round(percentile_ms(latencies, 0.95), 3),
         "p99_ms": round(percentile_ms(latencies, 0.99), 3),
     }
 
 
 def run_closed_loop(address: tuple[str, int], make_flow: Callable[[int], Flow], connections: int,
-                    duration: float, drain_timeout: float = DRAIN_TIMEOUT_S) -> dict:
+                    duration: float, drain_timeout: float = DRAIN_TIMEOUT_S,
+                    expected_status: int | None = None) -> dict:
     """Run connection i on `make_flow(i)` for `duration` seconds, then wait for the requests in
-    flight. The summary of the whole run, with `operations`: a summary per operation name.
+    flight. The summary of the whole run, with `operations`: a summary per operation name. An
+    answer is ok when its status is `expected_status`, or any 2xx when that is None.
 
     A connection the server closes counts its request in flight as an error and, before the
     deadline, is replaced by a new one running a new flow of the same index."""
@@ -166,7 +170,7 @@ def run_closed_loop(address: tuple[str, int], make_flow: Callable[[int], Flow], 
             operation = connection.operation
             status = int(connection.buffer[9:12])  # "HTTP/1.1 200 ..."
             latencies.setdefault(operation, []).append(now - connection.sent_at)
-            if 200 <= status < 300:
+            if status == expected_status or (expected_status is None and 200 <= status < 300):
                 ok[operation] = ok.get(operation, 0) + 1
             else:
                 errors[operation] = errors.get(operation, 0) + 1
@@ -198,6 +202,7 @@ def main() -> None:
     parser.add_argument("--body", default="", help="request body, sent as UTF-8")
     parser.add_argument("--content-type")
     parser.add_argument("--header", action="append", default=[], help="'Name: value', repeatable")
+    parser.add_argument("--expect-status", type=int, help="the status that counts as ok (default: any 2xx)")
     args = parser.parse_args()
     url = urlsplit(args.url)
     if url.scheme != "http" or not url.hostname:
@@ -209,7 +214,7 @@ def main() -> None:
         parser.error("--header must look like 'Name: value'")
     request = build_request(args.method, url.netloc, target, args.body.encode(), args.content_type, args.header)
     result = run_closed_loop((url.hostname, url.port or 80), lambda index: repeat(request),
-                             args.connections, args.duration)
+                             args.connections, args.duration, expected_status=args.expect_status)
     del result["operations"]  # one operation: the same figures as the whole
     print(json.dumps(result), flush=True)
 

@@ -24,6 +24,12 @@ does the same job with the standard library and nothing else:
 - auth:    level03/jwt_auth.py: logins per second, bounded by design by one scrypt hash each,
            beside raw `hashlib.scrypt` at the same cost on every core (tests/bench/scrypt_hashes.py);
            and `GET /me` with a bearer token, beside health_check for context.
+- redirects: `GET /{code}` on level04/url_shortener.py (302s, not followed, each a click counted),
+           beside health_check --server asyncio; afterwards the link's stats are checked against
+           the number of redirects the load generator saw answered.
+- search:  level04/search_api.py loaded with N generated documents (tests/bench/documents.py,
+           through POST /documents/bulk), then a mix of queries (words, a phrase, a prefix,
+           filters): p50/p95/p99 on one connection, and req/s on all of them.
 
 Why ratios: on a shared 2-core machine absolute figures move ±20% between runs, and the load
 generator competes with the server for the same two cores. Both effects hit the project's server
@@ -31,13 +37,14 @@ and its reference alike when they are measured back to back in one run, so the b
 ratios within a run (server ÷ reference) against targets, never a figure from another run.
 
 Run: python tests/bench/run.py [--duration S] [--connections N] [--only NAME] [--tool wrk|python]
-                               [--idle-connections N]
+                               [--idle-connections N] [--documents N]
 
 Adding a scenario: write a function that takes the Bench and returns a ScenarioReport (rows for
 the table, targets to judge, ratios given for context), and add it to SCENARIOS.
 """
 
 import argparse
+import http.client
 import importlib.util
 import json
 import os
@@ -57,10 +64,11 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from documents import ndjson_batches, search_queries
 from flows import LOGIN_PASSWORD, login_email, notes_user
 from loadgen import build_request, split_response
 
@@ -87,6 +95,9 @@ class Request:
     body: str = ""
     content_type: str | None = None
     headers: tuple[str, ...] = ()  # more header fields, each "Name: value"
+    # The status that counts as a success (a redirect: 302); None: any 2xx. wrk has its own
+    # rule, which cannot be changed without slowing it down: any status below 400.
+    expected_status: int | None = None
 
 
 GET = Request()
@@ -100,6 +111,7 @@ class LoadResult:
     rps: float
     p50_ms: float
     p99_ms: float
+    p95_ms: float | None = None  # wrk does not report it; the Python generators do
 
 
 class WrkLoadGenerator:
@@ -121,7 +133,7 @@ class WrkLoadGenerator:
 
     def run(self, url: str, request: Request, connections: int, duration: int) -> LoadResult:
         command = [self.executable, "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
-        if request != GET:
+        if replace(request, expected_status=None) != GET:
             command += ["-s", str(self.write_request_script(request))]
         completed = subprocess.run(command + [url], capture_output=True, text=True, timeout=duration + 30)
         if completed.returncode != 0:
@@ -186,6 +198,8 @@ class PythonLoadGenerator:
             command += ["--content-type", request.content_type]
         for header in request.headers:
             command += ["--header", header]
+        if request.expected_status is not None:
+            command += ["--expect-status", str(request.expected_status)]
         return run_measuring_process(command, timeout=duration + 30)
 
 
@@ -202,7 +216,7 @@ def run_json_process(command: list[str], timeout: float) -> dict:
 
 
 def load_result(figures: dict) -> LoadResult:
-    return LoadResult(**{name: figures[name] for name in LoadResult.__dataclass_fields__})
+    return LoadResult(**{name: figures[name] for name in LoadResult.__dataclass_fields__ if name in figures})
 
 
 FLOW_DRAIN_TIMEOUT_S = 30  # a login in flight may wait behind a hash per connection: seconds
@@ -237,6 +251,7 @@ class Bench:
     connections: int
     workdir: Path  # temporary: databases, server logs, wrk scripts
     idle_connections: int = 1000  # held open at once by the connections scenario
+    documents: int = 100_000  # indexed by the search scenario
     # health_check --server asyncio measured with each load generator: the context that the
     # scenarios without a stdlib reference (crud, auth) print beside their own figures.
     health_rows: dict[str, Row] = field(default_factory=dict)
@@ -250,12 +265,14 @@ class Bench:
         load_generator.run(warmup_url or url, request, self.connections, WARMUP_S)
         return Row(server, load_generator.run(url, request, self.connections, self.duration))
 
-    def measure_flow(self, server: str, url: str, flow: str) -> tuple[Row, dict[str, LoadResult]]:
-        """Like measure, with a flow of tests/bench/flows.py (always the Python generator):
-        the row for the whole mix, and the figures of each operation."""
+    def measure_flow(self, server: str, url: str, flow: str,
+                     connections: int | None = None) -> tuple[Row, dict[str, LoadResult]]:
+        """Like measure, with a flow of tests/bench/flows.py (always the Python generator), on the
+        run's connections unless told: the row for the whole mix, and the figures of each operation."""
+        connections = connections or self.connections
         print(f"  {server}", flush=True)
-        run_flow(url, flow, self.connections, WARMUP_S)
-        mix, operations = run_flow(url, flow, self.connections, self.duration)
+        run_flow(url, flow, connections, WARMUP_S)
+        mix, operations = run_flow(url, flow, connections, self.duration)
         return Row(server, mix), operations
 
     def health_context(self, load_generator: WrkLoadGenerator | PythonLoadGenerator) -> Row:
@@ -707,12 +724,137 @@ def measure_scrypt_hashes(bench: Bench) -> tuple[Row, dict]:
     return Row(server, load_result(figures)), figures
 
 
+CLICK_FLUSH_WAIT_S = 3.0  # url_shortener writes buffered clicks every 0.5 s by default
+
+
+def redirects_scenario(bench: Bench) -> ScenarioReport:
+    """Redirects on url_shortener.py, each one a click counted off the hot path, beside
+    health_check --server asyncio; then the link's stats must hold every redirect answered."""
+    with bench.running_server("level04/url_shortener.py", "--db", bench.workdir / "url_shortener.sqlite3") as url:
+        link = create_link(url, "https://example.com/landing?campaign=bench")
+        warmup = create_link(url, "https://example.com/warm-up")  # so that `link` counts the measured clicks only
+        status = redirect_status(url + "/" + link["code"])
+        if status != 302:
+            raise BenchError(f"HEAD /{link['code']} answered {status}, not a 302 redirect")
+        redirects = bench.measure(f"url_shortener.py GET /{{code}} → 302, {bench.load_generator.name}",
+                                  url + "/" + link["code"], Request(expected_status=302),
+                                  warmup_url=url + "/" + warmup["code"])
+        clicks = counted_clicks(url, link, at_least=redirects.result.ok)
+    health = bench.health_context(bench.load_generator)
+    return ScenarioReport(
+        rows=[redirects, health],
+        targets=[ratio_target(f"url_shortener redirects ÷ health_check asyncio ({bench.load_generator.name})",
+                              redirects, health, 0.8)],
+        notes=[check_clicks(clicks, redirects.result, bench)],
+    )
+
+
+def create_link(url: str, target: str) -> dict:
+    status, answer = http_json("POST", url + "/links", {"url": target})
+    if status != 201:
+        raise BenchError(f"POST /links answered {status}: {answer}")
+    return answer
+
+
+def redirect_status(url: str) -> int:
+    """The status of HEAD url (not a click), the redirect not followed (urllib would follow it)."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        connection.request("HEAD", parts.path)
+        return connection.getresponse().status
+    except OSError as error:
+        raise BenchError(f"GET {url} failed: {error}") from error
+    finally:
+        connection.close()
+
+
+def counted_clicks(url: str, link: dict, at_least: int) -> int:
+    """The link's total_clicks once the click buffer has been written (up to CLICK_FLUSH_WAIT_S)."""
+    deadline = time.monotonic() + CLICK_FLUSH_WAIT_S
+    while True:
+        status, stats = http_json("GET", f"{url}/links/{link['code']}/stats",
+                                  headers={"Authorization": f"Bearer {link['manage_token']}"})
+        if status != 200:
+            raise BenchError(f"GET /links/{link['code']}/stats answered {status}: {stats}")
+        if stats["total_clicks"] >= at_least or time.monotonic() > deadline:
+            return stats["total_clicks"]
+        time.sleep(0.1)
+
+
+def check_clicks(clicks: int, redirects: LoadResult, bench: Bench) -> str:
+    """Every redirect answered must be a click in the stats."""
+    if bench.load_generator.counts_every_request:
+        if clicks == redirects.ok:
+            return f"redirects check OK: total_clicks {clicks} = {redirects.ok} redirects answered 302"
+    elif redirects.ok <= clicks <= redirects.ok + bench.connections:
+        return (f"redirects check OK: total_clicks {clicks}, {redirects.ok} redirects answered "
+                f"(+{clicks - redirects.ok} in flight when wrk stopped)")
+    return (f"WARNING: redirects check failed: total_clicks {clicks}, "
+            f"but the load generator counted {redirects.ok} redirects answered")
+
+
+SEARCH_P95_GOAL_MS = 50.0  # level04.md §15: "under a few tens of ms" on 100,000 documents
+BULK_LINES = 10_000  # the most POST /documents/bulk takes in one request
+
+
+def search_scenario(bench: Bench) -> ScenarioReport:
+    """search_api.py with bench.documents generated documents: how fast they are imported, then a
+    mix of queries, its latency on one connection (a query alone) and its req/s on all of them."""
+    count = bench.documents
+    with bench.running_server("level04/search_api.py", "--db", bench.workdir / "search_api.sqlite3") as url:
+        print(f"  importing {count:,} documents (POST /documents/bulk, {BULK_LINES:,} a request)", flush=True)
+        import_seconds = import_documents(url, count)
+        totals = {name: query_total(url + target) for name, target in search_queries().items()}
+        alone, operations = bench.measure_flow("search_api.py GET /search mix, one connection (flows.py)",
+                                               url, "search", connections=1)
+        loaded, _ = bench.measure_flow(f"search_api.py GET /search mix, {bench.connections} connections "
+                                       "(flows.py)", url, "search")
+    p95 = alone.result.p95_ms
+    return ScenarioReport(
+        rows=[alone, *[Row(f"  · {name}", result) for name, result in operations.items()], loaded],
+        targets=[Target(f"search p95 on {count:,} documents (one connection)", f"{p95:.1f} ms",
+                        f"≤ {SEARCH_P95_GOAL_MS:.0f} ms", p95 <= SEARCH_P95_GOAL_MS),
+                 Target("bulk import", f"{count / import_seconds:,.0f} docs/s", "-", None)],
+        notes=[f"search: {count:,} documents imported in {import_seconds:.1f} s; p50 / p95 / p99 on one "
+               f"connection: " + "; ".join(f"{name} {result.p50_ms:.1f} / {result.p95_ms:.1f} / "
+                                           f"{result.p99_ms:.1f} ms ({totals[name]:,} hits)"
+                                           for name, result in operations.items())],
+    )
+
+
+def import_documents(url: str, count: int) -> float:
+    """POST the generated documents in NDJSON batches; the seconds it took."""
+    started = time.perf_counter()
+    for body in ndjson_batches(count, BULK_LINES):
+        request = urllib.request.Request(url + "/documents/bulk", body, method="POST",
+                                         headers={"Content-Type": "application/x-ndjson"})
+        try:
+            with urllib.request.urlopen(request, timeout=300) as response:
+                response.read()
+        except urllib.error.HTTPError as error:
+            raise BenchError(f"POST /documents/bulk answered {error.code}: {error.read()[:500]!r}") from error
+        except OSError as error:
+            raise BenchError(f"POST /documents/bulk failed: {error}") from error
+    return time.perf_counter() - started
+
+
+def query_total(url: str) -> int:
+    """How many documents a query matches (a query that matches nothing measures little)."""
+    status, answer = http_json("GET", url)
+    if status != 200:
+        raise BenchError(f"GET {url} answered {status}: {answer}")
+    return answer["total"]
+
+
 SCENARIOS: dict[str, Callable[[Bench], ScenarioReport]] = {
     "health": health_scenario,
     "connections": connections_scenario,
     "counter": counter_scenario,
     "crud": crud_scenario,
     "auth": auth_scenario,
+    "redirects": redirects_scenario,
+    "search": search_scenario,
 }
 
 
@@ -779,16 +921,19 @@ def main() -> int:
     parser.add_argument("--tool", choices=["wrk", "python"], help="load generator (default: wrk if installed)")
     parser.add_argument("--idle-connections", type=int, default=1000,
                         help="keep-alive connections held open at once by the connections scenario (default 1000)")
+    parser.add_argument("--documents", type=int, default=100_000,
+                        help="documents indexed by the search scenario (default 100,000)")
     args = parser.parse_args()
-    if args.duration < 1 or args.connections < 1 or args.idle_connections < 1:
-        parser.error("--duration, --connections and --idle-connections must be at least 1")
+    if min(args.duration, args.connections, args.idle_connections, args.documents) < 1:
+        parser.error("--duration, --connections, --idle-connections and --documents must be at least 1")
 
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
         try:
             load_generator = choose_load_generator(args.tool, Path(workdir))
         except BenchError as error:
             parser.error(str(error))
-        bench = Bench(load_generator, args.duration, args.connections, Path(workdir), args.idle_connections)
+        bench = Bench(load_generator, args.duration, args.connections, Path(workdir), args.idle_connections,
+                      args.documents)
         print(f"load generator: {load_generator.description}")
         print(f"{args.connections} keep-alive connections, {args.duration} s per measurement after a "
               f"{WARMUP_S} s warm-up; {os.cpu_count()} cores, Python {sys.version.split()[0]}")
