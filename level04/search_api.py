@@ -425,9 +425,11 @@ def matching_documents(parsed, filters):
             params.append(parsed.excluded_fts())
     else:
         # bm25 is lower-is-better; its negation is the score, higher is better. A title
-        # match weighs ten times a body match.
-        source, score = "documents_fts JOIN documents d ON d.seq = documents_fts.rowid", \
-            "-bm25(documents_fts, 10.0, 1.0)"
+        # match weighs ten times a body match. CROSS JOIN keeps the full-text index first:
+        # given the choice, sqlite may walk a filter's index (a whole category) and look each
+        # row up in the full-text index, 720 ms instead of 21 on 100,000 documents.
+        source = "documents_fts CROSS JOIN documents d ON d.seq = documents_fts.rowid"
+        score = "-bm25(documents_fts, 10.0, 1.0)"
         where.insert(0, "documents_fts MATCH ?")
         params.insert(0, expression)
     return source, " AND ".join(where) or "1", params, score
