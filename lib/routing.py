@@ -162,14 +162,6 @@ class Router:
             raise NotFound(f"no route for {path}")
         raise MethodNotAllowed(allowed_methods(allowed), f"{method} is not allowed on {path}")
 
-    def body_limit(self, method, path, default):
-        """The body limit of the route a request will reach, read before its body is."""
-        try:
-            route, _ = self.match(method, path)
-        except (NotFound, MethodNotAllowed, BadRequest):
-            return default
-        return route.body_limit if route.body_limit is not None else default
-
     # --- documentation generated from the routes --------------------------------------------
 
     def index(self):

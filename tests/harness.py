@@ -661,3 +661,22 @@ def assert_still_serving(server):
         resp = conn.read_response()
     assert resp.status == 200, f"after the bad request GET /health → {resp.status}"
 
+
+def assert_quiet_exit(server):
+    """After a stop: no traceback on stderr, nothing on stdout after the `listening on` line
+    but the further `listening on SCHEME://HOST:PORT` lines a level file names (common.md: a
+    mail catcher's smtp://, a syslog port)."""
+    assert "Traceback" not in server.stderr_text(), server.stderr_text()[-2000:]
+    stray = re.sub(r"(?m)^listening on [a-z]+://\S+\n", "", server.stdout_text())
+    assert stray == "", f"stdout after the `listening on` line: {stray!r}"
+
+
+def assert_sigterm_closes_an_idle_connection(server):
+    """SIGTERM while a keep-alive connection idles: the server closes it and exits 0 promptly."""
+    with RawConnection(server.host, server.port) as conn:
+        conn.send(request_bytes("GET", "/health"))
+        assert conn.read_response().status == 200
+        took = server.stop(signal.SIGTERM, timeout=5)
+        assert conn.is_closed(timeout=2), "the idle connection survived the server"
+    assert took < 5
+    assert_quiet_exit(server)

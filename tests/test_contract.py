@@ -19,9 +19,10 @@ import uuid
 import pytest
 import requests
 
-from tests.harness import (RawConnection, ServerGroup, assert_still_serving, describe_exchange,
-                           expect, expect_json, expect_problem, request_bytes, request_schemas,
-                           run_once, takes_db)
+from tests.harness import (RawConnection, ServerGroup, assert_quiet_exit,
+                           assert_sigterm_closes_an_idle_connection, assert_still_serving,
+                           describe_exchange, expect, expect_json, expect_problem, request_bytes,
+                           request_schemas, run_once, takes_db)
 from tests.projects import NOT_STANDALONE, existing_projects
 
 PROJECTS = [p for p in existing_projects() if p.name not in NOT_STANDALONE]
@@ -418,31 +419,15 @@ def test_unusable_db_exits_2(project, where, tmp_path):
 # Signals
 
 
-def stray_stdout(server):
-    """stdout after the first line, less the further `listening on SCHEME://HOST:PORT` lines a
-    level file names (common.md: a mail catcher's smtp://, a syslog port …): should be ''."""
-    return re.sub(r"(?m)^listening on [a-z]+://\S+\n", "", server.stdout_text())
-
-
 @pytest.mark.parametrize("project", project_params)
 def test_sigint_exits_0(start_server, project):
     server = start_server(project.script)
     expect(get(server, "/health"), 200)
     server.stop(signal.SIGINT)
-    assert "Traceback" not in server.stderr_text(), server.stderr_text()[-2000:]
-    stray = stray_stdout(server)
-    assert stray == "", f"stdout after the `listening on` line: {stray!r}"
+    assert_quiet_exit(server)
 
 
 @pytest.mark.parametrize("project", project_params)
 def test_sigterm_with_an_idle_keep_alive_connection_exits_promptly(start_server, project):
     server = start_server(project.script)
-    with RawConnection(server.host, server.port) as conn:
-        conn.send(request_bytes("GET", "/health"))
-        assert conn.read_response().status == 200
-        took = server.stop(signal.SIGTERM, timeout=5)
-        assert conn.is_closed(timeout=2), "the idle connection survived the server"
-    assert took < 5
-    assert "Traceback" not in server.stderr_text(), server.stderr_text()[-2000:]
-    stray = stray_stdout(server)
-    assert stray == "", f"stdout after the `listening on` line: {stray!r}"
+    assert_sigterm_closes_an_idle_connection(server)

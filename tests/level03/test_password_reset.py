@@ -602,6 +602,18 @@ def smtp_sink():
     sink.close()
 
 
+def client_with_accounts(server, count, prefix):
+    """A client, `count` signed-up addresses, and a few forgot requests sent to warm the server
+    up (connections, worker threads) before anything is timed."""
+    client = Client(server)
+    accounts = [fresh_email(prefix) for _ in range(count)]
+    for address in accounts:
+        client.signup(address)
+    for _ in range(5):
+        expect(client.forgot(fresh_email("warm")), 202)
+    return client, accounts
+
+
 def test_known_and_unknown_addresses_take_the_same_time_with_a_slow_mail_server(smtp_sink,
                                                                                start_server):
     """The mail server takes 0.3 s per message. Had the request waited for it, a known address
@@ -609,12 +621,7 @@ def test_known_and_unknown_addresses_take_the_same_time_with_a_slow_mail_server(
     smtp_sink.delay = 0.3
     server = start_server(SCRIPT, "--smtp", f"127.0.0.1:{smtp_sink.port}", "--public-url",
                           PUBLIC_URL, *LOW_COST)
-    client = Client(server)
-    accounts = [fresh_email("timing") for _ in range(6)]
-    for address in accounts:
-        client.signup(address)
-    for _ in range(3):                                     # warm up: connections, worker threads
-        expect(client.forgot(fresh_email("warm")), 202)
+    client, accounts = client_with_accounts(server, 6, "timing")
     known, unknown = [], []
     for address in accounts:
         started = time.perf_counter()
@@ -656,12 +663,7 @@ def test_known_and_unknown_addresses_take_comparable_time(start_server, tmp_path
     their answer waits for the interpreter, showed well beyond it (3.6 ms against 1.1 ms)."""
     outbox_dir = tmp_path / "outbox"
     server = start_server(SCRIPT, "--outbox", outbox_dir, "--server", transport, *LOW_COST)
-    client = Client(server)
-    accounts = [fresh_email("timed") for _ in range(100)]
-    for address in accounts:
-        client.signup(address)
-    for _ in range(5):                                     # warm up: connections, worker threads
-        expect(client.forgot(fresh_email("warm")), 202)
+    client, accounts = client_with_accounts(server, 100, "timed")
 
     def duration(address):
         started = time.perf_counter()

@@ -243,20 +243,6 @@ def test_summary_from_argument_docstring_or_name():
     assert Route("GET", "/", handler_named("list_notes")).summary == "list notes"
 
 
-@pytest.mark.parametrize("route_limit, expected", [(None, 1000), (10, 10)])
-def test_body_limit_of_the_matched_route(route_limit, expected):
-    router = Router()
-    router.add(Route("POST", "/up/{id:int}", handler_named("up"), body_limit=route_limit))
-    assert router.body_limit("POST", "/up/1", 1000) == expected
-
-
-@pytest.mark.parametrize("method, path", [("POST", "/nowhere"), ("GET", "/up/1"), ("POST", "/up/x")])
-def test_body_limit_when_no_route_matches_is_the_default(method, path):
-    router = Router()
-    router.add(Route("POST", "/up/{id:int}", handler_named("up"), body_limit=10))
-    assert router.body_limit(method, path, 1000) == 1000
-
-
 def test_meta_keeps_unknown_options():
     route = Route("GET", "/", handler_named("h"), public=True, permission="notes:read")
     assert route.meta == {"public": True, "permission": "notes:read"}
