@@ -55,7 +55,7 @@ from lib.runner import bind, exit_now
 from lib.storage import Database, StorageError, default_db_path
 from lib.validation import Choice, Email, Field, Integer, Invalid, Text, body_schema, validate
 from level01.counter import etag
-from level03.password_reset import new_message
+from level03.password_reset import log_line, new_message
 
 app = App("email_notifications", "Transactional email: templates rendered into MIME messages, "
           "sent with smtplib to a relay or to the built-in SMTP mail catcher.", port=8013)
@@ -552,21 +552,26 @@ class MailCatcher:
         self.max_bytes = max_bytes
         self.faults = faults
         self.hostname = "catcher.localhost"
+        self.sessions = set()     # the tasks of the open sessions, for the shutdown
 
     def deliver(self, mail_from, rcpts, data):
         refusal = self.faults.take()
         if refusal:
+            log_line(f"smtp refused a message from <{mail_from}>: {refusal}")
             return refusal
         subject = email.message_from_bytes(data, policy=email.policy.default).get("Subject")
         mail_id = self.db.execute_returning(
             "INSERT INTO mailbox (mail_from, rcpt_to, subject, size, raw, received_at) "
             "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
             (mail_from, json.dumps(rcpts), subject, len(data), data, utc_timestamp()))[0]["id"]
+        log_line(f"smtp caught mail {mail_id} from <{mail_from}> for {len(rcpts)} recipient(s), "
+                 f"{len(data)} bytes")
         return f"250 2.0.0 OK: queued as {mail_id}"
 
     async def serve(self, reader, writer):
         session = SmtpSession(self.hostname, self.max_bytes, self.deliver)
         writer.write(session.greeting())
+        self.sessions.add(asyncio.current_task())
         try:
             while not session.closed:
                 try:
@@ -583,15 +588,31 @@ class MailCatcher:
             await writer.drain()
         except (ConnectionError, OSError):
             pass
+        except asyncio.CancelledError:
+            # The server is stopping (`close_sessions`, or the HTTP server's loop ending): say
+            # so (RFC 5321 §3.8) and end normally, as a leaf task may. A message is stored
+            # before its 250 with no `await` between, so none is cut in half.
+            writer.write(b"421 4.3.2 Shutting down, closing connection\r\n")
         finally:
+            self.sessions.discard(asyncio.current_task())
             writer.close()
+
+    async def close_sessions(self):
+        sessions = list(self.sessions)
+        for task in sessions:
+            task.cancel()
+        await asyncio.gather(*sessions, return_exceptions=True)
 
 
 async def run_catcher(catcher, sock, stop=None):
-    """Serve SMTP on `sock` until `stop` (an asyncio.Event) is set, or until cancelled."""
+    """Serve SMTP on `sock` until `stop` (an asyncio.Event) is set or the task is cancelled
+    (the HTTP server's loop ending), then stop accepting and close the open sessions."""
     server = await asyncio.start_server(catcher.serve, sock=sock)
-    async with server:
-        await (stop.wait() if stop else server.serve_forever())
+    try:
+        await (stop or asyncio.Event()).wait()
+    finally:
+        server.close()
+        await catcher.close_sessions()
 
 
 # =============================================================================================
@@ -709,7 +730,7 @@ def serve(args, sock, catcher, catcher_sock):
     from lib.threaded_server import ThreadedServer
     app.port = sock.getsockname()[1]
     app.tracing = args.trace
-    stop = []   # the catcher thread's (loop, event), for a threaded shutdown
+    stop = []   # the catcher thread's (loop, event, thread), for a threaded shutdown
 
     def announce():
         listening_line("http", sock)
@@ -717,18 +738,22 @@ def serve(args, sock, catcher, catcher_sock):
             return
         listening_line("smtp", catcher_sock)
         if args.server == "asyncio":
-            asyncio.get_running_loop().create_task(run_catcher(catcher, catcher_sock))
+            # kept: the loop holds only a weak reference to a task, and a collected one stops
+            app.state.catcher_task = asyncio.get_running_loop().create_task(
+                run_catcher(catcher, catcher_sock))
         else:
-            threading.Thread(target=asyncio.run, args=(catcher_thread(catcher, catcher_sock, stop),),
+            threading.Thread(target=asyncio.run,
+                             args=(catcher_thread(catcher, catcher_sock, stop),),
                              name="catcher", daemon=True).start()
 
     transport = {"asyncio": AsyncioServer, "threaded": ThreadedServer}[args.server]
     try:
         transport(app, sock, args).run(announce)
     finally:
-        if stop:
-            loop, event = stop[0]
+        if stop:   # the threaded transport's catcher: stop its loop, and let it finish
+            loop, event, thread = stop[0]
             loop.call_soon_threadsafe(event.set)
+            thread.join(timeout=args.drain_timeout)
         sock.close()
         for hook in reversed(app.shutdown_hooks):
             hook()
@@ -737,7 +762,7 @@ def serve(args, sock, catcher, catcher_sock):
 
 async def catcher_thread(catcher, sock, stop):
     event = asyncio.Event()
-    stop.append((asyncio.get_running_loop(), event))
+    stop.append((asyncio.get_running_loop(), event, threading.current_thread()))
     await run_catcher(catcher, sock, event)
 
 
@@ -798,7 +823,6 @@ def main(argv=None):
         catcher_sock = bind_catcher(args, 0 if args.port == 0 else 8025)
         catcher = MailCatcher(app.state.db, args.catcher_max_bytes, app.state.faults)
         target = catcher_sock.getsockname()[:2]
-        app.shutdown_hooks.append(catcher_sock.close)
     else:
         target = args.smtp
     app.state.catcher_running = catcher is not None

@@ -132,7 +132,7 @@ def test_notification_is_a_multipart_alternative_mail_in_the_catcher(fresh):
     add_template(fresh)
     resp = notify(fresh, vars={"name": "<Ann>", "code": "42"}, reply_to="help@example.com")
     sent = expect_json(resp, 201)
-    assert sent["status"] == "sent" and "error" not in sent
+    assert sent["status"] == "sent" and "error" not in sent, sent
     assert resp.headers["Location"] == f"/notifications/{sent['id']}"
     assert expect_json(get(fresh, f"/notifications/{sent['id']}"), 200) == sent
     [summary] = caught(fresh)
@@ -344,3 +344,18 @@ def test_threaded_transport_runs_the_catcher_too(start_server):
         assert client.noop()[0] == 250
     server.stop()
     assert server.stdout_text() == f"listening on smtp://{host}:{port}\n"
+
+
+@pytest.mark.parametrize("transport", ["asyncio", "threaded"])
+def test_sigterm_closes_open_smtp_sessions_with_421_and_exits_0(start_server, transport):
+    server = start_server(SCRIPT, "--server", transport)
+    client = Smtp(smtp_address(server))
+    try:
+        client.send(b"HELO me\r\n")
+        assert client.code() == 250
+        server.stop(signal.SIGTERM, timeout=5)
+        assert client.code() == 421
+        assert client.file.read() == b"", "the session is closed"
+    finally:
+        client.close()
+    assert "Traceback" not in server.stderr_text(), server.stderr_text()[-2000:]
