@@ -31,6 +31,7 @@ SMTP AUTH and STARTTLS, DKIM signing, bounces, per-user preferences and unsubscr
 """
 import argparse
 import asyncio
+import contextlib
 import email
 import email.policy
 import html
@@ -53,7 +54,8 @@ from lib.request import Query, utc_timestamp
 from lib.routing import PAGE
 from lib.runner import bind, exit_now
 from lib.storage import Database, StorageError, default_db_path
-from lib.validation import Choice, Email, Field, Integer, Invalid, Text, body_schema, validate
+from lib.validation import (Choice, Email, Field, Integer, Invalid, Text, body_schema,
+                            is_unicode_text, validate)
 from level01.counter import etag
 from level03.password_reset import log_line, new_message
 
@@ -138,8 +140,9 @@ class Vars(Field):
             raise Invalid("must have at most 100 values")
         for name, item in value.items():
             if isinstance(item, bool) or not isinstance(item, (str, int, float)) \
-                    or (isinstance(item, str) and len(item) > 10_000):
-                raise Invalid(f"'{name}' must be a string (at most 10,000 characters) or a number")
+                    or (isinstance(item, str) and (len(item) > 10_000 or not is_unicode_text(item))):
+                raise Invalid(f"'{name}' must be a string (at most 10,000 characters of "
+                              f"Unicode text) or a number")
         return {name: str(item) for name, item in value.items()}
 
 
@@ -409,19 +412,17 @@ class SmtpSession:
     def receive(self, data):
         """Split the bytes into lines (CR LF; a bare LF is taken too) and answer each."""
         self.buffer += data
-        replies = []
-        while not self.closed:
-            end = self.buffer.find(b"\n")
-            if end < 0:
-                if len(self.buffer) > MAX_LINE:   # keep none of an overlong line in memory
-                    self.overlong, self.buffer = True, b""
-                break
-            line, self.buffer = self.buffer[:end + 1], self.buffer[end + 1:]
+        replies, start = [], 0
+        while not self.closed and (end := self.buffer.find(b"\n", start)) >= 0:
+            line, start = self.buffer[start:end + 1], end + 1
             too_long = self.overlong or len(line) > MAX_LINE
             self.overlong = False
             reply = self.line(line.rstrip(b"\r\n"), too_long)
             if reply:
                 replies.append(reply.encode())
+        self.buffer = self.buffer[start:]
+        if len(self.buffer) > MAX_LINE:   # keep none of an overlong line in memory
+            self.overlong, self.buffer = True, b""
         return replies
 
     def line(self, line, too_long):
@@ -559,7 +560,7 @@ class MailCatcher:
         if refusal:
             log_line(f"smtp refused a message from <{mail_from}>: {refusal}")
             return refusal
-        subject = email.message_from_bytes(data, policy=email.policy.default).get("Subject")
+        subject = parse_mail(data)["subject"]
         mail_id = self.db.execute_returning(
             "INSERT INTO mailbox (mail_from, rcpt_to, subject, size, raw, received_at) "
             "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
@@ -634,9 +635,29 @@ def list_mailbox(request):
     return page(rows, limit, lambda row: [row["id"]], mailbox_summary)
 
 
-def part_text(message, subtype):
-    part = message.get_body((subtype,))
-    return None if part is None else part.get_content()
+def decoded_header(message, name, value):
+    """A header's value with its encoded words decoded (`=?utf-8?q?caf=C3=A9?=` → `café`), or
+    as written when the `email` package fails on it (it can raise on hostile addresses)."""
+    try:
+        return str(message.policy.header_fetch_parse(name, value))
+    except Exception:
+        return value
+
+
+def parse_mail(raw):
+    """Subject, headers, text and html of a caught message, as far as they can be read. The
+    catcher takes any bytes a client sends, so the raw bytes are decoded leniently first (no
+    undecodable byte may reach sqlite or JSON); a part the `email` package cannot read (an
+    unknown charset) is None, a header it cannot parse is shown as written."""
+    message = email.message_from_string(raw.decode("utf-8", "replace"), policy=email.policy.default)
+    headers = [[name, decoded_header(message, name, value)] for name, value in message.raw_items()]
+    mail = {"headers": headers, "text": None, "html": None,
+            "subject": next((value for name, value in headers if name.lower() == "subject"), None)}
+    for key, subtype in (("text", "plain"), ("html", "html")):
+        with contextlib.suppress(Exception):
+            part = message.get_body((subtype,))
+            mail[key] = None if part is None else part.get_content()
+    return mail
 
 
 @app.get("/mailbox/{id:int}", responses={404: "no such mail"})
@@ -645,13 +666,9 @@ def read_mail(request, id):
     row = app.state.db.query_one("SELECT * FROM mailbox WHERE id = ?", (id,))
     if row is None:
         raise NotFound(f"no caught mail has id {id}")
-    message = email.message_from_bytes(row["raw"], policy=email.policy.default)
-    try:
-        text, html_part = part_text(message, "plain"), part_text(message, "html")
-    except (LookupError, ValueError):   # a charset Python does not know: the raw form still shows
-        text = html_part = None
-    return {**mailbox_summary(row), "headers": [[k, str(v)] for k, v in message.items()],
-            "text": text, "html": html_part, "raw": row["raw"].decode("utf-8", "replace")}
+    mail = parse_mail(row["raw"])
+    return {**mailbox_summary(row), "headers": mail["headers"], "text": mail["text"],
+            "html": mail["html"], "raw": row["raw"].decode("utf-8", "replace")}
 
 
 @app.delete("/mailbox", responses={204: "emptied"})

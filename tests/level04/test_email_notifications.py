@@ -359,3 +359,24 @@ def test_sigterm_closes_open_smtp_sessions_with_421_and_exits_0(start_server, tr
     finally:
         client.close()
     assert "Traceback" not in server.stderr_text(), server.stderr_text()[-2000:]
+
+
+def test_a_hostile_message_is_caught_and_readable(server, smtp):
+    smtp.send(b"HELO me\r\nMAIL FROM:<h@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+    assert [smtp.code() for _ in range(4)] == [250, 250, 250, 354]
+    smtp.send(b"Subject: caf\xc3\xa9 \xff hostile\r\nFrom: =?utf-8?q?broken\r\nTo: <<<@@>, \"\r\n"
+              b"Content-Type: text/plain; charset=no-such-charset\r\n\r\nbody \xff\r\n.\r\n")
+    assert smtp.code() == 250
+    mail = next(m for m in caught(server) if m["from"] == "h@example.com")
+    assert "hostile" in mail["subject"]
+    assert "body" in caught_mail(server, mail["id"])["raw"]
+
+
+def test_values_are_not_read_as_placeholders_and_must_be_text(server):
+    add_template(server, name="once")
+    body = expect_json(post(server, "/templates/once/preview",
+                            {"vars": {"name": "{{ code }}", "code": "1"}}), 200)
+    assert body["text"] == "Hello {{ code }}, your code is 1."
+    problem = expect_problem(post(server, "/templates/once/preview",
+                                  {"vars": {"name": "\ud800", "code": "1"}}), 422)
+    assert [e["field"] for e in problem["errors"]] == ["vars"]
