@@ -139,8 +139,9 @@ class Vars(Field):
         if len(value) > 100:
             raise Invalid("must have at most 100 values")
         for name, item in value.items():
+            text = isinstance(item, str)
             if isinstance(item, bool) or not isinstance(item, (str, int, float)) \
-                    or (isinstance(item, str) and (len(item) > 10_000 or not is_unicode_text(item))):
+                    or (text and (len(item) > 10_000 or not is_unicode_text(item))):
                 raise Invalid(f"'{name}' must be a string (at most 10,000 characters of "
                               f"Unicode text) or a number")
         return {name: str(item) for name, item in value.items()}
@@ -825,7 +826,8 @@ def main(argv=None):
                         help="send through this SMTP relay, HOST:PORT (then no catcher runs)")
     parser.add_argument("--smtp-timeout", type=bounded(float, "seconds above 0", above=0,
                                                         at_most=300), default=10.0,
-                        help="seconds to wait for the relay before a notification fails (default 10)")
+                        help="seconds to wait for the relay before a notification fails "
+                             "(default 10)")
     parser.add_argument("--mail-from", type=mail_from,
                         default="Notifications <notifications@example.com>",
                         help="the From of every mail")
