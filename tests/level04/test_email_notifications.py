@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -324,6 +325,53 @@ def test_smtp_relay_and_the_catcher_alone(start_server, tmp_path):
     with sqlite3.connect(tmp_path / "relay.sqlite3") as db:
         assert db.execute("SELECT rcpt_to, subject FROM mailbox").fetchall() == \
             [('["ann@example.com"]', "Welcome, Ann")]
+
+
+class SmtpSink:
+    """A minimal SMTP server of the test's own (not the project's catcher), on a thread: it
+    takes one session and keeps the envelope and the message, dot-unstuffed."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.envelope, self.message = [], b""
+        self.thread = threading.Thread(target=self.session, daemon=True)
+        self.thread.start()
+
+    def session(self):
+        conn, _ = self.listener.accept()
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(b"220 sink ready\r\n")
+            for line in lines:
+                verb = line[:4].upper()
+                if verb == b"DATA":
+                    conn.sendall(b"354 go on\r\n")
+                    for data in lines:
+                        if data == b".\r\n":
+                            break
+                        self.message += data[1:] if data.startswith(b".") else data
+                    conn.sendall(b"250 stored\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    if verb in (b"MAIL", b"RCPT"):
+                        self.envelope.append(line.decode().strip())
+                    conn.sendall(b"250 ok\r\n")
+
+
+def test_smtp_relay_mail_reaches_an_independent_smtp_server(start_server):
+    sink = SmtpSink()
+    server = start_server(SCRIPT, "--smtp", f"127.0.0.1:{sink.port}")
+    add_template(server)
+    assert expect_json(notify(server), 201)["status"] == "sent"
+    sink.thread.join(timeout=TIMEOUT)
+    sink.listener.close()
+    assert [line.upper() for line in sink.envelope] == \
+        ["MAIL FROM:<NOTIFICATIONS@EXAMPLE.COM>", "RCPT TO:<ANN@EXAMPLE.COM>"]
+    message = email.message_from_bytes(sink.message, policy=email.policy.default)
+    assert message["Subject"] == "Welcome, Ann"
+    assert message.get_content_type() == "multipart/alternative"
 
 
 def test_a_relay_that_does_not_answer_fails_the_notification(start_server):
