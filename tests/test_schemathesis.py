@@ -36,6 +36,7 @@ RUNS_AT_ONCE = int(os.environ.get("SCHEMATHESIS_RUNS_AT_ONCE", "2"))
 SEED = "20261124"
 PROJECTS = [p for p in existing_projects() if p.name not in NOT_STANDALONE]
 ACCOUNT = {"email": "contract@example.com", "password": "correct horse battery staple"}
+FLAGS_ADMIN_TOKEN = "contract-admin-token"
 ACCEPTED = '"2xx", "3xx", 401, 403, 404, 409, 429'   # schemathesis' default for valid requests
 
 # What a JSON Schema cannot say, told to schemathesis instead; each entry is narrow and says why.
@@ -110,6 +111,17 @@ enabled = false
 include-name = "POST /links"
 checks.positive_data_acceptance.expected-statuses = [{ACCEPTED}, 422]
 
+# feature_flags: a flag's fields refer to each other (a rule's serve, default_variant and weights
+# name variants; weights add up to 100; rollout is for boolean flags), which no schema can say.
+[[operations]]
+include-name = ["POST /flags", "PATCH /flags/{{key}}"]
+checks.positive_data_acceptance.expected-statuses = [{ACCEPTED}, 412, 422]
+
+# feature_flags: a deleted flag's history stays readable (who deleted it, and what it was).
+[[operations]]
+include-path = "/flags/{{key}}/history"
+checks.use_after_free.enabled = false
+
 # expenses: reassign_to must name another category of yours (422), which no schema knows.
 [[operations]]
 include-name = "DELETE /categories/{{category_id}}"
@@ -127,6 +139,8 @@ def caller_headers(project, url):
     """The headers that make the generated requests come from a signed-in caller."""
     if project.level == 2:
         return {"X-User-Id": "contract-tester"}
+    if project.name == "feature_flags":   # the admin token manages and evaluates
+        return {"Authorization": f"Bearer {FLAGS_ADMIN_TOKEN}"}
     if project.level != 3:
         return {}
     resp = requests.post(f"{url}/auth/signup", json=ACCOUNT, timeout=10)
@@ -140,7 +154,8 @@ def caller_headers(project, url):
 
 def contract_run(start_server, project, workdir):
     """Start the project's server, sign a caller in, and run schemathesis against it."""
-    args = ["--admin-email", ACCOUNT["email"]] if project.name == "rbac" else []
+    args = {"rbac": ["--admin-email", ACCOUNT["email"]],
+            "feature_flags": ["--admin-token", FLAGS_ADMIN_TOKEN]}.get(project.name, [])
     server = start_server(project.script, *args)
     headers = caller_headers(project, server.url)
     (workdir / "schemathesis.toml").write_text(CONFIG)
