@@ -52,7 +52,7 @@ from lib.app import bounded, exit_usage_error, port_number
 from lib.listing import list_params, page
 from lib.request import Query, utc_timestamp
 from lib.routing import PAGE
-from lib.runner import bind, exit_now
+from lib.runner import announce_listening, bind, exit_now
 from lib.storage import Database, StorageError, default_db_path
 from lib.validation import (Choice, Email, Field, Integer, Invalid, Text, body_schema,
                             is_unicode_text, validate)
@@ -731,51 +731,34 @@ def add_catcher_flags(parser):
                         help="largest message the catcher takes (default 10 MiB)")
 
 
-def listening_line(scheme, sock):
-    host, port = sock.getsockname()[:2]
-    sys.stdout.write(f"listening on {scheme}://{f'[{host}]' if ':' in host else host}:{port}\n")
-    sys.stdout.flush()
-
-
 def bind_catcher(args, default_port):
     return bind(args.host, default_port if args.catcher_port is None else args.catcher_port)
 
 
-def serve(args, sock, catcher, catcher_sock):
-    """lib.runner.serve, with the catcher started right after the HTTP server announces
-    itself: on the same event loop (asyncio), or on a loop of its own in a thread (threaded)."""
-    from lib.asyncio_server import AsyncioServer
-    from lib.threaded_server import ThreadedServer
-    app.port = sock.getsockname()[1]
-    app.tracing = args.trace
+def add_catcher(args, catcher, sock):
+    """Start the catcher once the HTTP server listens, right after its line (`app.on_listening`):
+    on the same event loop (asyncio), or on a loop of its own in a thread (threaded), which a
+    shutdown hook stops before the database closes."""
     stop = []   # the catcher thread's (loop, event, thread), for a threaded shutdown
 
-    def announce():
-        listening_line("http", sock)
-        if catcher is None:
-            return
-        listening_line("smtp", catcher_sock)
+    def start():
+        announce_listening("smtp", sock)
         if args.server == "asyncio":
             # kept: the loop holds only a weak reference to a task, and a collected one stops
             app.state.catcher_task = asyncio.get_running_loop().create_task(
-                run_catcher(catcher, catcher_sock))
+                run_catcher(catcher, sock))
         else:
-            threading.Thread(target=asyncio.run,
-                             args=(catcher_thread(catcher, catcher_sock, stop),),
+            threading.Thread(target=asyncio.run, args=(catcher_thread(catcher, sock, stop),),
                              name="catcher", daemon=True).start()
 
-    transport = {"asyncio": AsyncioServer, "threaded": ThreadedServer}[args.server]
-    try:
-        transport(app, sock, args).run(announce)
-    finally:
-        if stop:   # the threaded transport's catcher: stop its loop, and let it finish
+    def finish():
+        if stop:
             loop, event, thread = stop[0]
             loop.call_soon_threadsafe(event.set)
             thread.join(timeout=args.drain_timeout)
-        sock.close()
-        for hook in reversed(app.shutdown_hooks):
-            hook()
-        sys.stderr.flush()
+
+    app.on_listening.append(start)
+    app.shutdown_hooks.append(finish)
 
 
 async def catcher_thread(catcher, sock, stop):
@@ -808,7 +791,7 @@ def run_catcher_alone(argv):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: exit_now() if stop.is_set() else stop.set())
-        listening_line("smtp", sock)
+        announce_listening("smtp", sock)
         await run_catcher(catcher, sock, stop)
 
     try:
@@ -836,17 +819,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     app.state.db = app.open_database(args, SCHEMA)
     app.state.faults = Faults()
-    sock = bind(args.host, args.port)
-    catcher = catcher_sock = None
+    target = args.smtp
     if args.smtp is None:
         catcher_sock = bind_catcher(args, 0 if args.port == 0 else 8025)
-        catcher = MailCatcher(app.state.db, args.catcher_max_bytes, app.state.faults)
+        add_catcher(args, MailCatcher(app.state.db, args.catcher_max_bytes, app.state.faults),
+                    catcher_sock)
         target = catcher_sock.getsockname()[:2]
-    else:
-        target = args.smtp
-    app.state.catcher_running = catcher is not None
+    app.state.catcher_running = args.smtp is None
     app.state.mail = MailSettings(args.mail_from, target, args.smtp_timeout)
-    serve(args, sock, catcher, catcher_sock)
+    app.run(args)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ class App:
         self.body_limit = DEFAULT_BODY_LIMIT
         self.started_at = time.time()
         self.shutdown_hooks = []      # called once the server has drained (close storage, …)
+        self.on_listening = []        # called once it listens, after its line (a second server)
         self._chain = None
         # The built-ins are `public=True`: auth middleware lets them through without credentials.
         self.get("/", summary="This server's name, description and routes", public=True)(self._index)

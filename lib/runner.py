@@ -30,15 +30,14 @@ def serve(app, args):
     from lib.threaded_server import ThreadedServer
 
     sock = bind(args.host, args.port)
-    host, port = sock.getsockname()[:2]
-    app.port = port  # the one really bound: `--port 0` lets the OS choose
-    shown_host = f"[{host}]" if ":" in host else host
+    app.port = sock.getsockname()[1]  # the one really bound: `--port 0` lets the OS choose
 
     def announce():
-        sys.stdout.write(f"listening on http://{shown_host}:{port}\n")
-        sys.stdout.flush()
-        sys.stderr.write(f"try: curl -i http://{shown_host}:{port}/ (its routes), or open "
-                         f"/openapi.json; Ctrl-C stops it\n")
+        url = announce_listening("http", sock)
+        sys.stderr.write(f"try: curl -i {url}/ (its routes), or open /openapi.json; "
+                         f"Ctrl-C stops it\n")
+        for hook in app.on_listening:  # e.g. a mail catcher beside the HTTP server
+            hook()
 
     transport = {"asyncio": AsyncioServer, "threaded": ThreadedServer}[args.server]
     try:
@@ -48,6 +47,16 @@ def serve(app, args):
         for hook in reversed(app.shutdown_hooks):
             hook()
         sys.stderr.flush()
+
+
+def announce_listening(scheme, sock):
+    """The `listening on SCHEME://HOST:PORT` line on stdout, flushed (common.md: a client waits
+    for it); returns the URL."""
+    host, port = sock.getsockname()[:2]
+    url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+    sys.stdout.write(f"listening on {url}\n")
+    sys.stdout.flush()
+    return url
 
 
 def exit_now():
