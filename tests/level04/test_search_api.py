@@ -92,6 +92,21 @@ def test_create_read_replace_delete_keep_the_index_in_step(server, word):
     expect_problem(requests.get(f"{server.url}/documents/{word}-1", timeout=TIMEOUT), 404)
 
 
+def test_the_tag_filter_and_facet_follow_a_replaced_and_a_deleted_document(server, word):
+    url = f"{server.url}/documents/{word}-1"
+    create(server, **document(word, id=f"{word}-1", tags=[word, "old"]))
+    assert search(server, tag=word)["facets"]["tags"] == {word: 1, "old": 1}
+    resp = requests.put(url, json=document(word, tags=[word, "new"]), headers={"If-Match": '"1"'},
+                        timeout=TIMEOUT)
+    expect_json(resp, 200)
+    assert ids(search(server, q=word, tag="old")) == []
+    assert ids(search(server, q=word, tag="new")) == [f"{word}-1"]
+    assert search(server, tag=word)["facets"]["tags"] == {word: 1, "new": 1}
+    expect(requests.delete(url, headers={"If-Match": '"2"'}, timeout=TIMEOUT), 204)
+    answer = search(server, tag=word)
+    assert answer["total"] == 0 and answer["facets"] == {"category": {}, "tags": {}}
+
+
 def test_a_document_without_id_gets_one_and_a_taken_id_is_a_409(server, word):
     doc = create(server, **document(word))
     resp = requests.get(f"{server.url}/documents/{doc['id']}", timeout=TIMEOUT)
