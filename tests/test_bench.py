@@ -5,6 +5,7 @@ Short runs of the Python load generator (the one that needs no wrk) through the 
 use each of its parts: the fixed-request closed loop and the raw sqlite reference (counter, with
 its check that the stored value equals the increments answered), the same loop counting 302s as
 successes (redirects, with its check that the link's stats hold every redirect answered), the
+same loop POSTing a JSON body with a bearer token (evaluations, with its probe of the variant), the
 request flows (crud) and the generated documents with the query mix (search, on 2,000 documents);
 and the idle keep-alive connections scenario with a few connections. Only what the run did is
 asserted — every row measured, no errors, the check passed, every connection answered — never a
@@ -42,6 +43,7 @@ def table_rows(output, scenario):
     ("crud", [], ["notes.py mix", "POST /notes", "GET /notes?limit=20", "GET /notes/{id}",
                   "PATCH /notes/{id}", "health_check --server asyncio"]),
     ("redirects", [], ["url_shortener.py GET /{code} → 302", "health_check --server asyncio"]),
+    ("evaluations", [], ["feature_flags.py POST /ofrep/v1/evaluate/flags/{key}", "health_check --server asyncio"]),
     ("search", ["--documents", "2000"], ["GET /search mix, one connection", "· words", "· phrase", "· prefix",
                                          "· filter", "· tag, dates, newest", "GET /search mix, 4 connections"]),
 ])
@@ -57,6 +59,10 @@ def test_a_short_benchmark_run_measures_every_row_without_errors(scenario, optio
         assert "counter check OK" in output, output
     if scenario == "redirects":
         assert re.search(r"redirects check OK: total_clicks (\d+) = \1 redirects answered 302", output), output
+    if scenario == "evaluations":
+        assert "evaluations check OK: the probe answered 200, variant 'on', reason SPLIT" in output, output
+        assert re.search(r"feature_flags OFREP evaluations ÷ health_check asyncio \(Python loadgen\)\s+[\d.]+"
+                         r"\s+≥ 0.7\s+(PASS|MISS)", output), output
     if scenario == "search":
         # Measured and judged, never asserted: the line is there, whatever it says.
         assert re.search(r"search p95 on 2,000 documents \(one connection\)\s+[\d.]+ ms\s+≤ 50 ms\s+(PASS|MISS)",

@@ -30,6 +30,9 @@ does the same job with the standard library and nothing else:
 - search:  level04/search_api.py loaded with N generated documents (tests/bench/documents.py,
            through POST /documents/bulk), then a mix of queries (words, a phrase, a prefix,
            filters): p50/p95/p99 on one connection, and req/s on all of them.
+- evaluations: OFREP `POST /ofrep/v1/evaluate/flags/{key}` on level04/feature_flags.py, a flag
+           with a targeting rule and a rollout, beside health_check --server asyncio; one probe
+           first checks the answer's variant against the rollout bucket computed here.
 
 Why ratios: on a shared 2-core machine absolute figures move ±20% between runs, and the load
 generator competes with the server for the same two cores. Both effects hit the project's server
@@ -44,6 +47,7 @@ the table, targets to judge, ratios given for context), and add it to SCENARIOS.
 """
 
 import argparse
+import hashlib
 import http.client
 import importlib.util
 import json
@@ -847,6 +851,60 @@ def query_total(url: str) -> int:
     return answer["total"]
 
 
+EVALUATED_FLAG = {
+    "key": "new-checkout", "description": "benchmarked by tests/bench/run.py", "enabled": True, "rollout": 50,
+    "rules": [{"attribute": "email", "op": "ends_with", "values": ["@example.com"], "serve": "on"}],
+}
+# No rule matches this context, so each evaluation walks the rule and then the rollout.
+EVALUATION_CONTEXT = {"targetingKey": "user-1", "email": "bob@elsewhere.example", "plan": "pro"}
+
+
+def evaluations_scenario(bench: Bench) -> ScenarioReport:
+    """OFREP evaluations on feature_flags.py, beside health_check --server asyncio: a flag with a
+    rule and a rollout, one user's context, the SDK key as a bearer token."""
+    admin_token, sdk_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    with bench.running_server("level04/feature_flags.py", "--db", bench.workdir / "feature_flags.sqlite3",
+                              "--admin-token", admin_token, "--sdk-key", sdk_key) as url:
+        status, flag = http_json("POST", url + "/flags?env=production", EVALUATED_FLAG,
+                                 headers={"Authorization": f"Bearer {admin_token}"})
+        if status != 201:
+            raise BenchError(f"POST /flags?env=production answered {status}: {flag}")
+        evaluate = f"{url}/ofrep/v1/evaluate/flags/{EVALUATED_FLAG['key']}"
+        body = {"context": EVALUATION_CONTEXT}
+        bearer = f"Bearer {sdk_key}"
+        probe = check_evaluation(evaluate, body, bearer)
+        evaluations = bench.measure(f"feature_flags.py POST /ofrep/v1/evaluate/flags/{{key}}, "
+                                    f"{bench.load_generator.name}", evaluate,
+                                    Request("POST", json.dumps(body), "application/json",
+                                            (f"Authorization: {bearer}",), expected_status=200))
+    health = bench.health_context(bench.load_generator)
+    return ScenarioReport(
+        rows=[evaluations, health],
+        targets=[ratio_target(f"feature_flags OFREP evaluations ÷ health_check asyncio "
+                              f"({bench.load_generator.name})", evaluations, health, 0.7)],
+        notes=[f"evaluations check OK: the probe answered 200, variant {probe['variant']!r}, "
+               f"reason {probe['reason']} (rollout {EVALUATED_FLAG['rollout']} %, "
+               f"{EVALUATION_CONTEXT['targetingKey']}'s bucket {rollout_bucket()})"],
+    )
+
+
+def rollout_bucket() -> int:
+    """The evaluated user's bucket, by feature_flags.md's formula, computed here independently."""
+    key = f"{EVALUATED_FLAG['key']}:{EVALUATION_CONTEXT['targetingKey']}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % 10_000
+
+
+def check_evaluation(url: str, body: dict, bearer: str) -> dict:
+    """One evaluation before measuring: 200, and the variant the rollout gives this user."""
+    inside = rollout_bucket() < EVALUATED_FLAG["rollout"] * 100
+    expected = {"key": EVALUATED_FLAG["key"], "value": inside, "variant": "on" if inside else "off",
+                "reason": "SPLIT" if inside else "DEFAULT"}
+    status, answer = http_json("POST", url, body, headers={"Authorization": bearer})
+    if status != 200 or any(answer.get(name) != value for name, value in expected.items()):
+        raise BenchError(f"POST {urlsplit(url).path} answered {status}: {answer}, expected {expected}")
+    return answer
+
+
 SCENARIOS: dict[str, Callable[[Bench], ScenarioReport]] = {
     "health": health_scenario,
     "connections": connections_scenario,
@@ -855,6 +913,7 @@ SCENARIOS: dict[str, Callable[[Bench], ScenarioReport]] = {
     "auth": auth_scenario,
     "redirects": redirects_scenario,
     "search": search_scenario,
+    "evaluations": evaluations_scenario,
 }
 
 
