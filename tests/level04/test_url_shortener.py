@@ -370,6 +370,19 @@ def test_kill_9_loses_at_most_the_last_flush_intervals_clicks(start_server, tmp_
         expect(click(second, link["code"]), 302)
 
 
+def test_clicks_still_buffered_when_a_link_is_deleted_are_never_written(start_server):
+    other = start_server(SCRIPT, "--flush-interval", "3600")
+    link, kept = new_link(other), new_link(other)
+    for code in (link["code"], kept["code"]):
+        expect(click(other, code), 302)
+    expect(requests.delete(f"{other.url}/links/{link['code']}", headers=bearer(link),
+                           timeout=TIMEOUT), 204)
+    other.stop(signal.SIGTERM)   # writes the buffer: both clicks were still in it
+    with sqlite3.connect(other.db_path) as conn:
+        stored = conn.execute("SELECT code FROM clicks").fetchall()
+    assert stored == [(kept["code"],)]
+
+
 def test_bad_flags_exit_2(start_server):
     from tests.harness import run_once
     for args in (["--public-url", "ftp://x"], ["--flush-interval", "0"], ["--cache-size", "0"]):
