@@ -422,8 +422,10 @@ class ClickRecorder:
             return
         try:
             with self.db.transaction() as conn:
+                # A link deleted while its clicks waited here: its clicks are deleted too.
                 conn.executemany("INSERT INTO clicks (code, day, clicked_at, visitor, "
-                                 "referrer_host) VALUES (?, ?, ?, ?, ?)", batch)
+                                 "referrer_host) SELECT ?1, ?2, ?3, ?4, ?5 FROM links "
+                                 "WHERE code = ?1 AND NOT deleted", batch)
         except Exception as error:  # disk full, locked: keep them for the next attempt
             sys.stderr.write(f"error: {len(batch)} clicks not written yet: {error}\n")
             with self.lock:

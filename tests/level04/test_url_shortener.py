@@ -3,6 +3,7 @@ token, click stats counted in batches (and flushed at a clean exit), the cache's
 
 One server serves most of the module; tests that need flags or a restart start their own.
 """
+import collections
 import datetime
 import re
 import signal
@@ -195,16 +196,18 @@ def test_expired_and_disabled_links_are_410(server):
     expect_problem(click(server, other["code"]), 410)
 
 
-def test_head_redirects_but_is_not_a_click(server):
-    link = new_link(server)
+def test_head_redirects_but_is_not_a_click(start_server, tmp_path):
+    db = tmp_path / "links.sqlite3"
+    first = start_server(SCRIPT, "--db", db, "--flush-interval", "3600")
+    link = new_link(first)
     for _ in range(3):
-        resp = requests.head(f"{server.url}/{link['code']}", allow_redirects=False, timeout=TIMEOUT)
+        resp = requests.head(f"{first.url}/{link['code']}", allow_redirects=False, timeout=TIMEOUT)
         expect(resp, 302)
         assert resp.headers["Location"] == "https://example.com/"
-    expect(click(server, link["code"]), 302)
-    assert stats_when(server, link, lambda s: s["total_clicks"] >= 1)["total_clicks"] == 1
-    time.sleep(0.6)  # one more batch interval: a HEAD that was counted would show by now
-    assert stats(server, link)["total_clicks"] == 1
+    expect(click(first, link["code"]), 302)
+    first.stop(signal.SIGTERM)   # writes every click buffered: a counted HEAD would be there
+    second = start_server(SCRIPT, "--db", db)
+    assert stats(second, link)["total_clicks"] == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,21 +285,39 @@ def test_stats_count_clicks_visitors_days_and_referrers(server):
                                         for n in range(11, 1, -1)]
 
 
-def test_concurrent_clicks_are_counted_exactly(server):
-    link = new_link(server)
+TRANSPORTS = ["asyncio", "threaded"]
+
+
+def wait_past(moment):
+    """Let the clock pass `moment` (time.monotonic()): a promise about time needs time to pass."""
+    time.sleep(max(0.0, moment - time.monotonic()))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_parallel_clicks_are_counted_exactly_once(start_server, tmp_path, transport):
+    db = tmp_path / "links.sqlite3"
+    first = start_server(SCRIPT, "--server", transport, "--db", db, "--flush-interval", "0.05")
+    link = new_link(first, url="https://example.com/hot")
+    answers = []   # list.append is atomic; a Counter's += from 16 threads is not
 
     def clicks():
         with requests.Session() as session:
             for _ in range(50):
-                expect(session.get(f"{server.url}/{link['code']}", allow_redirects=False,
-                                   timeout=TIMEOUT), 302)
+                resp = session.get(f"{first.url}/{link['code']}", allow_redirects=False,
+                                   timeout=TIMEOUT)
+                answers.append((resp.status_code, resp.headers.get("Location")))
 
-    threads = [threading.Thread(target=clicks) for _ in range(8)]
+    threads = [threading.Thread(target=clicks) for _ in range(16)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert stats_when(server, link, lambda s: s["total_clicks"] >= 400)["total_clicks"] == 400
+    assert collections.Counter(answers) == {(302, "https://example.com/hot"): 800}
+    assert stats_when(first, link, lambda s: s["total_clicks"] >= 800,
+                      timeout=5)["total_clicks"] == 800
+    first.stop(signal.SIGTERM)  # the last flush: a click written twice would show now
+    second = start_server(SCRIPT, "--server", transport, "--db", db)
+    assert stats(second, link)["total_clicks"] == 800
 
 
 def test_a_redirect_runs_no_sql_and_the_raw_ip_is_never_stored(start_server):
@@ -315,15 +336,53 @@ def test_a_redirect_runs_no_sql_and_the_raw_ip_is_never_stored(start_server):
     assert not any("127.0.0.1" in str(value) for row in stored for value in row)
 
 
-def test_buffered_clicks_are_written_at_a_clean_exit(start_server, tmp_path):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_buffered_clicks_are_written_at_a_clean_exit(start_server, tmp_path, transport):
     db = tmp_path / "links.sqlite3"
-    first = start_server(SCRIPT, "--db", db, "--flush-interval", "3600")
+    first = start_server(SCRIPT, "--server", transport, "--db", db, "--flush-interval", "3600")
     link = new_link(first)
     for _ in range(25):
         expect(click(first, link["code"]), 302)
+    assert stats(first, link)["total_clicks"] == 0   # all still in the buffer
     first.stop(signal.SIGTERM)
-    second = start_server(SCRIPT, "--db", db)
+    second = start_server(SCRIPT, "--server", transport, "--db", db)
     assert stats(second, link)["total_clicks"] == 25
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_kill_9_loses_at_most_the_last_flush_intervals_clicks(start_server, tmp_path, transport):
+    interval = 0.1
+    db = tmp_path / "links.sqlite3"
+    first = start_server(SCRIPT, "--server", transport, "--db", db,
+                         "--flush-interval", str(interval))
+    links = [new_link(first) for _ in range(10)]   # each 201 is a commit: durable from then on
+    hot = links[0]
+    for _ in range(30):
+        expect(click(first, hot["code"]), 302)
+    wait_past(time.monotonic() + 3 * interval)   # more than two intervals, with room to spare
+    for _ in range(10):   # answered within the last interval: these may be lost
+        expect(click(first, hot["code"]), 302)
+    assert first.kill9() == -signal.SIGKILL
+    second = start_server(SCRIPT, "--server", transport, "--db", db)
+    assert 30 <= stats(second, hot)["total_clicks"] <= 40
+    for link in links:
+        assert expect_json(requests.get(f"{second.url}/links/{link['code']}",
+                                        headers=bearer(link), timeout=TIMEOUT), 200)["url"] \
+            == "https://example.com/"
+        expect(click(second, link["code"]), 302)
+
+
+def test_clicks_still_buffered_when_a_link_is_deleted_are_never_written(start_server):
+    other = start_server(SCRIPT, "--flush-interval", "3600")
+    link, kept = new_link(other), new_link(other)
+    for code in (link["code"], kept["code"]):
+        expect(click(other, code), 302)
+    expect(requests.delete(f"{other.url}/links/{link['code']}", headers=bearer(link),
+                           timeout=TIMEOUT), 204)
+    other.stop(signal.SIGTERM)   # writes the buffer: both clicks were still in it
+    with sqlite3.connect(other.db_path) as conn:
+        stored = conn.execute("SELECT code FROM clicks").fetchall()
+    assert stored == [(kept["code"],)]
 
 
 def test_bad_flags_exit_2(start_server):
