@@ -127,6 +127,7 @@ class AsyncioServer:
                         writer.write(conn.send(response))
                         await writer.drain()  # the client must take it: the deadline holds
                         if response.takeover is not None and conn.state != State.CLOSED:
+                            conn.deadline = None  # the new protocol keeps its own time
                             await response.takeover(reader, writer, bytes(conn.buffer))
                             break
             if conn.linger:

@@ -137,9 +137,10 @@ def test_an_async_stream_on_the_event_loop(start_server):
 
 
 def test_a_switched_protocol_gets_the_connection_after_its_answer(start_server):
-    """asyncio: the 101's `takeover` gets the stream's reader and writer, and bytes sent right
-    behind the request (before the answer arrived) are the new protocol's, not a request."""
-    server = start_server(APP)
+    """asyncio: the 101's `takeover` gets the stream's reader and writer, bytes sent right
+    behind the request (before the answer arrived) are the new protocol's, not a request, and
+    HTTP's idle timeout no longer applies to the connection."""
+    server = start_server(APP, "--idle-timeout", "0.3")
     with RawConnection(server.host, server.port) as conn:
         conn.send(request_bytes("GET", "/upgrade") + b"hello\n")
         answer = conn.read_response()
@@ -148,6 +149,7 @@ def test_a_switched_protocol_gets_the_connection_after_its_answer(start_server):
         deadline = time.monotonic() + 5
         while conn.buffer != b"HELLO\n":
             conn._recv(deadline)
+        time.sleep(1.0)  # beyond HTTP's idle timeout: the connection is no longer HTTP's
         conn.send(b"again\n")
         while conn.buffer != b"HELLO\nAGAIN\n":
             conn._recv(deadline)
