@@ -1,8 +1,9 @@
 """The asyncio transport (the default): one event loop, asyncio streams, a coroutine per connection.
 
 Why it is the default: a threaded server is bound by the GIL and by thread switches, while one
-event loop does the same work several times faster on one core (tests/bench/README.md), and long-lived connections — Server-Sent Events, WebSockets, a gateway's
-proxied streams — cost a coroutine each instead of a thread each.
+event loop does the same work several times faster on one core (tests/bench/README.md), and
+long-lived connections — Server-Sent Events, WebSockets, a gateway's proxied streams — cost a
+coroutine each instead of a thread each.
 
 `serve_connection` is the whole of it: the loop of `lib.connection` with `await` where it
 waits. Put it beside `lib.threaded_server.ConnectionHandler.handle`: the same steps.

@@ -307,7 +307,8 @@ def encode_head(status, headers, content_length, *, keep_alive=True):
 
 def encode_response(status, headers, body, *, head_only=False, keep_alive=True):
     """A whole response in one bytes object, so it goes out in one write: a head and a body
-    written apart meet Nagle's algorithm and the client's delayed ACK, ~40 ms per answer. HEAD gets GET's Content-Length and no body (RFC 9110 §9.3.2)."""
+    written apart meet Nagle's algorithm and the client's delayed ACK, ~40 ms per answer. HEAD
+    gets GET's Content-Length and no body (RFC 9110 §9.3.2)."""
     head = encode_head(status, headers, len(body), keep_alive=keep_alive)
     if head_only or status in _NO_BODY:
         return head

@@ -68,11 +68,11 @@ class Route:
     reads with them. `responses` maps a status to what it means (a 4xx answers a problem+json),
     or to a whole OpenAPI Response Object when it answers otherwise. `status` is the success
     status (default: the 2xx in `responses`, else 200), which a handler returning data is
-    answered with; `response_schema` and `media_type` describe that answer. `path_schemas` narrows a path parameter's schema
-    (`{"code": {"minimum": 200}}`); `if_match=True` says the route honours If-Match. `meta`
-    carries whatever a project's middleware reads from the route (a permission, an auth
-    requirement); by convention `public=True` says the route needs no credentials (lib's
-    built-in `/`, `/openapi.json` and `/health` carry it)."""
+    answered with; `response_schema` and `media_type` describe that answer. `path_schemas`
+    narrows a path parameter's schema (`{"code": {"minimum": 200}}`); `if_match=True` says the
+    route honours If-Match. `meta` carries whatever a project's middleware reads from the route
+    (a permission, an auth requirement); by convention `public=True` says the route needs no
+    credentials (lib's built-in `/`, `/openapi.json` and `/health` carry it)."""
 
     def __init__(self, method, pattern, handler, *, summary=None, blocking=False,
                  body_limit=None, request_schema=None, request_media_type="application/json",
