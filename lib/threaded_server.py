@@ -62,6 +62,8 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                         stream(sock, conn, response)
                     else:
                         sock.sendall(conn.send(response))
+                        if response.takeover is not None:
+                            break  # a protocol switch is the asyncio transport's (a coroutine)
             if conn.linger:
                 linger(sock)
         except OSError:

@@ -158,6 +158,16 @@ def test_a_switched_protocol_gets_the_connection_after_its_answer(start_server):
         assert conn.read_response().status == 200
 
 
+def test_a_switched_protocol_on_the_threaded_transport_ends_the_connection(start_server):
+    """The hand-over is asyncio's: on threaded the 101 is sent and the connection closed, so
+    the new protocol's bytes are never read as HTTP requests."""
+    server = start_server(APP, "--server", "threaded")
+    with RawConnection(server.host, server.port) as conn:
+        conn.send(request_bytes("GET", "/upgrade") + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.read_response().status == 101
+        assert conn.read_until_closed() == b""
+
+
 def test_a_big_answer_to_a_slow_reader_arrives_whole_while_others_are_served(server):
     with connect(server) as slow:
         slow.send(request_bytes("GET", "/big"))
