@@ -50,7 +50,8 @@ _CONVERTERS = {  # name: (segment regex, conversion, OpenAPI schema)
 
 # The list contract's parameters (common.md "Lists"; lib.listing.list_params reads them), and
 # the answer's shape, which a route that takes them documents: `query=[*PAGE, ...]`.
-PAGE = (Query("limit", f"page size, 1–{MAX_LIMIT} (default {DEFAULT_LIMIT})", int, DEFAULT_LIMIT, 1, MAX_LIMIT),
+PAGE = (Query("limit", f"page size, 1–{MAX_LIMIT} (default {DEFAULT_LIMIT})", int, DEFAULT_LIMIT,
+              1, MAX_LIMIT),
         Query("cursor", "the next_cursor of the page before"))
 PAGE_ANSWER = {"type": "object", "required": ["items", "next_cursor"],
                "properties": {"items": {"type": "array"}, "next_cursor": {"type": ["string", "null"]}}}
@@ -177,8 +178,9 @@ class Router:
             parameters = [{"name": name, "in": "path", "required": True,
                            "schema": {**_CONVERTERS[kind][2], **route.path_schemas.get(name, {})}}
                           for name, kind in route.params]
-            parameters += [{"name": q.name, "in": "query", "description": q.description,  # empty:
-                            "schema": q.schema, "allowEmptyValue": True} for q in route.query]  # absent
+            # allowEmptyValue: the readers take `?limit=` as the parameter left out
+            parameters += [{"name": q.name, "in": "query", "description": q.description,
+                            "schema": q.schema, "allowEmptyValue": True} for q in route.query]
             if route.if_match:
                 parameters.append({"name": "If-Match", "in": "header", "schema": {"type": "string"},
                                    "description": "the ETag last read; a stale one is a 412"})
@@ -189,9 +191,14 @@ class Router:
                     "required": route.body_required,
                     "content": {route.request_media_type: {"schema": route.request_schema}}}
             problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
-            responses = {str(status): text if isinstance(text, dict) else  # a whole Response Object
-                         {"description": text, **({"content": problem} if status >= 400 else {})}
-                         for status, text in route.responses.items()}
+            responses = {}
+            for status, text in route.responses.items():
+                if isinstance(text, dict):  # a whole Response Object, for an answer of its own kind
+                    responses[str(status)] = text
+                else:
+                    responses[str(status)] = {"description": text}
+                    if status >= 400:
+                        responses[str(status)]["content"] = problem
             success = responses.setdefault(str(route.status), {"description": "Success"})
             if route.status != 204:
                 success["content"] = {route.media_type: {"schema": route.response_schema}}
