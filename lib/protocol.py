@@ -242,9 +242,10 @@ class ChunkedDecoder:
             line_limit = MAX_CHUNK_LINE if self.state == self.SIZE else MAX_HEADER_LINE
             line_end = buffer.find(b"\r\n", at, at + line_limit + 2)
             if line_end < 0:
+                if end - at > line_limit and self.state == self.SIZE:
+                    raise ProtocolError("chunk line too long")
                 if end - at > line_limit:
-                    raise ProtocolError("chunk line too long" if self.state == self.SIZE else
-                                        "trailer field too large", status=400 if self.state == self.SIZE else 431)
+                    raise ProtocolError("trailer field too large", status=431)
                 break
             line, at = buffer[at:line_end], line_end + 2
             if self.state == self.SIZE:
