@@ -192,13 +192,10 @@ class Router:
                     "content": {route.request_media_type: {"schema": route.request_schema}}}
             problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
             responses = {}
-            for status, text in route.responses.items():
-                if isinstance(text, dict):  # a whole Response Object, for an answer of its own kind
-                    responses[str(status)] = text
-                else:
-                    responses[str(status)] = {"description": text}
-                    if status >= 400:
-                        responses[str(status)]["content"] = problem
+            for status, text in route.responses.items():  # what it means, or a Response Object
+                responses[str(status)] = text if isinstance(text, dict) else {"description": text}
+                if status >= 400 and not isinstance(text, dict):  # an error answers a problem
+                    responses[str(status)]["content"] = problem
             success = responses.setdefault(str(route.status), {"description": "Success"})
             if route.status != 204:
                 success["content"] = {route.media_type: {"schema": route.response_schema}}
