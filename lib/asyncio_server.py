@@ -136,6 +136,7 @@ class AsyncioServer:
         except (ConnectionError, OSError):
             pass  # a client that leaves is not an error: no traceback for it
         finally:
+            conn.release()
             writer.close()
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()  # what is queued goes out, within the deadline

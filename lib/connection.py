@@ -109,6 +109,7 @@ class Connection:
         self.request = None         # the request being read or answered
         self.head = None
         self.decoder = None
+        self.sink = None            # where a streamed body goes (Route's body_sink), if anywhere
         self.blocking = False       # the request's handler may block: run it off the event loop
         self.body_started = 0.0
         self.received = 0
@@ -175,6 +176,8 @@ class Connection:
             if length is not None and length != CHUNKED and length > limit:
                 # refused before reading any of it (common.md: read no more than the limit)
                 raise ContentTooLarge(f"request body over the limit of {limit} bytes")
+            if length is not None and request.route and request.route.body_sink:
+                self.sink = request.route.body_sink(request)  # it may refuse before the body
         except HTTPError as error:
             return self._refuse(error, request)
         self.head, self.request = head, request
@@ -183,7 +186,9 @@ class Connection:
             self.deadline = None  # the server's turn
             return request
         request.has_body = True
-        self.decoder = ChunkedDecoder(limit) if length == CHUNKED else ContentLengthDecoder(length)
+        on_data = self.sink.write if self.sink else None
+        self.decoder = (ChunkedDecoder(limit, on_data) if length == CHUNKED
+                        else ContentLengthDecoder(length, on_data))
         self._move(Event.HEAD_WITH_BODY)
         self.body_started = self.clock()
         self.received = len(self.buffer)
@@ -202,13 +207,14 @@ class Connection:
                 return self._refuse(error, self.request)
         if self.decoder.done:
             self.buffer += self.decoder.unused
-            self.request.body = self.decoder.body
+            self.request.body = self.decoder.body if self.sink is None else self.sink
             self.decoder = None
             self._move(Event.BODY_END)
             self.deadline = None
             return self.request
         if self.peer_closed:  # the client left before sending the whole body
             self._move(Event.PEER_CLOSED)
+            self.release()
             return CLOSE
         return NEED_DATA
 
@@ -218,6 +224,7 @@ class Connection:
         request = request or unparsed_request(self.app, self.client)
         request.context["failure"] = error
         self.request, self.head, self.decoder = request, None, None
+        self.release()
         self.keep_alive = False
         self.linger = True
         self.blocking = False
@@ -225,6 +232,14 @@ class Connection:
         self._move(Event.REFUSED)
         self.deadline = None
         return request
+
+    def release(self):
+        """Discard a streamed body's sink once its request is answered, refused or cut off
+        (transports call this when a connection ends, however it ends): what the handler did
+        not keep of it is dropped, and nothing half-received outlives its connection."""
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.discard()
 
     # --- answers out -------------------------------------------------------------------------
 
@@ -242,6 +257,7 @@ class Connection:
     def _answered(self, keep_alive):
         self._move(Event.ANSWER if keep_alive else Event.LAST_ANSWER)
         self.request = self.head = None
+        self.release()
         # The client must take this answer, and send its next head, within the idle timeout.
         self.deadline = self.clock() + self.idle_timeout
 

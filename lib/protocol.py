@@ -164,11 +164,14 @@ def body_length(head):
 
 class ContentLengthDecoder:
     """A body of `length` bytes (RFC 9112 §6.2), fed as it arrives; read `done`, `body` and
-    `unused` (bytes after the body: the next pipelined request), as with `ChunkedDecoder`."""
+    `unused` (bytes after the body: the next pipelined request), as with `ChunkedDecoder`.
+    With `on_data`, each piece of the body goes to it as it is decoded instead (a streamed
+    body, never held whole), for both decoders."""
 
-    def __init__(self, length):
+    def __init__(self, length, on_data=None):
         self.missing = length
         self.chunks = []
+        self.on_data = on_data or self.chunks.append
         self.unused = b""
 
     @property
@@ -181,7 +184,8 @@ class ContentLengthDecoder:
 
     def feed(self, data):
         piece = data[:self.missing]
-        self.chunks.append(piece)
+        if piece:
+            self.on_data(piece)
         self.missing -= len(piece)
         self.unused += data[len(piece):]
 
@@ -202,11 +206,12 @@ class ChunkedDecoder:
 
     SIZE, DATA, DATA_END, TRAILER, DONE = range(5)
 
-    def __init__(self, limit):
+    def __init__(self, limit, on_data=None):
         self.limit = limit
         self.state = self.SIZE
         self.remaining = 0
         self.chunks = []
+        self.on_data = on_data or self.chunks.append
         self.size = 0          # data and extension bytes so far, against `limit`
         self.unused = b""      # bytes not yet decoded (after DONE: the next request)
         self.trailer_lines = 0
@@ -225,7 +230,7 @@ class ChunkedDecoder:
         while self.state != self.DONE and at < end:
             if self.state == self.DATA:
                 piece = buffer[at:at + self.remaining]
-                self.chunks.append(piece)
+                self.on_data(piece)
                 self.remaining -= len(piece)
                 at += len(piece)
                 if self.remaining == 0:

@@ -62,7 +62,11 @@ class Route:
 
     `blocking` marks a handler that may block for a while (a password hash, an SMTP exchange,
     a sleep): the asyncio transport runs it in the worker pool instead of on the event loop.
-    `body_limit` caps the request body in bytes. `request_schema` is the body's schema for the
+    `body_limit` caps the request body in bytes. `body_sink(request)` makes, as soon as the head
+    is read, the object a body too large to hold in memory is written to as it arrives (an
+    upload): its `write(piece)` and the factory may raise an HTTPError to refuse the request at
+    once, the handler finds it as `request.body`, and `discard()` is called once the request is
+    answered or cut off (it drops what the handler did not keep). `request_schema` is the body's schema for the
     OpenAPI document (`lib.validation.body_schema`), a JSON body's unless `request_media_type`
     says otherwise (`"text/csv"`); `body_required=False` when the body may be left out
     altogether. `query` lists the route's `lib.request.Query` parameters, which the handler
@@ -76,7 +80,7 @@ class Route:
     credentials (lib's built-in `/`, `/openapi.json` and `/health` carry it)."""
 
     def __init__(self, method, pattern, handler, *, summary=None, blocking=False,
-                 body_limit=None, request_schema=None, request_media_type="application/json",
+                 body_limit=None, body_sink=None, request_schema=None, request_media_type="application/json",
                  body_required=True, query=(), responses=None, tags=None, status=None,
                  response_schema=None, media_type="application/json", path_schemas=None,
                  if_match=False, **meta):
@@ -87,6 +91,7 @@ class Route:
         self.summary = summary or (doc.splitlines()[0] if doc else handler.__name__.replace("_", " "))
         self.blocking = blocking
         self.body_limit = body_limit
+        self.body_sink = body_sink
         self.request_schema = request_schema
         self.request_media_type = request_media_type
         self.body_required = body_required

@@ -69,6 +69,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         except OSError:
             pass  # a client that leaves (or times out) is not an error: no traceback for it
         finally:
+            conn.release()
             server.untrack(sock)
 
 

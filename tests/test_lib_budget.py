@@ -11,6 +11,11 @@ validation and the list contract out of lib/, which level 01 uses (a level 01 pr
 import a level 02 lesson) and whose unit tests would become tests of a project's internals. So
 the budget is restated at 2,000 here, measured and explained in that issue's closing note; it is
 a ceiling, so lib/ cannot grow without someone deciding it should.
+
+Issue 12 then asked lib/ for two pieces of request parsing that uploads need: streamed request
+bodies (a route's `body_sink`, about 20 lines across the connection machine, the decoders and
+the transports) and the multipart/form-data parser (lib/multipart.py, about 115). The ceiling
+moves with them to 2,150, the step of that issue's closing note (2,300 proposed for all thirty).
 """
 import ast
 import io
@@ -18,7 +23,7 @@ import tokenize
 
 from tests.harness import ROOT
 
-LIB_BUDGET = 2000
+LIB_BUDGET = 2150
 _NOT_CODE = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
              tokenize.ENDMARKER}
 

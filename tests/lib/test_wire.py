@@ -7,6 +7,7 @@ These rules belong to lib's transports, not to a project, so they run here once 
 tests/test_contract.py. The last section holds the wire faults of issue 10 item 7, which the
 connection machine must not carry over.
 """
+import hashlib
 import json
 import select
 import signal
@@ -15,6 +16,7 @@ import time
 import uuid
 
 import pytest
+import requests
 
 from tests.harness import (RawConnection, assert_content_length, assert_quiet_exit,
                            assert_sigterm_closes_an_idle_connection, assert_still_serving,
@@ -513,3 +515,75 @@ def test_the_same_bytes_get_the_same_answer_on_both_transports_however_they_are_
     assert len(set(statuses.values())) == 1, f"{name}: the answers differ: {statuses}"
     status = next(iter(statuses.values()))
     assert status in allowed, f"{name}: answered {status}, common.md allows {sorted(allowed)}"
+
+
+# --------------------------------------------------------------------------------------------
+# Streamed request bodies (a route's body_sink): written as they arrive, never held whole
+
+
+def sink_counts(server):
+    return requests.get(server.url + "/sink", timeout=5).json()
+
+
+def await_sinks_closed(server, discarded, timeout=5.0):
+    """Wait until no sink is open and `discarded` have been discarded (the connection's end is
+    seen by the server a moment after the client's)."""
+    deadline = time.monotonic() + timeout
+    while (counts := sink_counts(server)) != {"open": 0, "discarded": discarded}:
+        assert time.monotonic() < deadline, f"sinks after the upload: {counts}"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_streamed_body_reaches_its_sink_whole_in_both_framings(start_server, transport):
+    """The sink gets every byte, in order: its size and digest are the body's, sent with a
+    length or chunked."""
+    server = start_server(APP, "--server", transport)
+    body = bytes(range(256)) * 4096  # 1 MiB: the sink's limit exactly
+    expected = {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    assert requests.post(server.url + "/sink", data=body, timeout=10).json() == expected
+    chunked = requests.post(server.url + "/sink", data=iter([body[:1000], body[1000:]]),
+                            timeout=10)  # a generator: requests sends it chunked
+    assert chunked.request.headers.get("Transfer-Encoding") == "chunked"
+    assert chunked.json() == expected
+    await_sinks_closed(server, discarded=2)  # a sink is discarded once its answer is sent
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_sink_refuses_at_the_byte_over_its_limit_not_after_the_whole_body(start_server,
+                                                                           transport):
+    """The client announces 100 MiB and sends 1.5 MiB: the 413 must come while it still has
+    98 MiB to send, and the half-received body is discarded."""
+    server = start_server(APP, "--server", transport)
+    with RawConnection(server.host, server.port, timeout=10) as conn:
+        conn.send(request_bytes("POST", "/sink", {"Content-Length": str(100 << 20)}))
+        conn.send(b"x" * (1536 * 1024))
+        resp = conn.read_response(timeout=10)
+    assert_problem_bytes(resp, 413)
+    await_sinks_closed(server, discarded=1)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_sink_may_refuse_from_the_head_before_the_body_is_sent(start_server, transport):
+    """A client that waits for `100 Continue` hears the refusal instead, and never sends."""
+    server = start_server(APP, "--server", transport)
+    with RawConnection(server.host, server.port) as conn:
+        conn.send(request_bytes("POST", "/sink", {"Content-Length": "5000", "X-Refuse": "yes",
+                                                  "Expect": "100-continue"}))
+        resp = conn.read_response()
+    assert_problem_bytes(resp, 403)
+    assert sink_counts(server) == {"open": 0, "discarded": 0}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_upload_cut_off_midway_is_discarded(start_server, transport):
+    """A client that goes away mid-body: its sink is discarded, and the server serves on."""
+    server = start_server(APP, "--server", transport)
+    with RawConnection(server.host, server.port) as conn:
+        conn.send(request_bytes("POST", "/sink", {"Content-Length": "100000"}) + b"x" * 50_000)
+        deadline = time.monotonic() + 5
+        while sink_counts(server)["open"] != 1:  # the server has begun the body
+            assert time.monotonic() < deadline, "the upload never reached its sink"
+            time.sleep(0.02)
+    await_sinks_closed(server, discarded=1)
+    assert_still_serving(server)

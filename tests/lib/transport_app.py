@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from lib import App, Response
+from lib.problems import ContentTooLarge, Forbidden
 from lib.response import StreamingResponse
 
 app = App("transport_app", "Routes that exercise a transport.", port=8999)
@@ -78,6 +79,43 @@ def stream_broken(request):
 def sleep(request):
     time.sleep(request.query_int("ms", 100, low=0, high=5000) / 1000)
     return {"slept": True}
+
+
+class DigestSink:
+    """A streamed body's sink: it digests what arrives and keeps none of it, refuses a body over
+    `SINK_LIMIT` at the byte that passes it, and counts the sinks left open and discarded, so a
+    test can see that a cut-off upload is cleaned up."""
+    open = 0
+    discarded = 0
+    SINK_LIMIT = 1024 * 1024
+
+    def __init__(self, request):
+        if request.header("X-Refuse"):
+            raise Forbidden("refused from the head, before the body")
+        self.size = 0
+        self.digest = hashlib.sha256()
+        DigestSink.open += 1
+
+    def write(self, piece):
+        self.size += len(piece)
+        if self.size > self.SINK_LIMIT:
+            raise ContentTooLarge(f"over {self.SINK_LIMIT} bytes")
+        self.digest.update(piece)
+
+    def discard(self):
+        DigestSink.open -= 1
+        DigestSink.discarded += 1
+
+
+@app.post("/sink", body_sink=DigestSink, body_limit=1 << 40)
+def sink(request):
+    """The size and digest of a body that was streamed, never held whole."""
+    return {"size": request.body.size, "sha256": request.body.digest.hexdigest()}
+
+
+@app.get("/sink")
+def sinks(request):
+    return {"open": DigestSink.open, "discarded": DigestSink.discarded}
 
 
 @app.get("/upgrade")
