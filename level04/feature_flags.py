@@ -123,16 +123,24 @@ def semver_key(text):
 
 
 class Variants(Field):
+    """A variant's value is one OFREP can serve: a boolean, string, number or object, or null
+    (OFREP's "code default": the SDK answers the default its caller passed). Not an array."""
+
     def shape(self):
         return {"type": "object", "minProperties": 1, "maxProperties": MAX_VARIANTS,
                 "propertyNames": {"pattern": f"^{VARIANT_NAME.pattern}$"},
-                "description": "{name: any JSON value}; leave out for a boolean flag (on/off)"}
+                "additionalProperties": {"type": ["boolean", "string", "number", "object",
+                                                  "null"]},
+                "description": "{name: value}; leave out for a boolean flag (on/off)"}
 
     def clean(self, value):
         if not isinstance(value, dict) or not 1 <= len(value) <= MAX_VARIANTS:
             raise Invalid(f"must be an object of 1–{MAX_VARIANTS} variants")
         if not all(VARIANT_NAME.fullmatch(name) for name in value):
             raise Invalid("variant names must be 1–64 of A–Z, a–z, 0–9, '_', '.', '-'")
+        if any(isinstance(served, list) for served in value.values()):
+            raise Invalid("a variant's value is a boolean, string, number, object or null; "
+                          "OFREP serves no arrays")
         return value
 
 
@@ -716,15 +724,19 @@ def ofrep_input(request):
 
 
 def ofrep_success(key, answer):
-    return {"key": key, "value": answer["value"], "variant": answer["variant"],
-            "reason": answer["reason"], "metadata": {}}
+    """OFREP's success; a null value is its code default, an answer without `value`."""
+    value = {} if answer["value"] is None else {"value": answer["value"]}
+    return {"key": key, **value, "variant": answer["variant"], "reason": answer["reason"],
+            "metadata": {}}
 
 
 OFREP_REQUEST = {"type": "object",
                  "properties": {"context": {"type": "object",
                                             "properties": {"targetingKey": {"type": "string"}}}}}
-OFREP_SUCCESS = {"type": "object", "required": ["key", "value", "variant", "reason"],
-                 "properties": {"key": {"type": "string"}, "value": {},
+OFREP_SUCCESS = {"type": "object", "required": ["key", "variant", "reason"],
+                 "properties": {"key": {"type": "string"},
+                                "value": {"type": ["boolean", "string", "number", "object"],
+                                          "description": "left out: use the code default"},
                                 "variant": {"type": "string"}, "reason": {"type": "string"},
                                 "metadata": {"type": "object"}}}
 OFREP_ERROR_CODES = ["PARSE_ERROR", "TARGETING_KEY_MISSING", "INVALID_CONTEXT", "GENERAL",
