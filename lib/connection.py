@@ -110,6 +110,7 @@ class Connection:
         self.head = None
         self.decoder = None
         self.sink = None            # where a streamed body goes (Route's body_sink), if anywhere
+        self.chunked = False        # the streamed answer under way has chunked framing
         self.blocking = False       # the request's handler may block: run it off the event loop
         self.body_started = 0.0
         self.received = 0
@@ -269,23 +270,25 @@ class Connection:
         return data
 
     def start_stream(self, response):
-        """The head of a streamed answer: chunked for HTTP/1.1, close-delimited for 1.0."""
+        """The head of a streamed answer: framed by its length when it has one, else chunked
+        for HTTP/1.1 and close-delimited for 1.0."""
         self.keep_alive = self._keeps_alive(response)
         headers = list(response.headers)
-        if self.head.version == "HTTP/1.1":
+        self.chunked = response.length is None and self.head.version == "HTTP/1.1"
+        if self.chunked:
             headers.append(("Transfer-Encoding", "chunked"))
         self._move(Event.STREAM)
         self.deadline = self.clock() + self.idle_timeout
-        return encode_head(response.status, headers, None, keep_alive=self.keep_alive)
+        return encode_head(response.status, headers, response.length, keep_alive=self.keep_alive)
 
     def chunk(self, piece):
         """One piece of a streamed answer, framed; the client must take it within the idle
         timeout."""
         self.deadline = self.clock() + self.idle_timeout
-        return encode_chunk(piece) if self.head.version == "HTTP/1.1" else piece
+        return encode_chunk(piece) if self.chunked else piece
 
     def end_stream(self):
-        chunked = self.state == State.STREAMING and self.head.version == "HTTP/1.1"
+        chunked = self.state == State.STREAMING and self.chunked
         self._answered(self.keep_alive)  # first: it refuses a stream that never began
         return encode_chunk(b"") if chunked else b""
 
@@ -304,6 +307,9 @@ def unparsed_request(app, client):
 def encode_whole(response, head, keep_alive):
     head_only = head is not None and head.method == "HEAD"
     try:
+        if head_only and response.streaming:  # a HEAD answer to a stream: its length, if known
+            return encode_head(response.status, response.headers, response.length,
+                               keep_alive=keep_alive)
         return encode_response(response.status, response.headers, response.body,
                                head_only=head_only, keep_alive=keep_alive)
     except (ValueError, UnicodeEncodeError) as error:

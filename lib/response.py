@@ -45,16 +45,20 @@ class Response:
 class StreamingResponse(Response):
     """A body produced piece by piece (a download, Server-Sent Events). `chunks` is an iterator
     of bytes, or an async iterator on the asyncio transport; it is sent with chunked transfer
-    coding, each piece as soon as it is produced.
+    coding, each piece as soon as it is produced — or, when its `length` is known beforehand (a
+    file), framed by that Content-Length, which a HEAD answer reports too; the pieces must then
+    add up to exactly `length` bytes.
 
     On the asyncio transport a plain (blocking) iterator is advanced in the worker pool, so a
     generator that waits for events does not stall the event loop."""
 
-    __slots__ = ("chunks", "sent", "on_close")
+    __slots__ = ("chunks", "length", "sent", "on_close")
 
-    def __init__(self, chunks, status=200, headers=None, content_type="application/octet-stream"):
+    def __init__(self, chunks, status=200, headers=None, content_type="application/octet-stream",
+                 length=None):
         super().__init__(b"", status, headers, content_type)
         self.chunks = chunks
+        self.length = length
         self.sent = 0         # bytes written so far, for the access log
         self.on_close = None  # called by the transport when the stream has ended
 

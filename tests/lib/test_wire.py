@@ -587,3 +587,18 @@ def test_an_upload_cut_off_midway_is_discarded(start_server, transport):
             time.sleep(0.02)
     await_sinks_closed(server, discarded=1)
     assert_still_serving(server)
+
+
+def test_a_stream_of_known_length_is_framed_by_it_and_head_reports_it(wire_server):
+    """A download's length is known: Content-Length, not chunked, so a client sees its size
+    and progress, and HEAD gives the same length with no body; the connection stays open."""
+    with RawConnection(wire_server.host, wire_server.port) as conn:
+        conn.send(request_bytes("GET", "/stream/sized?n=3"))
+        got = conn.read_response()
+        conn.send(request_bytes("HEAD", "/stream/sized?n=3"))
+        head = conn.read_response(head=True)
+        conn.send(request_bytes("GET", "/health"))
+        assert conn.read_response().status == 200
+    assert got.status == 200 and got.body == b"000000000001000002"
+    assert got.header("Content-Length") == "18" and got.header("Transfer-Encoding") is None
+    assert head.status == 200 and head.header("Content-Length") == "18" and head.body == b""

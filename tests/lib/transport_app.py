@@ -55,6 +55,14 @@ def stream(request):
     return StreamingResponse(pieces(), content_type="text/plain")
 
 
+@app.get("/stream/sized")
+def stream_sized(request):
+    """The same pieces as /stream, with their total length known beforehand (as a file's)."""
+    count = request.query_int("n", 5, low=0, high=10_000)
+    return StreamingResponse((f"{number:06d}".encode() for number in range(count)),
+                             content_type="text/plain", length=6 * count)
+
+
 @app.get("/stream/async")
 def stream_async(request):
     """Pieces from an async generator, paced, the way Server-Sent Events are sent."""
