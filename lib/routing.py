@@ -62,14 +62,14 @@ class Route:
 
     `blocking` marks a handler that may block for a while (a password hash, an SMTP exchange,
     a sleep): the asyncio transport runs it in the worker pool instead of on the event loop.
-    `body_limit` caps the request body in bytes. `body_sink(request)` makes, as soon as the head
-    is read, the object a body too large to hold in memory is written to as it arrives (an
-    upload): its `write(piece)` and the factory may raise an HTTPError to refuse the request at
-    once, the handler finds it as `request.body`, and `discard()` is called once the request is
-    answered or cut off (it drops what the handler did not keep). `request_schema` is the body's schema for the
-    OpenAPI document (`lib.validation.body_schema`), a JSON body's unless `request_media_type`
-    says otherwise (`"text/csv"`); `body_required=False` when the body may be left out
-    altogether. `query` lists the route's `lib.request.Query` parameters, which the handler
+    `body_limit` caps the request body in bytes. `body_sink(request)`, for a body too large
+    to hold in memory (an upload), makes from the request's head the object that the body is
+    written to as it arrives, with `write(piece)`; both may raise an HTTPError to refuse the
+    request at once. The handler finds it as `request.body`; its `discard()` is called once the
+    request is answered or cut off, to drop what the handler did not keep. `request_schema` is
+    the body's schema for the OpenAPI document (`lib.validation.body_schema`), a JSON body's
+    unless `request_media_type` says otherwise (`"text/csv"`); `body_required=False` when the
+    body may be left out altogether. `query` lists the route's `lib.request.Query` parameters, which the handler
     reads with them. `responses` maps a status to what it means (a 4xx answers a problem+json),
     or to a whole OpenAPI Response Object when it answers otherwise. `status` is the success
     status (default: the 2xx in `responses`, else 200), which a handler returning data is
@@ -80,8 +80,8 @@ class Route:
     credentials (lib's built-in `/`, `/openapi.json` and `/health` carry it)."""
 
     def __init__(self, method, pattern, handler, *, summary=None, blocking=False,
-                 body_limit=None, body_sink=None, request_schema=None, request_media_type="application/json",
-                 body_required=True, query=(), responses=None, tags=None, status=None,
+                 body_limit=None, body_sink=None, request_schema=None,
+                 request_media_type="application/json", body_required=True, query=(), responses=None, tags=None, status=None,
                  response_schema=None, media_type="application/json", path_schemas=None,
                  if_match=False, **meta):
         self.method = method.upper()
