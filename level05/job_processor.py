@@ -372,13 +372,11 @@ class Queue:
             (time.time() + self.lease_s, job_id, worker)).rowcount == 1
 
     def report_progress(self, job_id, worker, percent):
-        """Record progress (and renew the lease); returns whether a cancel was asked for, or
-        None when the job is no longer ours."""
-        now = time.time()
+        """Record progress; returns whether a cancel was asked for, or None when the job is no
+        longer ours. (Only the heartbeat renews the lease: one mechanism, tested alone.)"""
         rows = self.db.execute_returning(
-            "UPDATE jobs SET progress = ?, lease_until = ?, "
-            "updated_at = ? WHERE id = ? AND worker = ? AND status = 'running' "
-            "RETURNING cancel_requested", (percent, now + self.lease_s, now, job_id, worker))
+            "UPDATE jobs SET progress = ?, updated_at = ? WHERE id = ? AND worker = ? AND "
+            "status = 'running' RETURNING cancel_requested", (percent, time.time(), job_id, worker))
         return bool(rows[0][0]) if rows else None
 
     def _finish(self, move, job_id, worker, assignments, params):
@@ -781,8 +779,9 @@ def idempotency_key(request):
     if key is None:
         return None
     if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
-        raise ValidationFailed({"Idempotency-Key": f"must be 1–{MAX_IDEMPOTENCY_KEY} "
-                                                   f"printable ASCII characters"})
+        message = f"must be 1–{MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+        raise BadRequest(f"Idempotency-Key {message}",
+                         errors=[{"field": "Idempotency-Key", "message": message}])
     return key
 
 
@@ -861,6 +860,7 @@ def job_answer(row, status=200, headers=None):
                                     for job_type in DEMO_TYPES]},
           responses={202: "Queued (or scheduled); Location: /jobs/{id}",
                      200: "The job this Idempotency-Key made before",
+                     400: "An Idempotency-Key that is not 1–255 printable ASCII characters",
                      422: "An unknown type, a payload its type cannot take, a bad option, or "
                           "an Idempotency-Key used for another request"})
 def create_job(request):
