@@ -179,11 +179,19 @@ def clean_filename(name):
 
 
 def content_disposition(filename):
-    """`attachment` with the name twice (RFC 6266 §4.3): an ASCII stand-in for old clients,
-    and the exact name as RFC 8187's `filename*=UTF-8''…`, which current clients prefer."""
-    ascii_name = "".join(c if " " <= c <= "~" and c not in '"\\%' else "_" for c in filename)
+    """`attachment` with the name twice (RFC 6266 §4.3): an ASCII stand-in for clients that
+    read only `filename` (curl -J among them), and the exact name as RFC 8187's
+    `filename*=UTF-8''…`, which browsers prefer."""
+    ascii_name = "".join(map(ascii_stand_in, filename))
     exact = quote(filename, safe="!#$&+^`|")
     return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{exact}"
+
+
+def ascii_stand_in(char):
+    """A character as plain ASCII in a quoted string: é → e (its accent dropped), and "_" for
+    what has no such form or would need escaping (quote, backslash, %)."""
+    folded = unicodedata.normalize("NFKD", char).encode("ascii", "ignore").decode()
+    return folded if folded and all(" " <= c <= "~" and c not in '"\\%' for c in folded) else "_"
 
 
 # =============================================================================================
@@ -565,10 +573,10 @@ def byte_range(request, size, tag):
             raise unsatisfiable(size)
         return first, last
     first, last = int(first), (int(last) if last else size - 1)
-    if first > last:
-        return None  # invalid: ignored
     if first >= size:
         raise unsatisfiable(size)
+    if first > last:
+        return None  # invalid: ignored
     return first, min(last, size - 1)
 
 

@@ -225,7 +225,6 @@ class Connection:
         request = request or unparsed_request(self.app, self.client)
         request.context["failure"] = error
         self.request, self.head, self.decoder = request, None, None
-        self.release()
         self.keep_alive = False
         self.linger = True
         self.blocking = False

@@ -11,6 +11,8 @@ import hashlib
 import json
 import select
 import signal
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -576,8 +578,10 @@ def test_a_sink_may_refuse_from_the_head_before_the_body_is_sent(start_server, t
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_an_upload_cut_off_midway_is_discarded(start_server, transport):
-    """A client that goes away mid-body: its sink is discarded, and the server serves on."""
+@pytest.mark.parametrize("how", ["closed", "reset"])
+def test_an_upload_cut_off_midway_is_discarded(start_server, transport, how):
+    """A client that goes away mid-body, with a FIN or a reset (which makes the server's read
+    fail rather than end): its sink is discarded, and the server serves on."""
     server = start_server(APP, "--server", transport)
     with RawConnection(server.host, server.port) as conn:
         conn.send(request_bytes("POST", "/sink", {"Content-Length": "100000"}) + b"x" * 50_000)
@@ -585,6 +589,8 @@ def test_an_upload_cut_off_midway_is_discarded(start_server, transport):
         while sink_counts(server)["open"] != 1:  # the server has begun the body
             assert time.monotonic() < deadline, "the upload never reached its sink"
             time.sleep(0.02)
+        if how == "reset":  # SO_LINGER with a zero timeout: close() sends RST
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     await_sinks_closed(server, discarded=1)
     assert_still_serving(server)
 
