@@ -42,6 +42,7 @@ per-user quotas, a CDN in front. file_upload.md's "In production" says who does 
 
     python level04/file_upload.py [--storage DIR] [--max-bytes N] [--allowed-types png,pdf,…]
 """
+import argparse
 import codecs
 import contextlib
 import hashlib
@@ -68,7 +69,8 @@ from lib.request import Query, bad_query, utc_timestamp
 from lib.response import StreamingResponse
 from lib.routing import PAGE
 from level03.jwt_auth import (SCHEMA as IDENTITY_SCHEMA, Auth, add_auth_arguments,
-                              add_token_routes, authenticate_bearer, current_user, require_user)
+                              add_token_routes, authenticate_bearer, current_user,
+                              load_or_create_secret, require_user)
 
 app = App("file_upload", "Uploads streamed to disk, stored by content hash, downloaded with ranges.",
           port=8012)
@@ -198,6 +200,9 @@ def ascii_stand_in(char):
 # The blob store: content by hash, temporary files, and what a crash leaves behind
 # =============================================================================================
 
+BLOB_NAME = re.compile(r"[0-9a-f]{64}")
+
+
 class BlobStore:
     """`root/ab/abcdef…` (the SHA-256) for stored content, `root/tmp/` for uploads under way.
     `lock` orders placing and removing blobs within this server (one server owns the folder)."""
@@ -235,14 +240,26 @@ class BlobStore:
                 self.path(sha256).unlink()
                 trace_event(f"blob {sha256[:12]}… removed: no file names it any more")
 
+    def claim(self, db):
+        """Tie the folder to its database, by an identity kept in both: recover() removes the
+        blobs that no row names, so the folder of another database must be refused, never
+        "recovered" (ValueError)."""
+        identity = load_or_create_secret(db, "storage").decode()
+        marker = self.root / "database-id"
+        if not marker.exists():
+            marker.write_text(identity)
+        elif marker.read_text() != identity:
+            raise ValueError("it holds the files of another database (see its database-id)")
+
     def recover(self, db):
         """At start: what a crash or a kill -9 left — temporary files of cut-off uploads, and
-        blobs placed or unreferenced without the row's commit — is removed."""
-        for path in self.tmp.iterdir():
+        blobs placed or unreferenced without the row's commit — is removed. Only names this
+        store makes are touched."""
+        for path in self.tmp.glob("*.part"):
             path.unlink()
         named = {row[0] for row in db.query("SELECT DISTINCT sha256 FROM files")}
-        for path in self.root.glob("??/*"):
-            if path.name not in named:
+        for path in self.root.glob("[0-9a-f][0-9a-f]/*"):
+            if BLOB_NAME.fullmatch(path.name) and path.name not in named:
                 path.unlink()
 
 
@@ -615,15 +632,16 @@ def type_list(text):
     names = [name.strip().lower() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in TYPES]
     if unknown or not names:
-        raise ValueError(f"choose from {', '.join(TYPES)}")
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or 'nothing'}: choose from "
+                                         f"{', '.join(TYPES)}")
     return tuple(dict.fromkeys(names))
 
 
 def main(argv=None):
     parser = app.arg_parser(database=True)
     add_auth_arguments(parser, app.name)
-    parser.add_argument("--storage", default="data/uploads",
-                        help="folder of the stored files (default data/uploads)")
+    parser.add_argument("--storage", help="folder of the stored files (default: uploads/ beside "
+                                          "the database, so data/uploads)")
     parser.add_argument("--max-bytes", type=bounded(int, "bytes", at_least=1),
                         default=10 * 1024 * 1024, help="largest file accepted (default 10 MiB)")
     parser.add_argument("--allowed-types", type=type_list, default=tuple(TYPES),
@@ -632,11 +650,13 @@ def main(argv=None):
     db = app.open_database(args, SCHEMA)
     app.state.auth = Auth.from_args(db, args)
     app.state.settings = Settings(args.max_bytes, args.allowed_types)
+    storage = args.storage or Path(args.db).parent / "uploads"
     try:
-        app.state.blobs = BlobStore(args.storage)
+        app.state.blobs = BlobStore(storage)
+        app.state.blobs.claim(db)
         app.state.blobs.recover(db)
-    except OSError as error:
-        exit_usage_error(f"--storage {args.storage}: {error}")
+    except (OSError, ValueError) as error:
+        exit_usage_error(f"--storage {storage}: {error}")
     app.run(args)
 
 

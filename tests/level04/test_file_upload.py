@@ -4,7 +4,8 @@ downloads (filename*, nosniff, ETag/304, ranges), owners only, and what a cut-of
 kill -9 leaves behind (nothing, after a restart).
 
 One server serves most of the module; tests that need flags or a restart start their own.
-Files on disk are read from the server's `--storage` folder (`data/uploads` in its workdir).
+Files on disk are read from the server's storage folder, `uploads/` beside its database (in
+its workdir).
 """
 import hashlib
 import json
@@ -20,7 +21,8 @@ from urllib.parse import unquote
 import pytest
 import requests
 
-from tests.harness import RawConnection, expect, expect_json, expect_problem, request_bytes
+from tests.harness import (RawConnection, expect, expect_json, expect_problem, request_bytes,
+                           run_once)
 from tests.level03.accounts import LOW_COST, AccountClient, fresh_email
 
 SCRIPT = "level04/file_upload.py"
@@ -70,7 +72,7 @@ def user(server):
 
 
 def storage(server):
-    return server.workdir / "data" / "uploads"
+    return server.db_path.parent / "uploads"
 
 
 def blobs(server):
@@ -201,10 +203,11 @@ def test_allowed_types_limit_what_is_accepted_by_content(start_server):
 
 
 @pytest.mark.parametrize("value", ["", "png,exe", "bmp"])
-def test_an_unknown_allowed_type_is_a_usage_error(value):
-    from tests.harness import run_once
-    done = run_once(SCRIPT, "--port", "0", "--allowed-types", value, timeout=10)
+def test_an_unknown_allowed_type_is_a_usage_error(value, tmp_path):
+    done = run_once(SCRIPT, "--port", "0", "--db", tmp_path / "db.sqlite3",
+                    "--allowed-types", value, timeout=10)
     assert done.returncode == 2, done.stderr[-500:]
+    assert "choose from png, jpeg, gif, webp, pdf, text" in done.stderr
 
 
 def test_image_dimensions_are_read_from_the_headers(user):
@@ -493,6 +496,18 @@ def test_a_kill_9_mid_upload_leaves_nothing_after_a_restart(start_server):
     user.url = again.url
     assert [i["filename"] for i in expect_json(user.get("/files"), 200)["items"]] == ["kept.txt"]
     assert user.get(f"/files/{kept['id']}/content").content == b"stored before the crash"
+
+
+def test_the_storage_of_another_database_is_refused_not_emptied(start_server, tmp_path):
+    """Recovery removes the blobs no row names: pointed at another database's folder, it would
+    delete that database's files. The folder knows its database, and the server refuses it."""
+    server = start_server(SCRIPT, *LOW_COST)
+    item = User(server).stored(("keep.txt", b"belongs to the first database"))[0]
+    server.stop()
+    done = run_once(SCRIPT, "--port", "0", "--db", tmp_path / "other.sqlite3",
+                    "--storage", storage(server), timeout=10)
+    assert done.returncode == 2 and "another database" in done.stderr, done.stderr[-500:]
+    assert blobs(server)[0] == [item["sha256"]]
 
 
 def test_stored_files_survive_a_restart(start_server):
