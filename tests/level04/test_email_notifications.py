@@ -7,6 +7,7 @@ One server serves most of the module; tests that need flags start their own.
 import email
 import email.policy
 import re
+import shutil
 import signal
 import smtplib
 import socket
@@ -236,6 +237,21 @@ def test_smtplib_delivers_to_the_catcher(server):
     mail = next(m for m in caught(server) if m["subject"] == "by smtplib")
     assert mail["from"] == "a@example.com" and mail["to"] == ["b@example.com", "c@example.com"]
     assert caught_mail(server, mail["id"])["raw"].endswith("\r\n.leading dot\r\nbody\r\n")
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
+def test_swaks_delivers_to_the_catcher(server):
+    """swaks, the SMTP test tool mail administrators use, unchanged: it pipelines when the
+    server offers PIPELINING and checks every reply code."""
+    host, port = smtp_address(server)
+    done = subprocess.run(["swaks", "--server", host, "--port", str(port), "--from",
+                           "ops@example.com", "--to", "dest@example.com", "--header",
+                           "Subject: by swaks", "--body", "a line\n.starts with a dot\n",
+                           "--timeout", "10"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-1000:]
+    mail = next(m for m in caught(server) if m["subject"] == "by swaks")
+    assert mail["from"] == "ops@example.com" and mail["to"] == ["dest@example.com"]
+    assert "\r\n.starts with a dot" in caught_mail(server, mail["id"])["raw"]
 
 
 def test_pipelined_commands_dot_unstuffing_and_rset(server, smtp):
