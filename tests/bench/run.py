@@ -40,7 +40,7 @@ and its reference alike when they are measured back to back in one run, so the b
 ratios within a run (server ÷ reference) against targets, never a figure from another run.
 
 Run: python tests/bench/run.py [--duration S] [--connections N] [--only NAME] [--tool wrk|python]
-                               [--idle-connections N] [--documents N]
+                               [--idle-connections N] [--documents N] [--upload-mib N]
 
 Adding a scenario: write a function that takes the Bench and returns a ScenarioReport (rows for
 the table, targets to judge, ratios given for context), and add it to SCENARIOS.
@@ -75,6 +75,7 @@ from urllib.parse import urlsplit
 from documents import ndjson_batches, search_queries
 from flows import LOGIN_PASSWORD, login_email, notes_user
 from loadgen import build_request, split_response
+import uploads
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parents[1]
@@ -256,6 +257,7 @@ class Bench:
     workdir: Path  # temporary: databases, server logs, wrk scripts
     idle_connections: int = 1000  # held open at once by the connections scenario
     documents: int = 100_000  # indexed by the search scenario
+    upload_bytes: int = 1 << 30  # sent by the upload scenario
     # health_check --server asyncio measured with each load generator: the context that the
     # scenarios without a stdlib reference (crud, auth) print beside their own figures.
     health_rows: dict[str, Row] = field(default_factory=dict)
@@ -899,6 +901,47 @@ def check_evaluation(url: str, body: dict, bearer: str) -> dict:
     return answer
 
 
+def upload_scenario(bench: Bench) -> ScenarioReport:
+    """One large raw upload streamed to file_upload.py (--max-bytes raised to its size), beside
+    writing the same bytes to a file and fsyncing it in the same run; and what the upload cost
+    the server in memory: its peak resident set (VmHWM) over its resident set before."""
+    size = bench.upload_bytes
+    expected = uploads.content_sha256(size)
+    print("  writing the same bytes to a file (reference)", flush=True)
+    write_s = uploads.write_file_seconds(bench.workdir / "reference.bin", size)
+    with bench.running_process("level04/file_upload.py", "--db", bench.workdir / "file_upload.sqlite3",
+                               "--storage", bench.workdir / "uploads", "--max-bytes", str(size),
+                               "--scrypt-n", "1024") as (url, pid):
+        token = sign_up_and_log_in(url, "uploader@example.com")
+        rss_before = settled_rss_kib(pid)
+        print(f"  file_upload.py POST /files, {size / 2**20:,.0f} MiB raw body", flush=True)
+        upload_s, status, answer = uploads.upload_seconds(url, token, size)
+        peak = uploads.peak_rss_kib(pid)
+    if status != 201 or answer["items"][0]["sha256"] != expected:
+        raise BenchError(f"the upload answered {status}: {answer}")
+    upload_rate, write_rate = size / upload_s / 2**20, size / write_s / 2**20
+    growth_mib = (peak - rss_before) / 1024
+    return ScenarioReport(
+        rows=[],
+        targets=[Target("upload ÷ writing the same bytes to a file", f"{write_s / upload_s:.2f}",
+                        "≥ 0.5", write_s / upload_s >= 0.5),
+                 Target("server peak RSS growth during the upload", f"{growth_mib:.1f} MiB",
+                        "< 32 MiB", growth_mib < 32)],
+        notes=[f"upload: {size / 2**20:,.0f} MiB streamed at {upload_rate:,.0f} MiB/s (stored, "
+               f"fsynced, SHA-256 checked), a file written at {write_rate:,.0f} MiB/s; server RSS "
+               f"{rss_before / 1024:.1f} MiB before, peak {peak / 1024:.1f} MiB"],
+    )
+
+
+def sign_up_and_log_in(url: str, email: str) -> str:
+    """A new account on a server with jwt_auth's routes: its access token."""
+    for path, expected in (("/auth/signup", 201), ("/auth/login", 200)):
+        status, answer = http_json("POST", url + path, {"email": email, "password": LOGIN_PASSWORD})
+        if status != expected:
+            raise BenchError(f"POST {path} answered {status}: {answer}")
+    return answer["access_token"]
+
+
 SCENARIOS: dict[str, Callable[[Bench], ScenarioReport]] = {
     "health": health_scenario,
     "connections": connections_scenario,
@@ -908,6 +951,7 @@ SCENARIOS: dict[str, Callable[[Bench], ScenarioReport]] = {
     "redirects": redirects_scenario,
     "search": search_scenario,
     "evaluations": evaluations_scenario,
+    "upload": upload_scenario,
 }
 
 
@@ -976,9 +1020,12 @@ def main() -> int:
                         help="keep-alive connections held open at once by the connections scenario (default 1000)")
     parser.add_argument("--documents", type=int, default=100_000,
                         help="documents indexed by the search scenario (default 100,000)")
+    parser.add_argument("--upload-mib", type=int, default=1024,
+                        help="size of the upload scenario's body in MiB (default 1024)")
     args = parser.parse_args()
-    if min(args.duration, args.connections, args.idle_connections, args.documents) < 1:
-        parser.error("--duration, --connections, --idle-connections and --documents must be at least 1")
+    if min(args.duration, args.connections, args.idle_connections, args.documents, args.upload_mib) < 1:
+        parser.error("--duration, --connections, --idle-connections, --documents and --upload-mib must be "
+                     "at least 1")
 
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
         try:
@@ -986,7 +1033,7 @@ def main() -> int:
         except BenchError as error:
             parser.error(str(error))
         bench = Bench(load_generator, args.duration, args.connections, Path(workdir), args.idle_connections,
-                      args.documents)
+                      args.documents, upload_bytes=args.upload_mib * 2**20)
         print(f"load generator: {load_generator.description}")
         print(f"{args.connections} keep-alive connections, {args.duration} s per measurement after a "
               f"{WARMUP_S} s warm-up; {os.cpu_count()} cores, Python {sys.version.split()[0]}")
