@@ -58,7 +58,7 @@ from lib.app import bounded, exit_usage_error
 from lib.listing import Sort, SortKey, list_params, page
 from lib.request import Query, utc_timestamp
 from lib.response import StreamingResponse, json_body
-from lib.routing import PAGE
+from lib.routing import PAGE, PAGE_ANSWER
 from lib.storage import Database, StorageError, default_db_path
 from lib.validation import Choice, Field, Integer, Invalid, Text, body_schema, validate
 from level04.feature_flags import ChangeStream
@@ -844,6 +844,36 @@ def sse_event(event_id, kind, job):
 # Routes
 # =============================================================================================
 
+def nullable(schema):
+    return {**schema, "type": [schema["type"], "null"]}
+
+
+TIME = {"type": "string", "format": "date-time"}
+JOB_SCHEMA = {  # what render_job answers, for /openapi.json
+    "type": "object",
+    "required": ["id", "type", "payload", "status", "priority", "attempts", "max_attempts",
+                 "timeout_s", "progress", "result", "error", "worker", "cancel_requested",
+                 "next_run_at", "created_at", "started_at", "finished_at", "updated_at"],
+    "properties": {
+        "id": {"type": "integer"}, "type": {"type": "string"}, "payload": {"type": "object"},
+        "status": {"enum": list(Status)}, "priority": {"type": "integer"},
+        "attempts": {"type": "integer"}, "max_attempts": {"type": "integer"},
+        "timeout_s": {"type": "number"},
+        "progress": {"type": "integer", "minimum": 0, "maximum": 100},
+        "result": {"description": "what the job returned, once succeeded"},
+        "error": nullable({"type": "string"}), "worker": nullable({"type": "string"}),
+        "cancel_requested": {"type": "boolean"}, "next_run_at": nullable(TIME),
+        "created_at": TIME, "started_at": nullable(TIME), "finished_at": nullable(TIME),
+        "updated_at": TIME}}
+JOB_PAGE = {**PAGE_ANSWER, "properties": {**PAGE_ANSWER["properties"],
+                                          "items": {"type": "array", "items": JOB_SCHEMA}}}
+# One event of the stream (OpenAPI describes an event stream's events one at a time).
+JOB_EVENT = {"type": "object", "required": ["id", "event", "data"],
+             "properties": {"id": {"type": "string", "pattern": "^[0-9]+$"},
+                            "event": {"enum": ["status", "progress"]},
+                            "data": {"type": "string", "contentMediaType": "application/json",
+                                     "contentSchema": JOB_SCHEMA}}}
+
 NEWEST = Sort("newest", SortKey("id", int, descending=True))
 STATUS_FILTER = Query("status", "only jobs in this state", tuple(Status))
 TYPE_FILTER = Query("type", "only jobs of this type", tuple(t.name for t in DEMO_TYPES))
@@ -855,7 +885,7 @@ def job_answer(row, status=200, headers=None):
     return json_response(render_job(row), status, headers)
 
 
-@app.post("/jobs", status=202, body_limit=64 * 1024,
+@app.post("/jobs", status=202, body_limit=64 * 1024, response_schema=JOB_SCHEMA,
           request_schema={"oneOf": [body_schema(new_job_fields(job_type))
                                     for job_type in DEMO_TYPES]},
           responses={202: "Queued (or scheduled); Location: /jobs/{id}",
@@ -877,7 +907,7 @@ def create_job(request):
     return job_answer(row, 202 if created else 200, {"Location": f"/jobs/{row['id']}"})
 
 
-@app.get("/jobs", query=[*PAGE, STATUS_FILTER, TYPE_FILTER])
+@app.get("/jobs", query=[*PAGE, STATUS_FILTER, TYPE_FILTER], response_schema=JOB_PAGE)
 def list_jobs(request):
     """List jobs, newest first (filters: status, type)"""
     limit, cursor = list_params(request, NEWEST.shape)
@@ -893,7 +923,7 @@ def list_jobs(request):
     return page(rows, limit, NEWEST.cursor_values, render_job)
 
 
-@app.get("/jobs/{job_id:int}", path_schemas=JOB_ID, responses={200: "The job", **ONE_JOB})
+@app.get("/jobs/{job_id:int}", path_schemas=JOB_ID, response_schema=JOB_SCHEMA, responses={200: "The job", **ONE_JOB})
 def read_job(request, job_id):
     """A job: status, attempts, progress, result, error, next_run_at"""
     row = app.state.queue.get(job_id)
@@ -902,7 +932,7 @@ def read_job(request, job_id):
     return job_answer(row)
 
 
-@app.post("/jobs/{job_id:int}/cancel", path_schemas=JOB_ID, body_required=False,
+@app.post("/jobs/{job_id:int}/cancel", path_schemas=JOB_ID, response_schema=JOB_SCHEMA,
           responses={200: "Cancelled, or (running) cancel_requested until its next progress "
                           "report", **ONE_JOB, 409: "Already succeeded, dead or cancelled"})
 def cancel_job(request, job_id):
@@ -910,7 +940,7 @@ def cancel_job(request, job_id):
     return job_answer(app.state.queue.cancel(job_id))
 
 
-@app.post("/jobs/{job_id:int}/retry", path_schemas=JOB_ID, body_required=False,
+@app.post("/jobs/{job_id:int}/retry", path_schemas=JOB_ID, response_schema=JOB_SCHEMA,
           responses={200: "Queued again, attempts from 0", **ONE_JOB, 409: "Not dead"})
 def retry_job(request, job_id):
     """Give a dead job a new set of attempts"""
@@ -918,7 +948,7 @@ def retry_job(request, job_id):
 
 
 @app.get("/jobs/{job_id:int}/events", path_schemas=JOB_ID, media_type="text/event-stream",
-         response_schema={"type": "string"},
+         response_schema=JOB_EVENT,
          responses={200: "Server-Sent Events `status` and `progress`, data = the job; the "
                          "stream ends after the final status", **ONE_JOB,
                     400: "A Last-Event-ID that is not an event id"})
