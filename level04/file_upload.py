@@ -72,8 +72,8 @@ from level03.jwt_auth import (SCHEMA as IDENTITY_SCHEMA, Auth, add_auth_argument
                               add_token_routes, authenticate_bearer, current_user,
                               load_or_create_secret, require_user)
 
-app = App("file_upload", "Uploads streamed to disk, stored by content hash, downloaded with ranges.",
-          port=8012)
+app = App("file_upload", "Uploads streamed to disk, stored by content hash, downloaded with "
+          "ranges.", port=8012)
 
 SCHEMA = IDENTITY_SCHEMA + """
 CREATE TABLE IF NOT EXISTS files (
@@ -361,10 +361,6 @@ class IncomingFile:
         self.file.close()
         with contextlib.suppress(FileNotFoundError):  # gone already: placed as a blob
             self.temp_path.unlink()
-
-    def json(self):
-        return {"filename": self.filename, "size": self.size, "sha256": self.digest.hexdigest(),
-                "content_type": TYPES[self.kind][0]}
 
 
 class UploadSink:

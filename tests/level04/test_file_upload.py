@@ -10,7 +10,6 @@ its workdir).
 import hashlib
 import json
 import shutil
-import socket
 import struct
 import subprocess
 import threading
@@ -78,7 +77,8 @@ def storage(server):
 def blobs(server):
     """The stored blobs' names (their SHA-256), and the temporary files left."""
     root = storage(server)
-    return sorted(p.name for p in root.glob("??/*")), sorted(p.name for p in (root / "tmp").iterdir())
+    return (sorted(p.name for p in root.glob("??/*")),
+            sorted(p.name for p in (root / "tmp").iterdir()))
 
 
 # --- contents of each type, made here ------------------------------------------------------
@@ -88,7 +88,8 @@ def png(width, height):
         return (struct.pack(">I", len(data)) + kind + data
                 + struct.pack(">I", zlib.crc32(kind + data)))
     raw = b"".join(b"\x00" + b"\x00\x00\x00" * width for _ in range(height))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
             + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
@@ -103,7 +104,8 @@ def jpeg(width, height, exif=60_000):
         return bytes([0xFF, code]) + struct.pack(">H", len(data) + 2) + data
     return (b"\xff\xd8" + segment(0xE0, b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00")
             + segment(0xE1, b"Exif\x00\x00" + bytes(exif)) + segment(0xDB, bytes(65))
-            + b"\xff\xff" + segment(0xC0, struct.pack(">BHHB", 8, height, width, 1) + b"\x01\x11\x00")
+            + b"\xff\xff"  # a fill byte before the next marker
+            + segment(0xC0, struct.pack(">BHHB", 8, height, width, 1) + b"\x01\x11\x00")
             + b"\xff\xda" + bytes(20) + b"\xff\xd9")
 
 
