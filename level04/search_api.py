@@ -81,18 +81,28 @@ CREATE INDEX IF NOT EXISTS documents_filtered ON documents (seq, category, price
 
 -- The tags, a row each, for the tag filter and facet, kept by triggers in the document's
 -- transaction. The prefix query's tags facet off the JSON (json_each over every hit's `tags`)
--- took 63 ms; joined with this table, 46.
+-- took 63 ms; joined with this table, 46. Each distinct tag is numbered once in `tags`, and a
+-- document's rows hold the numbers: the facet groups its matches' ~72,000 (document, tag)
+-- pairs by an integer and names only the groups, 24 ms where grouping by the names took 33.
+CREATE TABLE IF NOT EXISTS tags (
+    id    INTEGER PRIMARY KEY,
+    name  TEXT    NOT NULL UNIQUE
+);
 CREATE TABLE IF NOT EXISTS document_tags (
-    seq  INTEGER NOT NULL REFERENCES documents (seq) ON DELETE CASCADE,
-    tag  TEXT    NOT NULL,
-    PRIMARY KEY (seq, tag)
+    seq     INTEGER NOT NULL REFERENCES documents (seq) ON DELETE CASCADE,
+    tag_id  INTEGER NOT NULL REFERENCES tags (id),
+    PRIMARY KEY (seq, tag_id)
 ) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS documents_tagged AFTER INSERT ON documents BEGIN
-    INSERT INTO document_tags (seq, tag) SELECT new.seq, value FROM json_each(new.tags);
+    INSERT OR IGNORE INTO tags (name) SELECT value FROM json_each(new.tags);
+    INSERT INTO document_tags (seq, tag_id)
+        SELECT new.seq, id FROM tags WHERE name IN (SELECT value FROM json_each(new.tags));
 END;
 CREATE TRIGGER IF NOT EXISTS documents_retagged AFTER UPDATE OF tags ON documents BEGIN
     DELETE FROM document_tags WHERE seq = old.seq;
-    INSERT INTO document_tags (seq, tag) SELECT new.seq, value FROM json_each(new.tags);
+    INSERT OR IGNORE INTO tags (name) SELECT value FROM json_each(new.tags);
+    INSERT INTO document_tags (seq, tag_id)
+        SELECT new.seq, id FROM tags WHERE name IN (SELECT value FROM json_each(new.tags));
 END;
 
 -- The inverted index: title and body, words folded to lower case without accents. `prefix`
@@ -432,7 +442,8 @@ def document_filters(request):
             params.append(value)
     for tag in request.query.get("tag", []):
         if tag.strip():
-            where.append("EXISTS (SELECT 1 FROM document_tags t WHERE t.seq = d.seq AND t.tag = ?)")
+            where.append("EXISTS (SELECT 1 FROM document_tags t WHERE t.seq = d.seq "
+                         "AND t.tag_id = (SELECT id FROM tags WHERE name = ?))")
             params.append(tag.strip().lower())
     return where, params
 
@@ -485,9 +496,12 @@ def search_pass(conn, source, where, params, score, sort, cursor, limit):
         "UNION ALL SELECT 'total', NULL, count(*) FROM hit "
         "UNION ALL SELECT * FROM (SELECT 'category', category, count(*) AS n FROM hit "
         "                         GROUP BY category ORDER BY n DESC, category LIMIT ?) "
-        "UNION ALL SELECT * FROM (SELECT 'tags', t.tag, count(*) AS n "
-        "                         FROM hit CROSS JOIN document_tags t ON t.seq = hit.seq "
-        "                         GROUP BY t.tag ORDER BY n DESC, t.tag LIMIT ?)",
+        "UNION ALL SELECT * FROM (SELECT 'tags', tags.name, counted.n FROM ("
+        "                             SELECT t.tag_id, count(*) AS n "
+        "                             FROM hit CROSS JOIN document_tags t ON t.seq = hit.seq "
+        "                             GROUP BY t.tag_id) counted "
+        "                         CROSS JOIN tags ON tags.id = counted.tag_id "
+        "                         ORDER BY counted.n DESC, tags.name LIMIT ?)",
         (*params, *after_params, limit + 1, FACET_VALUES, FACET_VALUES)).fetchall()
     ranked, total, facets = [], 0, {"category": {}, "tags": {}}
     for row in rows:
