@@ -1,4 +1,4 @@
-"""Job processor — a durable job queue on sqlite, with workers, in the spirit of RQ, Sidekiq and BullMQ.
+"""Job processor — a durable job queue on sqlite with workers, in the spirit of RQ, Sidekiq, BullMQ.
 
 What it teaches
   - Work that happens later: `POST /jobs` only records the job (202 Accepted); workers claim
@@ -43,7 +43,6 @@ import math
 import os
 import random
 import socket
-import sqlite3
 import sys
 import threading
 import time
@@ -93,14 +92,14 @@ class Move(NamedTuple):
 # Every way a job changes state. The SQL that makes a move only touches rows in its sources
 # (`status IN (...)` is written from this table), so an illegal move changes nothing.
 MOVES = {
-    "promote": Move((Status.SCHEDULED,), Status.QUEUED),                 # run_at has come
+    "promote": Move((Status.SCHEDULED,), Status.QUEUED),           # run_at has come
     "claim": Move((Status.QUEUED, Status.FAILED), Status.RUNNING),
     "succeed": Move((Status.RUNNING,), Status.SUCCEEDED),
-    "fail": Move((Status.RUNNING,), Status.FAILED),                      # attempts left: retry later
-    "bury": Move((Status.RUNNING,), Status.DEAD),                        # no attempts left
-    "release": Move((Status.RUNNING,), Status.QUEUED),                   # worker stopping, lease expired
+    "fail": Move((Status.RUNNING,), Status.FAILED),                # attempts left: retry later
+    "bury": Move((Status.RUNNING,), Status.DEAD),                  # no attempts left
+    "release": Move((Status.RUNNING,), Status.QUEUED),             # the worker is stopping
     "cancel": Move((Status.QUEUED, Status.SCHEDULED, Status.FAILED), Status.CANCELLED),
-    "stop_cancelled": Move((Status.RUNNING,), Status.CANCELLED),         # seen at a progress report
+    "stop_cancelled": Move((Status.RUNNING,), Status.CANCELLED),   # seen at a progress report
     "retry": Move((Status.DEAD,), Status.QUEUED),
 }
 
@@ -492,7 +491,8 @@ class Queue:
                 raise NotFound(f"no job {job_id}")
             require_move("retry", row["status"], job_id)
             row = conn.execute(f"UPDATE jobs SET status = 'queued', attempts = 0, run_at = ?, "
-                               f"finished_at = NULL, progress = 0, updated_at = ? WHERE id = ? AND {sources('retry')} RETURNING *",
+                               f"finished_at = NULL, progress = 0, updated_at = ? WHERE id = ? "
+                               f"AND {sources('retry')} RETURNING *",
                                (now, now, job_id)).fetchone()
         self.wake_one()
         return row
@@ -541,7 +541,8 @@ class WorkerPool:
         self.queue = queue
         self.poll_s = poll_s
         self.stop_timeout = stop_timeout
-        self.names = [f"{label}-{n}@{socket.gethostname()}:{os.getpid()}" for n in range(1, count + 1)]
+        self.names = [f"{label}-{n}@{socket.gethostname()}:{os.getpid()}"
+                      for n in range(1, count + 1)]
         self.stopping = threading.Event()   # claim nothing more
         self.abandon = threading.Event()    # the wait is over: running jobs stop at their next check
         self.stopped = threading.Event()    # the heartbeat's end
@@ -736,7 +737,8 @@ def new_job_fields(job_type=None, type_names=()):
     names = [job_type.name] if job_type else list(type_names)
     payload = job_type.payload if job_type else {}
     return {
-        "type": Choice(names, required=True, description="a registered job type"),
+        "type": Choice(names, required=True,
+                       description=job_type.description if job_type else "a registered job type"),
         "payload": Payload(payload, default=dict,
                            required=any(field.required for field in payload.values())),
         "priority": Integer(0, 9, default=0, description="higher runs first"),
@@ -929,7 +931,8 @@ def list_jobs(request):
     return page(rows, limit, NEWEST.cursor_values, render_job)
 
 
-@app.get("/jobs/{job_id:int}", path_schemas=JOB_ID, response_schema=JOB_SCHEMA, responses={200: "The job", **ONE_JOB})
+@app.get("/jobs/{job_id:int}", path_schemas=JOB_ID, response_schema=JOB_SCHEMA,
+         responses={200: "The job", **ONE_JOB})
 def read_job(request, job_id):
     """A job: status, attempts, progress, result, error, next_run_at"""
     row = app.state.queue.get(job_id)

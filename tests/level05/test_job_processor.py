@@ -137,7 +137,8 @@ class Worker:
     def wait_for_log(self, needle, timeout=10.0):
         deadline = time.monotonic() + timeout
         while needle not in self.log():
-            assert self.proc.poll() is None, f"the worker exited {self.proc.returncode}:\n{self.log()}"
+            assert self.proc.poll() is None, \
+                f"the worker exited {self.proc.returncode}:\n{self.log()}"
             assert time.monotonic() < deadline, f"no {needle!r} in the worker's log:\n{self.log()}"
             time.sleep(0.02)
 
@@ -262,7 +263,8 @@ def test_the_same_idempotency_key_answers_the_same_job(api_only):
     assert again.headers["Location"] == f"/jobs/{first['id']}"
     other = expect_problem(post_job(api_only, "sleep", {"ms": 2}, headers=key), 422)
     assert other["errors"][0]["field"] == "Idempotency-Key"
-    bad = expect_problem(post_job(api_only, "sleep", {"ms": 1}, headers={"Idempotency-Key": "x" * 256}), 400)
+    too_long = {"Idempotency-Key": "x" * 256}
+    bad = expect_problem(post_job(api_only, "sleep", {"ms": 1}, headers=too_long), 400)
     assert bad["errors"][0]["field"] == "Idempotency-Key"
 
 
@@ -386,7 +388,8 @@ def test_a_job_out_of_attempts_is_dead_until_retried(server):
     assert "attempt 2" in again["error"]
     done = new_job(server, "fail", {"times": 0})
     wait_for(server, done["id"], status_is("succeeded"))
-    conflict = expect_problem(requests.post(f"{server.url}/jobs/{done['id']}/retry", timeout=TIMEOUT), 409)
+    conflict = expect_problem(requests.post(f"{server.url}/jobs/{done['id']}/retry",
+                                            timeout=TIMEOUT), 409)
     assert "succeeded" in conflict["detail"]
 
 
@@ -445,14 +448,15 @@ def test_the_event_stream_shows_progress_and_ends_after_the_final_status(server)
     assert progress == sorted(progress) and len(progress) >= 10
     last = seen[-1][2]
     assert last["status"] == "succeeded" and last["result"]["rows"] == 300
-    assert [event_id for event_id, _, _ in seen[1:]] == sorted(event_id for event_id, _, _ in seen[1:])
+    ids = [event_id for event_id, _, _ in seen]
+    assert ids[1:] == sorted(ids[1:]) and len(set(ids)) == len(ids)
     # A finished job's stream sends its final status at once, and ends.
     assert [(kind, event["status"]) for _, kind, event in job_events(server, job["id"])] == \
            [("status", "succeeded")]
     # Resuming after an event sends what came after it, and nothing before.
     middle = seen[len(seen) // 2][0]
     resumed = job_events(server, job["id"], {"Last-Event-ID": str(middle)})
-    assert [event_id for event_id, _, _ in resumed] == [event_id for event_id, _, _ in seen if event_id > middle]
+    assert [event_id for event_id, _, _ in resumed] == [i for i in ids if i > middle]
     bad = requests.get(f"{server.url}/jobs/{job['id']}/events", headers={"Last-Event-ID": "x"},
                        timeout=TIMEOUT)
     assert expect_problem(bad, 400)["errors"][0]["field"] == "Last-Event-ID"
