@@ -463,7 +463,8 @@ def owned_file(request, file_id):
 @app.post("/files", body_sink=UploadSink, body_limit=2**62, blocking=True,
           request_media_type="multipart/form-data", query=(FILENAME,),
           request_schema={"type": "object", "required": ["file"], "properties": {
-              "file": {"type": "string", "contentMediaType": "application/octet-stream"}}},
+              "file": {"type": "string", "minLength": 1,
+                       "contentMediaType": "application/octet-stream"}}},
           responses={201: "The stored files, in upload order", 400: "A malformed form",
                      401: "No valid bearer token", 411: "No body",
                      413: "A file over --max-bytes", 415: "A type not allowed, by content",
@@ -526,14 +527,14 @@ def read_file(request, file_id):
     return file_json(owned_file(request, file_id))
 
 
-CONTENT = {200: {"description": "The content", "content": {"application/octet-stream": {}}},
-           206: {"description": "The one byte range asked for (Range)",
-                 "content": {"application/octet-stream": {}}},
+STORED_TYPES = {media: {} for media, _ in TYPES.values()}
+CONTENT = {200: {"description": "The content, with its stored type", "content": STORED_TYPES},
+           206: {"description": "The one byte range asked for (Range)", "content": STORED_TYPES},
            304: {"description": "If-None-Match names the content (its ETag is its SHA-256)"},
            416: "The range is outside the file", **OWNER_ONLY}
 
 
-@app.get("/files/{file_id:int}/content", responses=CONTENT, media_type="application/octet-stream")
+@app.get("/files/{file_id:int}/content", responses=CONTENT)
 def download(request, file_id):
     """The content, as a download: ETag, If-None-Match → 304, a single Range → 206"""
     row = owned_file(request, file_id)

@@ -202,8 +202,8 @@ class Router:
                 if status >= 400 and not isinstance(text, dict):  # an error answers a problem
                     responses[str(status)]["content"] = problem
             success = responses.setdefault(str(route.status), {"description": "Success"})
-            if route.status != 204:
-                success["content"] = {route.media_type: {"schema": route.response_schema}}
+            if route.status != 204:  # unless a Response Object of the route's says it
+                success.setdefault("content", {route.media_type: {"schema": route.response_schema}})
             responses["default"] = {"description": "Problem details (RFC 9457)", "content": problem}
             operation["responses"] = responses
             # OpenAPI names a parameter `{id}`: the converter (`{id:int}`) is ours alone.

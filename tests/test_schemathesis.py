@@ -133,6 +133,14 @@ enabled = false
 include-name = "DELETE /categories/{{category_id}}"
 checks.positive_data_acceptance.expected-statuses = [{ACCEPTED}, 412, 422]
 
+# file_upload: a file's type is read from its bytes (magic numbers, else UTF-8 text without NUL;
+# anything else is a 415), which no schema can say. And a form part is bytes: a "number" sent
+# in place of the file's "string" is the same bytes, a valid file, not a schema violation.
+[[operations]]
+include-name = "POST /files"
+checks.positive_data_acceptance.expected-statuses = [{ACCEPTED}, 415]
+checks.negative_data_rejection.enabled = false
+
 # email_notifications: a notification's template must exist, and every {{{{ var }}}} the template
 # uses needs a value (422 naming vars.<name>): the placeholders are data, which no schema knows.
 [[operations]]
@@ -147,7 +155,8 @@ def caller_headers(project, url):
         return {"X-User-Id": "contract-tester"}
     if project.name == "feature_flags":   # the admin token manages and evaluates
         return {"Authorization": f"Bearer {FLAGS_ADMIN_TOKEN}"}
-    if project.level != 3:
+    paths = expect_json(requests.get(f"{url}/openapi.json", timeout=10), 200)["paths"]
+    if "/auth/signup" not in paths:  # level03's accounts, served by every project that signs in
         return {}
     resp = requests.post(f"{url}/auth/signup", json=ACCOUNT, timeout=10)
     expect_json(resp, 201)

@@ -345,6 +345,17 @@ def test_openapi_a_response_may_be_a_whole_response_object():
     assert list(responses["404"]["content"]) == ["application/problem+json"]
 
 
+def test_openapi_a_success_response_object_keeps_its_content():
+    """A download answers in the type of what it sends: the route's one media type must not
+    replace the several its Response Object lists."""
+    download = {"description": "the file", "content": {"image/png": {}, "application/pdf": {}}}
+    router = Router()
+    router.add(Route("GET", "/files/{id:int}", lambda request: None, responses={200: download}))
+    responses = router.openapi("t", "d", "1")["paths"]["/files/{id}"]["get"]["responses"]
+    assert responses["200"] == {"description": "the file",
+                                "content": {"image/png": {}, "application/pdf": {}}}
+
+
 def test_openapi_responses():
     paths = documented_router().openapi("t", "d", "1")["paths"]
     post = paths["/notes"]["post"]["responses"]
