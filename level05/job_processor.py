@@ -52,7 +52,8 @@ from typing import Callable, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
-from lib import App, BadRequest, Conflict, NotFound, ValidationFailed, json_response, trace_event
+from lib import (App, BadRequest, Conflict, NotFound, ValidationFailed, json_response, no_content,
+                 trace_event)
 from lib.app import bounded, exit_usage_error
 from lib.listing import Sort, SortKey, list_params, page
 from lib.request import Query, utc_timestamp
@@ -957,9 +958,10 @@ def retry_job(request, job_id):
 
 
 @app.get("/jobs/{job_id:int}/events", path_schemas=JOB_ID, media_type="text/event-stream",
-         response_schema=JOB_EVENT,
+         response_schema=JOB_EVENT, status=200,
          responses={200: "Server-Sent Events `status` and `progress`, data = the job; the "
                          "stream ends after the final status", **ONE_JOB,
+                    204: "Last-Event-ID names the final event: nothing more will come",
                     400: "A Last-Event-ID that is not an event id"})
 def job_events(request, job_id):
     """A job's status and progress as they change (Server-Sent Events)"""
@@ -974,6 +976,8 @@ def job_events(request, job_id):
                            sse_event(row["last_event"], "status", row))
         stream.finished = row["status"] in FINAL
     elif last.isascii() and last.isdigit() and len(last) < 19:
+        if row["status"] in FINAL and int(last) >= row["last_event"]:
+            return no_content()   # all seen: 204 tells an EventSource to stop reconnecting
         stream = JobEvents(queue, job_id, int(last))
     else:
         raise BadRequest("Last-Event-ID must be an event id this stream sent",

@@ -457,6 +457,10 @@ def test_the_event_stream_shows_progress_and_ends_after_the_final_status(server)
     middle = seen[len(seen) // 2][0]
     resumed = job_events(server, job["id"], {"Last-Event-ID": str(middle)})
     assert [event_id for event_id, _, _ in resumed] == [i for i in ids if i > middle]
+    # After the final event there is nothing more: 204 tells an EventSource not to reconnect.
+    done = requests.get(f"{server.url}/jobs/{job['id']}/events",
+                        headers={"Last-Event-ID": str(ids[-1])}, timeout=TIMEOUT)
+    assert expect(done, 204).content == b""
     bad = requests.get(f"{server.url}/jobs/{job['id']}/events", headers={"Last-Event-ID": "x"},
                        timeout=TIMEOUT)
     assert expect_problem(bad, 400)["errors"][0]["field"] == "Last-Event-ID"
