@@ -75,6 +75,7 @@ from urllib.parse import urlsplit
 from documents import ndjson_batches, search_queries
 from flows import LOGIN_PASSWORD, login_email, notes_user
 from loadgen import build_request, split_response
+import jobs
 import uploads
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -258,6 +259,7 @@ class Bench:
     idle_connections: int = 1000  # held open at once by the connections scenario
     documents: int = 100_000  # indexed by the search scenario
     upload_bytes: int = 1 << 30  # sent by the upload scenario
+    jobs: int = 5000  # enqueued by the jobs scenario, in each of its two runs
     # health_check --server asyncio measured with each load generator: the context that the
     # scenarios without a stdlib reference (crud, auth) print beside their own figures.
     health_rows: dict[str, Row] = field(default_factory=dict)
@@ -933,6 +935,53 @@ def upload_scenario(bench: Bench) -> ScenarioReport:
     )
 
 
+def jobs_scenario(bench: Bench) -> ScenarioReport:
+    """No-op jobs end to end on job_processor.py with its default workers: enqueued over HTTP,
+    claimed, run, until the last has succeeded, each exactly once. Then the same beside an extra
+    `worker` process that is killed -9 mid-run: every job must still succeed (its lease expires,
+    another worker claims it again), and the jobs claimed twice are counted."""
+    count = bench.jobs
+    db_path = bench.workdir / "jobs.sqlite3"
+    with bench.running_server("level05/job_processor.py", "--db", db_path) as url:
+        print(f"  job_processor.py: {count:,} no-op jobs, default workers", flush=True)
+        started = time.monotonic()
+        jobs.enqueue(url, count)
+        finished = jobs.wait_for_succeeded(db_path, count, timeout=120)
+    rate = count / (finished - started)
+    runs = jobs.attempts(db_path)
+
+    killed_db = bench.workdir / "jobs-killed.sqlite3"
+    with bench.running_server("level05/job_processor.py", "--db", killed_db, "--lease-s", "1") as url:
+        print(f"  the same with a worker process killed -9 mid-run (--lease-s 1)", flush=True)
+        worker = subprocess.Popen([sys.executable, "level05/job_processor.py", "worker", "--db", killed_db,
+                                   "--lease-s", "1"], cwd=REPO_ROOT, stderr=subprocess.DEVNULL)
+        enqueuing = ThreadPoolExecutor(1).submit(jobs.enqueue, url, count)
+        try:
+            jobs.wait_for_succeeded(killed_db, count // 3, timeout=120)
+            worker.kill()
+            enqueuing.result()
+            jobs.wait_for_succeeded(killed_db, count, timeout=120)
+        except RuntimeError as error:
+            raise BenchError(str(error)) from error
+        finally:
+            worker.kill()
+            worker.wait()
+    killed_runs = jobs.attempts(killed_db)
+    claimed_again = sum(n for claims, n in killed_runs.items() if claims > 1)
+    return ScenarioReport(
+        rows=[],
+        targets=[Target("no-op jobs end to end, default workers", f"{rate:,.0f} jobs/s", "≥ 1,000",
+                        rate >= 1000),
+                 Target("every job ran exactly once", f"{runs.get(1, 0):,} of {count:,}", f"{count:,}",
+                        runs == {1: count}),
+                 Target("a worker killed -9: every job still succeeded", f"{sum(killed_runs.values()):,}",
+                        f"{count:,}", sum(killed_runs.values()) == count)],
+        notes=[f"jobs: {count:,} enqueued over HTTP by {jobs.CLIENTS} connections and run in "
+               f"{finished - started:.2f} s; with a worker process killed -9 mid-run, {claimed_again} "
+               f"job(s) were claimed again after its lease expired (at-least-once)"],
+    )
+
+
 def sign_up_and_log_in(url: str, email: str) -> str:
     """A new account on a server with jwt_auth's routes: its access token."""
     for path, expected in (("/auth/signup", 201), ("/auth/login", 200)):
@@ -952,6 +1001,7 @@ SCENARIOS: dict[str, Callable[[Bench], ScenarioReport]] = {
     "search": search_scenario,
     "evaluations": evaluations_scenario,
     "upload": upload_scenario,
+    "jobs": jobs_scenario,
 }
 
 
