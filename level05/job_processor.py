@@ -98,7 +98,7 @@ MOVES = {
     "succeed": Move((Status.RUNNING,), Status.SUCCEEDED),
     "fail": Move((Status.RUNNING,), Status.FAILED),                # attempts left: retry later
     "bury": Move((Status.RUNNING,), Status.DEAD),                  # no attempts left
-    "release": Move((Status.RUNNING,), Status.QUEUED),             # the worker is stopping
+    "release": Move((Status.RUNNING,), Status.QUEUED),             # the worker stopped or died
     "cancel": Move((Status.QUEUED, Status.SCHEDULED, Status.FAILED), Status.CANCELLED),
     "stop_cancelled": Move((Status.RUNNING,), Status.CANCELLED),   # seen at a progress report
     "retry": Move((Status.DEAD,), Status.QUEUED),
@@ -359,17 +359,18 @@ class Queue:
     def reclaim_expired_leases(self, conn, now):
         """Running jobs whose worker stopped renewing the lease (it crashed, or was killed):
         back to the queue, due now; the attempt counts, so a job that kills its worker every
-        time ends dead instead of looping forever."""
+        time ends dead instead of looping forever. One whose cancel was asked for (its worker
+        died before it could see that) is cancelled instead of run again."""
         rows = conn.execute(
-            "UPDATE jobs INDEXED BY jobs_leases SET status = CASE WHEN attempts >= max_attempts "
-            "THEN 'dead' ELSE 'queued' END, "
-            "finished_at = CASE WHEN attempts >= max_attempts THEN ? END, "
+            "UPDATE jobs INDEXED BY jobs_leases SET status = CASE WHEN cancel_requested THEN "
+            "'cancelled' WHEN attempts >= max_attempts THEN 'dead' ELSE 'queued' END, "
+            "finished_at = CASE WHEN cancel_requested OR attempts >= max_attempts THEN ? END, "
             "error = 'the lease expired: worker ' || worker || ' stopped renewing it', "
             "lease_until = NULL, run_at = ?, updated_at = ? "
             "WHERE status = 'running' AND lease_until < ? RETURNING id, status",
             (now, now, now, now)).fetchall()
         for job_id, status in rows:
-            log(f"job {job_id}: lease expired, {'dead' if status == 'dead' else 'queued again'}")
+            log(f"job {job_id}: lease expired, {'queued again' if status == 'queued' else status}")
 
     def renew_lease(self, job_id, worker):
         """The heartbeat: push the lease forward. False when the job is no longer ours."""

@@ -338,6 +338,22 @@ def test_a_job_whose_worker_is_killed_runs_again_after_its_lease(start_server, s
     assert [job_id for job_id, _, _ in starts(second.log())] == [job["id"]]
 
 
+def test_a_job_cancelled_while_its_dead_worker_held_it_is_not_run_again(start_server,
+                                                                          start_worker):
+    own = start_server(SCRIPT, "--workers", "0")
+    first = start_worker(own, "--workers", "1", "--lease-s", "0.5")
+    job = new_job(own, "sleep", {"ms": 5000})
+    wait_for(own, job["id"], status_is("running"))
+    first.stop(signal.SIGKILL)
+    asked = expect_json(requests.post(f"{own.url}/jobs/{job['id']}/cancel", timeout=TIMEOUT), 200)
+    assert asked["status"] == "running" and asked["cancel_requested"]
+    second = start_worker(own, "--workers", "1", "--lease-s", "0.5")
+    done = wait_for(own, job["id"], status_is("cancelled"))
+    assert done["attempts"] == 1 and done["finished_at"]
+    second.wait_for_log("lease expired")
+    assert starts(second.log()) == [], "the cancelled job ran again"
+
+
 def test_jobs_queued_when_the_server_is_killed_run_after_a_restart(start_server):
     before = start_server(SCRIPT, "--workers", "0")
     ids = [new_job(before, "sleep", {"ms": 0})["id"] for _ in range(5)]
