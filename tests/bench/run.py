@@ -982,6 +982,42 @@ def jobs_scenario(bench: Bench) -> ScenarioReport:
     )
 
 
+FANOUT_CLIENTS, FANOUT_RATE = 100, 500
+
+
+def chat_scenario(bench: Bench) -> ScenarioReport:
+    """Fan-out on chat.py: 100 WebSocket clients in one room, one of them sending 500 messages a
+    second, each delivered to all 100 (fanout.py); beside the `websockets` library doing the
+    same broadcast, when it is installed."""
+    figures = {}
+    with bench.running_server("level05/chat.py", "--db", bench.workdir / "chat.sqlite3") as url:
+        figures["chat.py"] = measure_fanout(bench, "chat.py", url.replace("http://", "ws://"))
+    if importlib.util.find_spec("websockets"):
+        with bench.running_process("tests/bench/fanout.py", "reference") as (url, _):
+            figures["websockets"] = measure_fanout(bench, "websockets library (reference)",
+                                                   url.replace("http://", "ws://"))
+    chat = figures["chat.py"]
+    targets = [Target(f"chat fan-out p99, {FANOUT_CLIENTS} clients × {FANOUT_RATE} msg/s",
+                      f"{chat['p99_ms']:.1f} ms", "≤ 5 ms", chat["p99_ms"] <= 5)]
+    if "websockets" in figures:
+        ratio = chat["deliveries_per_s"] / figures["websockets"]["deliveries_per_s"]
+        targets.append(Target("chat deliveries/s ÷ websockets library", f"{ratio:.2f}", "≥ 0.5",
+                              ratio >= 0.5))
+    notes = [f"fan-out {name}: {f['deliveries_per_s']:,.0f} deliveries/s, p50 {f['p50_ms']:.1f} ms, "
+             f"p99 {f['p99_ms']:.1f} ms; {f['complete']:,} of {f['sent']:,} messages reached all "
+             f"{f['clients']} clients" for name, f in figures.items()]
+    if "websockets" not in figures:
+        notes.append("the websockets library is not installed: its reference is not measured")
+    return ScenarioReport(rows=[], targets=targets, notes=notes)
+
+
+def measure_fanout(bench: Bench, name: str, ws_url: str) -> dict:
+    print(f"  {name}", flush=True)
+    command = [sys.executable, str(BENCH_DIR / "fanout.py"), "measure", ws_url + "/ws?room=bench",
+               "--clients", str(FANOUT_CLIENTS), "--rate", str(FANOUT_RATE), "--seconds", str(bench.duration)]
+    return run_json_process(command, timeout=bench.duration + 60)
+
+
 def sign_up_and_log_in(url: str, email: str) -> str:
     """A new account on a server with jwt_auth's routes: its access token."""
     for path, expected in (("/auth/signup", 201), ("/auth/login", 200)):
@@ -1002,6 +1038,7 @@ SCENARIOS: dict[str, Callable[[Bench], ScenarioReport]] = {
     "evaluations": evaluations_scenario,
     "upload": upload_scenario,
     "jobs": jobs_scenario,
+    "chat": chat_scenario,
 }
 
 
