@@ -34,6 +34,11 @@ connection for ever. `deadline` is when the current wait ends; the transport enf
 
 After a request the server cannot accept (a malformed head, a body over its limit) the answer
 is the last one: the rest of the byte stream cannot be trusted (request smuggling starts there).
+
+Streamed bodies: a route with a `body_sink` (an upload) gets a sink made from the head, and the
+decoded body goes to it piece by piece as it is received, inside `next_event`, instead of being
+collected here; the sink may refuse at any piece. Once the request is answered, refused or cut
+off, `release` discards the sink (the transports call it when a connection ends, however).
 """
 import enum
 import sys
