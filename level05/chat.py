@@ -52,7 +52,9 @@ import hashlib
 import json
 import os
 import re
+import socket
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import NamedTuple
 
@@ -946,6 +948,93 @@ def chat_page(request):
 
 
 # =============================================================================================
+# A small client: the same codec from the other side (masked frames out, unmasked in)
+# =============================================================================================
+
+
+def say(address, room, name, texts, out=sys.stdout):
+    """Join `room` as `name` at `address` (host:port), send each of `texts`, print every event
+    that arrives until the last of them comes back, then close (1000) and print the code the
+    server echoed. Returns an exit status. Standard library only, as a learner would write it."""
+    host, _, port = address.rpartition(":")
+    key = base64.b64encode(os.urandom(16)).decode("ascii")
+    query = urllib.parse.urlencode({"room": room, "name": name})
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"GET /ws?{query} HTTP/1.1\r\nHost: {address}\r\nUpgrade: websocket\r\n"
+                     f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                     f"Sec-WebSocket-Version: 13\r\n\r\n".encode("ascii"))
+        buffer = bytearray()
+        while b"\r\n\r\n" not in buffer:
+            data = sock.recv(READ_SIZE)
+            if not data:
+                raise ConnectionError("the server closed the connection during the handshake")
+            buffer += data
+        head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {name.lower(): value for name, _, value in (line.partition(": ") for line in lines[1:])}
+        print(lines[0], file=out)
+        if " 101 " not in lines[0] or headers.get("sec-websocket-accept") != accept_key(key):
+            print(rest.decode("utf-8", "replace"), file=out)
+            return 1
+        buffer = bytearray(rest)
+
+        def send(opcode, payload):   # RFC 6455 §5.3: a client masks every frame, afresh
+            sock.sendall(encode_frame(Frame(opcode, payload), mask=os.urandom(4)))
+
+        for text in texts:
+            send(Opcode.TEXT, json.dumps({"type": "message", "text": text}).encode("utf-8"))
+        waiting = list(texts)
+        while True:
+            parsed = parse_frame(buffer, max_size=1 << 24, masked=False)
+            if parsed is None:
+                data = sock.recv(READ_SIZE)
+                if not data:
+                    print("the connection ended without a Close (1006)", file=out)
+                    return 1
+                buffer += data
+                continue
+            frame, consumed = parsed
+            del buffer[:consumed]
+            if frame.opcode is Opcode.PING:
+                send(Opcode.PONG, frame.payload)
+            elif frame.opcode is Opcode.CLOSE:
+                code, reason = parse_close(frame.payload)
+                print(f"closed {code}{' ' + reason if reason else ''}", file=out)
+                return 0
+            elif frame.opcode is Opcode.TEXT:
+                event = json.loads(frame.payload)
+                print(json.dumps(event, ensure_ascii=False), file=out)
+                if event["type"] == "message" and event["user"] == name and waiting \
+                        and event["text"] == waiting[0]:
+                    waiting.pop(0)
+                if not waiting:
+                    send(Opcode.CLOSE, encode_close(CloseCode.NORMAL))
+                    waiting = None   # sent: now the server's echo
+
+
+def say_main(argv):
+    parser = argparse.ArgumentParser(prog="chat.py say", description="Join a room, say something, "
+                                     "print what arrives, leave.")
+    parser.add_argument("address", help="the server's host:port, e.g. localhost:8019")
+    parser.add_argument("--room", default="lobby", type=lambda t: t if not check_room(t) else
+                        _refuse(f"a room is {ROOM_RULE}"))
+    parser.add_argument("--name", required=True, type=lambda t: t if not check_name(t) else
+                        _refuse(f"a name is {NAME_RULE}"))
+    parser.add_argument("texts", nargs="*", help="messages to send, in order")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        return say(args.address, args.room, args.name, args.texts)
+    except (OSError, ValueError, ProtocolError) as error:
+        sys.stderr.write(f"error: {error}\n")
+        return 1
+
+
+def _refuse(message):
+    raise argparse.ArgumentTypeError(message)
+
+
+
+# =============================================================================================
 # Command line
 # =============================================================================================
 
@@ -965,7 +1054,11 @@ def origin_list(text):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["say"]:
+        return say_main(argv[1:])
     parser = app.arg_parser(database=True)
+    parser.epilog = "A small client: chat.py say HOST:PORT --name NAME [--room ROOM] [TEXT ...]"
     parser.add_argument("--ping-s", type=positive_seconds, default=PING_S,
                         help=f"seconds between pings; a peer silent for two is dropped (default {PING_S:g})")
     parser.add_argument("--max-message", type=message_size, default=MAX_MESSAGE,
@@ -988,4 +1081,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
