@@ -491,6 +491,7 @@ class ServerProtocol:
 # =============================================================================================
 
 ROOM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+ROOM_PATTERN = f"^{ROOM.pattern}$"          # the same rule, for the OpenAPI document
 NAME_MAX = 32
 ROOM_RULE = "1–64 letters, digits, '_', '.' or '-', starting with a letter or digit"
 NAME_RULE = f"1–{NAME_MAX} characters, no control characters"
@@ -749,7 +750,7 @@ async def keep_alive(chat, member):
 # Routes
 # =============================================================================================
 
-ROOM_QUERY = Query("room", ROOM_RULE, {"pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"})
+ROOM_QUERY = Query("room", ROOM_RULE, {"pattern": ROOM_PATTERN})
 NAME_QUERY = Query("name", NAME_RULE, {"minLength": 1, "maxLength": NAME_MAX})
 ROOM_ANSWER = {"type": "object", "properties": {
     "name": {"type": "string"}, "online": {"type": "integer"}, "messages": {"type": "integer"}}}
@@ -800,6 +801,7 @@ def list_rooms(request):
 @app.get("/rooms/{room}/messages",
          query=[*PAGE, Query("before", "only messages older than this message id", int, None, 1,
                              2**63 - 1)],
+         path_schemas={"room": {"pattern": ROOM_PATTERN}},
          responses={400: "a bad room name, limit, cursor or before", 404: "no one ever joined this room"})
 def list_messages(request, room):
     """A room's messages, newest first"""
