@@ -141,6 +141,12 @@ include-name = "POST /files"
 checks.positive_data_acceptance.expected-statuses = [{ACCEPTED}, 415]
 checks.negative_data_rejection.enabled = false
 
+# rate_limiter: a check's cost may not exceed its policy's burst (it could never pass: 422), a
+# relation between two fields that no schema can say.
+[[operations]]
+include-name = "POST /check"
+checks.positive_data_acceptance.expected-statuses = [{ACCEPTED}, 422]
+
 # email_notifications: a notification's template must exist, and every {{{{ var }}}} the template
 # uses needs a value (422 naming vars.<name>): the placeholders are data, which no schema knows.
 [[operations]]
