@@ -39,6 +39,7 @@ throttling. rate_limiter.md's "In production" says who does those.
     python level06/rate_limiter.py [--policy 60/min] [--algorithm gcra] [--max-keys N]
 """
 import collections
+import functools
 import math
 import re
 import sys
@@ -246,6 +247,12 @@ ALGORITHMS = {"fixed_window": FixedWindow, "sliding_window_counter": SlidingWind
               "sliding_window_log": SlidingWindowLog, "token_bucket": TokenBucket, "gcra": GCRA}
 
 
+@functools.lru_cache(maxsize=1024)
+def algorithm_for(policy):
+    """One algorithm object per policy, shared by all its keys (a key holds only its state)."""
+    return ALGORITHMS[policy.algorithm](policy)
+
+
 # =============================================================================================
 # The limiter: keys, their state, one lock, bounded memory
 # =============================================================================================
@@ -257,7 +264,7 @@ class Limiter:
     def __init__(self, max_keys=100_000, clock=time.monotonic):
         self.max_keys = max_keys
         self.clock = clock
-        self.keys = collections.OrderedDict()   # key → (policy, algorithm, state)
+        self.keys = collections.OrderedDict()   # key → (policy, state)
         self.lock = threading.Lock()
 
     def check(self, key, policy, cost=1):
@@ -268,11 +275,10 @@ class Limiter:
             entry = self.keys.get(key)
             if entry is not None and entry[0] != policy:
                 raise ValueError(f"the key is limited by {describe(entry[0])}")
-            algorithm = entry[1] if entry else ALGORITHMS[policy.algorithm](policy)
-            decision, state = algorithm.check(entry[2] if entry else None, now, cost)
+            decision, state = algorithm_for(policy).check(entry[1] if entry else None, now, cost)
             if entry is None:
                 self._make_room()
-            self.keys[key] = (policy, algorithm, state)
+            self.keys[key] = (policy, state)
             self.keys.move_to_end(key)
             return decision
 
@@ -282,8 +288,8 @@ class Limiter:
         # One step of cleaning per new key: the least recent key, if its quota is whole again,
         # is the same as no state at all.
         if self.keys:
-            key, (policy, algorithm, state) = next(iter(self.keys.items()))
-            if algorithm.check(state, self.clock(), 0)[0].reset_s <= 0:
+            key, (policy, state) = next(iter(self.keys.items()))
+            if algorithm_for(policy).check(state, self.clock(), 0)[0].reset_s <= 0:
                 del self.keys[key]
 
     def inspect(self, key):
@@ -292,7 +298,8 @@ class Limiter:
             entry = self.keys.get(key)
             if entry is None:
                 return None
-            return entry[0], entry[1].check(entry[2], self.clock(), 0)[0]
+            policy, state = entry
+            return policy, algorithm_for(policy).check(state, self.clock(), 0)[0]
 
     def reset(self, key):
         with self.lock:
