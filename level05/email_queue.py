@@ -253,7 +253,7 @@ def load_email(email_id):
     return row
 
 
-@app.post("/emails", status=202, body_limit=512 * 1024, response_schema=EMAIL_SCHEMA,
+@app.post("/emails", status=202, response_schema=EMAIL_SCHEMA,
           request_schema={"oneOf": [body_schema(DIRECT), body_schema(TEMPLATED)]},
           responses={202: "Queued; Location: /emails/{id}",
                      200: "The email this Idempotency-Key made before",

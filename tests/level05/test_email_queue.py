@@ -4,26 +4,25 @@ sent on every attempt, 4xx and unreachable relays retried with backoff up to --m
 5xx failed at once, --rate, queued mail surviving kill -9, a resend after a crash mid-send,
 and a SIGTERM that leaves nothing `sending`.
 
-The relay of the `--smtp` tests is the test's own asyncio SMTP server (`ScriptedRelay`), not the
-project's catcher: it answers each message with the code it is told and keeps every message,
-refused ones too, so a test can compare the attempts. Backoffs are set short by flag.
+The relay of the `--smtp` tests is an independent asyncio SMTP server (`ScriptedRelay`, on
+tests/level03's `SmtpSink`), not the project's catcher: it answers each message with the code it
+is told and keeps every message, refused ones too, so a test can compare the attempts. Backoffs
+are set short by flag.
 """
-import asyncio
 import concurrent.futures
 import datetime
 import email
 import email.policy
-import email.utils
 import re
 import smtplib
 import socket
-import threading
 import time
 
 import pytest
 import requests
 
 from tests.harness import expect_json, expect_problem
+from tests.level03.test_password_reset import SmtpSink
 from tests.level04.test_email_notifications import smtp_address
 
 SCRIPT = "level05/email_queue.py"
@@ -98,29 +97,16 @@ def attempt_starts(server, email_id):
             for m in STARTED.finditer(server.stderr_text()) if int(m[2]) == email_id]
 
 
-class ScriptedRelay:
-    """An independent SMTP server on asyncio, in a thread: each message gets the next reply
-    code of `codes` (250 once they run out), and every message is kept, refused or not, as
-    (envelope lines, raw message)."""
+class ScriptedRelay(SmtpSink):
+    """password_reset's independent SMTP server (asyncio, on a thread of its own), answering
+    each message with the next code of `codes` (250 once they run out). Every message is kept,
+    refused or not, as (envelope lines, raw message), so a test can compare the attempts."""
 
     def __init__(self, codes=()):
         self.codes = list(codes)
-        self.messages = []
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self.thread.start()
-        assert ready.wait(TIMEOUT), "the relay did not start"
+        super().__init__()
 
-    def _run(self, ready):
-        asyncio.set_event_loop(self.loop)
-        self.server = self.loop.run_until_complete(
-            asyncio.start_server(self._session, "127.0.0.1", 0))
-        self.port = self.server.sockets[0].getsockname()[1]
-        ready.set()
-        self.loop.run_forever()
-
-    async def _session(self, reader, writer):
+    async def session(self, reader, writer):
         writer.write(b"220 relay ready\r\n")
         envelope = []
         while line := await reader.readline():
@@ -144,11 +130,6 @@ class ScriptedRelay:
             await writer.drain()
         await writer.drain()
         writer.close()
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(TIMEOUT)
 
 
 @pytest.fixture
