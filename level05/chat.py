@@ -588,9 +588,9 @@ class Chat:
     def deliver(self, member, data):
         """Queue `data` for `member`, or drop it if its queue would pass the bound: a reader that
         cannot keep up is disconnected, and the room goes on at its own pace."""
-        if member.protocol.state is not State.OPEN:
-            return
         transport = member.transport
+        if member.protocol.state is not State.OPEN or transport.is_closing():
+            return   # closing, or the peer is gone and its session not yet ended
         if transport.get_write_buffer_size() + len(data) > self.send_queue:
             self.disconnect(member, CloseCode.POLICY_VIOLATION,
                             f"too slow: more than {self.send_queue} bytes unread")
