@@ -68,9 +68,9 @@ def wait_for(server, email_id, *statuses, timeout=10.0):
 
 def caught(server):
     """The catcher's mailbox, oldest first, each mail parsed."""
-    items = expect_json(requests.get(f"{server.url}/mailbox?limit=100", timeout=TIMEOUT), 200)["items"]
+    listed = expect_json(requests.get(f"{server.url}/mailbox?limit=100", timeout=TIMEOUT), 200)
     return [parse(expect_json(requests.get(f"{server.url}/mailbox/{item['id']}", timeout=TIMEOUT),
-                              200)["raw"].encode()) for item in reversed(items)]
+                              200)["raw"].encode()) for item in reversed(listed["items"])]
 
 
 def wait_for_caught(server, count, timeout=10.0):
