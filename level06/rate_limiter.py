@@ -50,7 +50,8 @@ from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
-from lib import App, Conflict, NotFound, TooManyRequests, ValidationFailed, no_content
+from lib import (App, Conflict, NotFound, TooManyRequests, ValidationFailed, no_content,
+                 trace_event)
 from lib.app import bounded
 from lib.validation import Choice, Field, Integer, Invalid, Text, body_schema, validate
 
@@ -275,7 +276,8 @@ class Limiter:
             entry = self.keys.get(key)
             if entry is not None and entry[0] != policy:
                 raise ValueError(f"the key is limited by {describe(entry[0])}")
-            decision, state = algorithm_for(policy).check(entry[1] if entry else None, now, cost)
+            state = entry[1] if entry else None
+            decision, state = algorithm_for(policy).check(state, now, cost)
             if entry is None:
                 self._make_room()
             self.keys[key] = (policy, state)
@@ -325,10 +327,13 @@ def client_key(request):
 def rate_limit(limiter, policy, key_of=client_key):
     """A middleware step that limits the routes declared with `rate_limited=True`: every answer
     carries `RateLimit-Policy` and `RateLimit`; over the limit, a 429 with `Retry-After`."""
-    def step(request, call_next):
+    def enforce_rate_limit(request, call_next):
         if not request.route.meta.get("rate_limited"):
             return call_next(request)
-        decision = limiter.check(key_of(request), policy)
+        key = key_of(request)
+        decision = limiter.check(key, policy)
+        trace_event(f"{key}: {'allowed' if decision.allowed else 'refused'}, "
+                    f"{decision.remaining} left")
         headers = {"RateLimit-Policy": policy.header(), "RateLimit": decision.header()}
         if not decision.allowed:
             raise TooManyRequests(f"over the limit of {describe(policy)}; retry in "
@@ -337,7 +342,7 @@ def rate_limit(limiter, policy, key_of=client_key):
         response = call_next(request)
         response.headers.extend(headers.items())
         return response
-    return step
+    return enforce_rate_limit
 
 
 # =============================================================================================
