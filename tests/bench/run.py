@@ -982,6 +982,32 @@ def jobs_scenario(bench: Bench) -> ScenarioReport:
     )
 
 
+UNLIMITED = "999999999/s"  # a policy every request passes: what is measured is the decision
+
+
+def limits_scenario(bench: Bench) -> ScenarioReport:
+    """rate_limiter.py's `POST /check` (one key, a policy it always passes, so every request
+    takes the whole decision path), beside health_check asyncio; and the middleware's cost: the
+    limited demo route beside the same server's unlimited `GET /health`."""
+    with bench.running_server("level06/rate_limiter.py", "--policy", UNLIMITED) as url:
+        body = json.dumps({"key": "bench", "policy": UNLIMITED})
+        status, answer = http_json("POST", url + "/check", json.loads(body))
+        if status != 200 or answer.get("allowed") is not True:
+            raise BenchError(f"POST /check answered {status}: {answer}")
+        checks = bench.measure(f"rate_limiter.py POST /check, {bench.load_generator.name}", url + "/check",
+                               Request("POST", body, "application/json", expected_status=200))
+        limited = bench.measure("rate_limiter.py GET /api/resource (the middleware)", url + "/api/resource")
+        plain = bench.measure("rate_limiter.py GET /health (not limited)", url + "/health")
+    health = bench.health_context(bench.load_generator)
+    return ScenarioReport(
+        rows=[checks, limited, plain, health],
+        targets=[ratio_target(f"rate_limiter POST /check ÷ health_check asyncio ({bench.load_generator.name})",
+                              checks, health, 0.7),
+                 context_ratio("the demo route through the middleware ÷ the same server's /health",
+                               limited, plain)],
+    )
+
+
 FANOUT_CLIENTS, FANOUT_RATE = 100, 500
 
 
@@ -1039,6 +1065,7 @@ SCENARIOS: dict[str, Callable[[Bench], ScenarioReport]] = {
     "upload": upload_scenario,
     "jobs": jobs_scenario,
     "chat": chat_scenario,
+    "limits": limits_scenario,
 }
 
 
