@@ -275,10 +275,16 @@ def trigrams(word):
 
 
 def remember_words(conn, values):
-    for word in set(WORD.findall(f"{values['title']} {values['body']}".casefold())):
-        if conn.execute("INSERT OR IGNORE INTO vocabulary (word) VALUES (?)", (word,)).rowcount:
-            conn.executemany("INSERT INTO word_trigrams (trigram, word) VALUES (?, ?)",
-                             [(gram, word) for gram in trigrams(word)])
+    """Add the document's new words, and their trigrams, to the vocabulary. One statement asks
+    which of its words are new (past the first documents, almost none): an INSERT OR IGNORE
+    per word made storing a generated document cost 2.0 M instructions instead of 1.6 M."""
+    words = set(WORD.findall(f"{values['title']} {values['body']}".casefold()))
+    new_words = [row[0] for row in conn.execute(
+        "SELECT value FROM json_each(?) WHERE value NOT IN (SELECT word FROM vocabulary)",
+        (json.dumps(list(words)),))]
+    conn.executemany("INSERT INTO vocabulary (word) VALUES (?)", [(word,) for word in new_words])
+    conn.executemany("INSERT INTO word_trigrams (trigram, word) VALUES (?, ?)",
+                     [(gram, word) for word in new_words for gram in trigrams(word)])
 
 
 def matches_anything(conn, fts_query):
