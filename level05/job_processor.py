@@ -191,7 +191,15 @@ class JobType(NamedTuple):
 
 
 class JobFailed(Exception):
-    """Raised by a job to fail its attempt with a message (no traceback in the log)."""
+    """Raised by a job to fail its attempt with a message (no traceback in the log); the job
+    is retried after its backoff while it has attempts left."""
+    retry = True
+
+
+class JobRefused(JobFailed):
+    """A failure that no retry can mend (a recipient refused for good: SMTP 5xx, HTTP 4xx):
+    the job is dead at once, whatever attempts it has left."""
+    retry = False
 
 
 class JobTimedOut(JobFailed):
@@ -414,16 +422,17 @@ class Queue:
         return min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1)
                    * random.uniform(1 - JITTER, 1 + JITTER))
 
-    def fail(self, job_id, worker, error):
+    def fail(self, job_id, worker, error, retry=True):
         """Record a failed attempt: `failed` with the next attempt due after the backoff, or
-        `dead` when it was the last. Returns the new status (None: no longer ours)."""
+        `dead` when it was the last or `retry` is False. Returns the new status (None: no
+        longer ours)."""
         now = time.time()
         with self.db.transaction() as conn:
             row = conn.execute("SELECT attempts, max_attempts FROM jobs WHERE id = ? AND "
                                "worker = ? AND status = 'running'", (job_id, worker)).fetchone()
             if row is None:
                 return None
-            move = "bury" if row["attempts"] >= row["max_attempts"] else "fail"
+            move = "bury" if not retry or row["attempts"] >= row["max_attempts"] else "fail"
             due = now if move == "bury" else now + self.backoff(row["attempts"])
             conn.execute(f"UPDATE jobs SET status = '{MOVES[move].target}', error = ?, "
                          f"run_at = ?, lease_until = NULL, finished_at = ?, "
@@ -594,7 +603,8 @@ class WorkerPool:
         except Exception as error:
             if not isinstance(error, JobFailed):
                 traceback.print_exc()
-            status = self.queue.fail(row["id"], name, f"{type(error).__name__}: {error}")
+            status = self.queue.fail(row["id"], name, f"{type(error).__name__}: {error}",
+                                     retry=getattr(error, "retry", True))
             log(f"{what}: attempt {row['attempts']} failed ({error}): {status}")
         else:
             self.queue.complete(row["id"], name, result)
