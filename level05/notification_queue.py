@@ -391,7 +391,8 @@ def deliver_webhook(context, delivery):
                "X-Event-Id": delivery["id"], "X-Delivery-Attempt": str(context.attempt)}
     settings = app.state.settings
     try:
-        status = post_webhook(hook["url"], body, headers, settings.webhook_timeout, settings.allow_private)
+        status = post_webhook(hook["url"], body, headers, settings.webhook_timeout,
+                              settings.allow_private)
     except UnsafeAddress as error:
         raise DeliveryFailed(str(error)) from None
     except TimeoutError:

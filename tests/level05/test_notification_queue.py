@@ -187,7 +187,8 @@ def sse_events(lines, count):
 
 def test_event_reaches_the_default_channels_and_the_inbox_is_a_list(start_server):
     server = start_server(SCRIPT, *FAST)
-    defaults = expect_json(requests.get(f"{server.url}/users/ann/preferences", timeout=TIMEOUT), 200)
+    defaults = expect_json(requests.get(f"{server.url}/users/ann/preferences", timeout=TIMEOUT),
+                           200)
     assert defaults == {"channels": {"inbox": True, "live": True, "webhook": None, "email": None},
                         "muted_types": []}
     events = [post_event(server, "ann", data={"n": n}) for n in range(3)]
