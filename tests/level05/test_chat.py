@@ -428,6 +428,7 @@ def test_server_pings_and_drops_a_peer_that_does_not_answer(start_server):
         while opcode != CLOSE:   # it gets pings, answers none
             assert opcode == PING, opcode
             pings += 1
+            assert pings <= 3, "still pinging a peer that answered none"
             fin, opcode, payload = dead.recv_frame()
         assert pings == 1, "dropped after one unanswered ping"
         assert struct.unpack("!H", payload[:2])[0] == 1011
