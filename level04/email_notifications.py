@@ -62,7 +62,7 @@ from level03.password_reset import log_line, new_message
 app = App("email_notifications", "Transactional email: templates rendered into MIME messages, "
           "sent with smtplib to a relay or to the built-in SMTP mail catcher.", port=8013)
 
-SCHEMA = """
+TEMPLATES_SCHEMA = """
 CREATE TABLE IF NOT EXISTS templates (
     name        TEXT PRIMARY KEY,
     subject     TEXT NOT NULL,
@@ -72,6 +72,8 @@ CREATE TABLE IF NOT EXISTS templates (
     created_at  TEXT NOT NULL,
     updated_at  TEXT NOT NULL
 );
+"""
+NOTIFICATIONS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS notifications (
     id          INTEGER PRIMARY KEY,
     template    TEXT NOT NULL,
@@ -82,6 +84,8 @@ CREATE TABLE IF NOT EXISTS notifications (
     error       TEXT,                         -- the relay's reply, or why it was not reached
     created_at  TEXT NOT NULL
 );
+"""
+MAILBOX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS mailbox (             -- what the catcher received
     id          INTEGER PRIMARY KEY,
     mail_from   TEXT NOT NULL,
@@ -92,6 +96,7 @@ CREATE TABLE IF NOT EXISTS mailbox (             -- what the catcher received
     received_at TEXT NOT NULL
 );
 """
+SCHEMA = TEMPLATES_SCHEMA + NOTIFICATIONS_SCHEMA + MAILBOX_SCHEMA
 
 # =============================================================================================
 # Templates
@@ -198,52 +203,49 @@ def render_template(row):
             "html": row["html"], "created_at": row["created_at"], "updated_at": row["updated_at"]}
 
 
-def load_template(name):
-    row = app.state.db.query_one("SELECT * FROM templates WHERE name = ?", (name,))
+def load_template(db, name):
+    row = db.query_one("SELECT * FROM templates WHERE name = ?", (name,))
     if row is None:
         raise NotFound(f"no template is named {name!r}")
     return row
 
 
-@app.post("/templates", request_schema=body_schema(NEW_TEMPLATE), responses={201: "created",
-          409: "a template has this name", 422: "invalid fields"})
 def create_template(request):
     """Create a template"""
     values = validate(request.json_object(), NEW_TEMPLATE, read_only=TEMPLATE_OWNED)
     now = utc_timestamp()
-    with app.state.db.transaction() as conn:
+    db = request.app.state.db
+    with db.transaction() as conn:
         if conn.execute("SELECT 1 FROM templates WHERE name = ?", (values["name"],)).fetchone():
             raise Conflict(f"a template is already named {values['name']!r}")
         conn.execute("INSERT INTO templates (name, subject, text, html, created_at, updated_at) "
                      "VALUES (?, ?, ?, ?, ?, ?)", (values["name"], values["subject"],
                                                    values["text"], values["html"], now, now))
-    row = load_template(values["name"])
+    row = load_template(db, values["name"])
     return created(render_template(row), f"/templates/{quote(row['name'])}",
                    {"ETag": etag(row["version"])})
 
 
-@app.get("/templates", query=PAGE)
 def list_templates(request):
     """List templates, by name"""
     limit, cursor = list_params(request, (str,))
-    rows = app.state.db.query("SELECT * FROM templates WHERE name > ? ORDER BY name LIMIT ?",
-                              (cursor[0] if cursor else "", limit + 1))
+    rows = request.app.state.db.query(
+        "SELECT * FROM templates WHERE name > ? ORDER BY name LIMIT ?",
+        (cursor[0] if cursor else "", limit + 1))
     return page(rows, limit, lambda row: [row["name"]], render_template)
 
 
-@app.get("/templates/{name}", responses={404: "no such template"})
 def read_template(request, name):
     """Read a template"""
-    row = load_template(name)
+    row = load_template(request.app.state.db, name)
     return json_response(render_template(row), headers={"ETag": etag(row["version"])})
 
 
-@app.put("/templates/{name}", request_schema=body_schema(TEMPLATE_BODY), if_match=True,
-         responses={404: "no such template", 412: "stale If-Match", 422: "invalid fields"})
 def replace_template(request, name):
     """Replace a template's subject, text and html"""
     values = validate(request.json_object(), TEMPLATE_BODY, read_only=TEMPLATE_OWNED | {"name"})
-    with app.state.db.transaction() as conn:
+    db = request.app.state.db
+    with db.transaction() as conn:
         row = conn.execute("SELECT version FROM templates WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise NotFound(f"no template is named {name!r}")
@@ -251,24 +253,43 @@ def replace_template(request, name):
         conn.execute("UPDATE templates SET subject = ?, text = ?, html = ?, version = version + 1,"
                      " updated_at = ? WHERE name = ?", (values["subject"], values["text"],
                                                         values["html"], utc_timestamp(), name))
-    row = load_template(name)
+    row = load_template(db, name)
     return json_response(render_template(row), headers={"ETag": etag(row["version"])})
 
 
-@app.delete("/templates/{name}", responses={204: "deleted", 404: "no such template"})
 def delete_template(request, name):
     """Delete a template (notifications sent with it stay)"""
-    if app.state.db.execute("DELETE FROM templates WHERE name = ?", (name,)).rowcount == 0:
+    deleted = request.app.state.db.execute("DELETE FROM templates WHERE name = ?", (name,))
+    if deleted.rowcount == 0:
         raise NotFound(f"no template is named {name!r}")
     return no_content()
 
 
-@app.post("/templates/{name}/preview", request_schema=body_schema(PREVIEW),
-          responses={404: "no such template", 422: "a value is missing or invalid"})
 def preview_template(request, name):
     """Render a template without sending it"""
     values = validate(request.json_object(), PREVIEW)
-    return render(load_template(name), values["vars"])
+    return render(load_template(request.app.state.db, name), values["vars"])
+
+
+def add_template_routes(app):
+    """Serve the template routes on `app` (this server's, and email_queue's); the handlers read
+    `request.app.state.db`, which holds TEMPLATES_SCHEMA."""
+    app.post("/templates", request_schema=body_schema(NEW_TEMPLATE),
+             responses={201: "created", 409: "a template has this name",
+                        422: "invalid fields"})(create_template)
+    app.get("/templates", query=PAGE)(list_templates)
+    app.get("/templates/{name}", responses={404: "no such template"})(read_template)
+    app.put("/templates/{name}", request_schema=body_schema(TEMPLATE_BODY), if_match=True,
+            responses={404: "no such template", 412: "stale If-Match",
+                       422: "invalid fields"})(replace_template)
+    app.delete("/templates/{name}",
+               responses={204: "deleted", 404: "no such template"})(delete_template)
+    app.post("/templates/{name}/preview", request_schema=body_schema(PREVIEW),
+             responses={404: "no such template",
+                        422: "a value is missing or invalid"})(preview_template)
+
+
+add_template_routes(app)
 
 
 # =============================================================================================
@@ -284,14 +305,16 @@ class MailSettings(NamedTuple):
 def build_message(settings, to, rendered, reply_to=None):
     """The MIME message: headers (password_reset's `new_message`: From, To, Subject, Date,
     Message-ID, Auto-Submitted), Reply-To, List-Unsubscribe, and a text part with its html
-    alternative (RFC 2046 §5.1.4: the last part is the richest, which a reader shows)."""
+    alternative when there is one (RFC 2046 §5.1.4: the last part is the richest, which a
+    reader shows)."""
     message = new_message(settings, to, rendered["subject"])
     if reply_to:
         message["Reply-To"] = reply_to
     domain = settings.mail_from.rpartition("@")[2].strip(">")
     message["List-Unsubscribe"] = f"<mailto:unsubscribe@{domain}?subject={quote(to)}>"
     message.set_content(rendered["text"])
-    message.add_alternative(rendered["html"], subtype="html")
+    if rendered.get("html") is not None:  # a text-only message has no alternative
+        message.add_alternative(rendered["html"], subtype="html")
     return message
 
 
@@ -626,13 +649,12 @@ def mailbox_summary(row):
             "subject": row["subject"], "size": row["size"], "received_at": row["received_at"]}
 
 
-@app.get("/mailbox", query=PAGE)
 def list_mailbox(request):
     """List caught mail, newest first"""
     limit, cursor = list_params(request, (int,))
-    rows = app.state.db.query("SELECT id, mail_from, rcpt_to, subject, size, received_at FROM "
-                              "mailbox WHERE id < ? ORDER BY id DESC LIMIT ?",
-                              (cursor[0] if cursor else 2**63 - 1, limit + 1))
+    rows = request.app.state.db.query(
+        "SELECT id, mail_from, rcpt_to, subject, size, received_at FROM mailbox WHERE id < ? "
+        "ORDER BY id DESC LIMIT ?", (cursor[0] if cursor else 2**63 - 1, limit + 1))
     return page(rows, limit, lambda row: [row["id"]], mailbox_summary)
 
 
@@ -661,10 +683,9 @@ def parse_mail(raw):
     return mail
 
 
-@app.get("/mailbox/{id:int}", responses={404: "no such mail"})
 def read_mail(request, id):
     """Read one caught mail: headers, text, html and the raw message"""
-    row = app.state.db.query_one("SELECT * FROM mailbox WHERE id = ?", (id,))
+    row = request.app.state.db.query_one("SELECT * FROM mailbox WHERE id = ?", (id,))
     if row is None:
         raise NotFound(f"no caught mail has id {id}")
     mail = parse_mail(row["raw"])
@@ -672,10 +693,9 @@ def read_mail(request, id):
             "html": mail["html"], "raw": row["raw"].decode("utf-8", "replace")}
 
 
-@app.delete("/mailbox", responses={204: "emptied"})
 def empty_mailbox(request):
     """Delete every caught mail"""
-    app.state.db.execute("DELETE FROM mailbox")
+    request.app.state.db.execute("DELETE FROM mailbox")
     return no_content()
 
 
@@ -685,12 +705,24 @@ FAULTS = {"fail_next": Integer(0, 1000, required=True,
                          description="451: try again later; 550: refused for good")}
 
 
-@app.post("/mailbox/faults", request_schema=body_schema(FAULTS), responses={422: "invalid"})
 def inject_faults(request):
     """Make the catcher refuse the next n messages"""
     values = validate(request.json_object(), FAULTS)
-    app.state.faults.arm(values["fail_next"], values["code"])
+    request.app.state.faults.arm(values["fail_next"], values["code"])
     return values
+
+
+def add_mailbox_routes(app):
+    """Serve what the catcher caught, and its fault injection, on `app` (this server's, and
+    email_queue's); the handlers read `request.app.state.db` (MAILBOX_SCHEMA) and `.faults`."""
+    app.get("/mailbox", query=PAGE)(list_mailbox)
+    app.get("/mailbox/{id:int}", responses={404: "no such mail"})(read_mail)
+    app.delete("/mailbox", responses={204: "emptied"})(empty_mailbox)
+    app.post("/mailbox/faults", request_schema=body_schema(FAULTS),
+             responses={422: "invalid"})(inject_faults)
+
+
+add_mailbox_routes(app)
 
 
 @app.get("/health")
@@ -723,10 +755,22 @@ def mail_from(text):
 max_bytes = bounded(int, "a size in bytes (1 KiB – 1 GiB)", at_least=1024, at_most=2**30)
 
 
-def add_catcher_flags(parser):
+def add_sending_flags(parser):
+    """Where mail goes and what it says it is from: this server's, and email_queue's."""
+    parser.add_argument("--smtp", type=smtp_target, default=None,
+                        help="send through this SMTP relay, HOST:PORT (then no catcher runs)")
+    parser.add_argument("--smtp-timeout", type=bounded(float, "seconds above 0", above=0,
+                                                        at_most=300), default=10.0,
+                        help="seconds to wait for the relay before a send fails (default 10)")
+    parser.add_argument("--mail-from", type=mail_from,
+                        default="Notifications <notifications@example.com>",
+                        help="the From of every mail")
+
+
+def add_catcher_flags(parser, default_port="8025; with --port 0, also 0"):
     parser.add_argument("--catcher-port", type=port_number, default=None,
-                        help="the mail catcher's SMTP port, 0 for any free one (default 8025; "
-                             "with --port 0, also 0)")
+                        help=f"the mail catcher's SMTP port, 0 for any free one (default "
+                             f"{default_port})")
     parser.add_argument("--catcher-max-bytes", type=max_bytes, default=DEFAULT_MAX_BYTES,
                         help="largest message the catcher takes (default 10 MiB)")
 
@@ -735,10 +779,10 @@ def bind_catcher(args, default_port):
     return bind(args.host, default_port if args.catcher_port is None else args.catcher_port)
 
 
-def add_catcher(args, catcher, sock):
-    """Start the catcher once the HTTP server listens, right after its line (`app.on_listening`):
-    on the same event loop (asyncio), or on a loop of its own in a thread (threaded), which a
-    shutdown hook stops before the database closes."""
+def add_catcher(app, args, catcher, sock):
+    """Start the catcher once `app`'s HTTP server listens, right after its line
+    (`app.on_listening`): on the same event loop (asyncio), or on a loop of its own in a thread
+    (threaded), which a shutdown hook stops before the database closes."""
     stop = []   # the catcher thread's (loop, event, thread), for a threaded shutdown
 
     def start():
@@ -805,15 +849,7 @@ def main(argv=None):
     if argv[:1] == ["catcher"]:
         return run_catcher_alone(argv[1:])
     parser = app.arg_parser(database=True)
-    parser.add_argument("--smtp", type=smtp_target, default=None,
-                        help="send through this SMTP relay, HOST:PORT (then no catcher runs)")
-    parser.add_argument("--smtp-timeout", type=bounded(float, "seconds above 0", above=0,
-                                                        at_most=300), default=10.0,
-                        help="seconds to wait for the relay before a notification fails "
-                             "(default 10)")
-    parser.add_argument("--mail-from", type=mail_from,
-                        default="Notifications <notifications@example.com>",
-                        help="the From of every mail")
+    add_sending_flags(parser)
     add_catcher_flags(parser)
     parser.epilog = "Or: email_notifications.py catcher [--catcher-port P] [--db PATH]"
     args = parser.parse_args(argv)
@@ -822,8 +858,8 @@ def main(argv=None):
     target = args.smtp
     if args.smtp is None:
         catcher_sock = bind_catcher(args, 0 if args.port == 0 else 8025)
-        add_catcher(args, MailCatcher(app.state.db, args.catcher_max_bytes, app.state.faults),
-                    catcher_sock)
+        add_catcher(app, args, MailCatcher(app.state.db, args.catcher_max_bytes,
+                                           app.state.faults), catcher_sock)
         target = catcher_sock.getsockname()[:2]
     app.state.catcher_running = args.smtp is None
     app.state.mail = MailSettings(args.mail_from, target, args.smtp_timeout)

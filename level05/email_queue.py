@@ -43,17 +43,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
 from lib import App, NotFound, ValidationFailed, json_response, trace_event
-from lib.app import bounded, port_number
+from lib.app import bounded
 from lib.listing import list_params, page
 from lib.request import Query
 from lib.routing import PAGE, PAGE_ANSWER
-from lib.runner import bind
 from lib.validation import Text, body_schema, validate
-from level04 import email_notifications as level04_mail
-from level04.email_notifications import (DEFAULT_MAX_BYTES, NOTIFICATION, Faults, HeaderText,
-                                         MailCatcher, MailSettings, add_catcher, build_message,
-                                         mail_from, max_bytes, render, send_message,
-                                         smtp_target)
+from level04.email_notifications import (MAILBOX_SCHEMA, NOTIFICATION, TEMPLATES_SCHEMA, Faults,
+                                         HeaderText, MailCatcher, MailSettings, add_catcher,
+                                         bind_catcher,
+                                         add_catcher_flags, add_mailbox_routes,
+                                         add_sending_flags, add_template_routes, build_message,
+                                         render, send_message)
 from level05.job_processor import (JOBS_SCHEMA, NEWEST, JobFailed, JobType, Queue, Status,
                                    WorkerPool, add_queue_flags, idempotency_key, nullable,
                                    now_text)
@@ -62,7 +62,7 @@ app = App("email_queue", "Email sent asynchronously on a durable sqlite job queu
           "with retries, a send rate, and a Message-ID fixed at enqueue time.", port=8018)
 
 # The job queue's tables, and level04's templates and mailbox (what the catcher caught).
-SCHEMA = JOBS_SCHEMA + level04_mail.SCHEMA
+SCHEMA = JOBS_SCHEMA + TEMPLATES_SCHEMA + MAILBOX_SCHEMA
 
 # =============================================================================================
 # An email is a job of type "email": its status is the job's, in mail words
@@ -105,11 +105,7 @@ def build_email(row, settings):
     Date is when the message was ready to be sent), and only a text part when no html was given."""
     mail = json.loads(row["payload"])
     sender = settings._replace(mail_from=mail["from"])
-    message = build_message(sender, mail["to"], {**mail, "html": mail["html"] or ""},
-                            mail["reply_to"])
-    if mail["html"] is None:
-        message.clear_content()
-        message.set_content(mail["text"])
+    message = build_message(sender, mail["to"], mail, mail["reply_to"])
     message.replace_header("Message-ID", message_id(row, mail["from"]))
     enqueued = datetime.datetime.fromtimestamp(row["created_at"], datetime.timezone.utc)
     message.replace_header("Date", email.utils.format_datetime(enqueued))
@@ -300,63 +296,40 @@ def health(request):
             "rate_per_s": app.state.rate}
 
 
-# level04's template and mailbox routes, served here as they are. Their handlers read level04's
-# `app.state` (db, faults), which main() points at this server's database and catcher.
-for route in level04_mail.app.router.routes:
-    if route.pattern.startswith(("/templates", "/mailbox")):
-        app.router.add(route)
+add_template_routes(app)   # level04's, served here as they are: the templates an email names
+add_mailbox_routes(app)    # and what the in-process catcher caught
 
 # =============================================================================================
 # Command line
 # =============================================================================================
 
 
-def serve_catcher(args, catcher, sock):
-    """level04's `add_catcher` (the catcher on the HTTP server's loop, or on a thread of its
-    own, started after the `listening on` line, stopped before the database closes), whose
-    hooks it puts on level04's `app`: they are moved to this one."""
-    hooks = ("on_listening", "shutdown_hooks")
-    before = {name: len(getattr(level04_mail.app, name)) for name in hooks}
-    add_catcher(args, catcher, sock)
-    for name in hooks:
-        added = getattr(level04_mail.app, name)[before[name]:]
-        del getattr(level04_mail.app, name)[before[name]:]
-        getattr(app, name).extend(added)
+def add_max_attempts_flag(parser):
+    """`--max-attempts`: here, and in notification_queue, which sends on the same terms."""
+    parser.add_argument("--max-attempts", type=bounded(int, "a number of attempts (1–25)",
+                                                       at_least=1, at_most=25), default=5,
+                        help="attempts in all before a deferred delivery is failed (default 5)")
 
 
 def main(argv=None):
     parser = app.arg_parser(database=True)
     add_queue_flags(parser, workers_default=2, workers_min=0)
-    parser.add_argument("--max-attempts", type=bounded(int, "a number of attempts (1–25)",
-                                                       at_least=1, at_most=25), default=5,
-                        help="attempts in all before a deferred email is failed (default 5)")
+    add_max_attempts_flag(parser)
     parser.add_argument("--rate", type=bounded(float, "messages a second above 0, at most 10000",
                                                above=0, at_most=10_000), default=None,
                         help="at most this many messages a second to the SMTP server "
                              "(default: no limit)")
-    parser.add_argument("--smtp", type=smtp_target, default=None,
-                        help="send through this SMTP relay, HOST:PORT (then no catcher runs)")
-    parser.add_argument("--smtp-timeout", type=bounded(float, "seconds above 0", above=0,
-                                                        at_most=300), default=10.0,
-                        help="seconds to wait for the relay before the attempt is deferred "
-                             "(default 10)")
-    parser.add_argument("--mail-from", type=mail_from,
-                        default="Notifications <notifications@example.com>",
-                        help="the From of every mail (fixed when it is enqueued)")
-    parser.add_argument("--catcher-port", type=port_number, default=0,
-                        help="the in-process mail catcher's SMTP port (default 0: any free one)")
-    parser.add_argument("--catcher-max-bytes", type=max_bytes, default=DEFAULT_MAX_BYTES,
-                        help="largest message the catcher takes (default 10 MiB)")
+    add_sending_flags(parser)
+    add_catcher_flags(parser, default_port="0: any free one")
     args = parser.parse_args(argv)
 
-    db = app.open_database(args, SCHEMA)
-    app.state.db = level04_mail.app.state.db = db
-    app.state.faults = level04_mail.app.state.faults = Faults()
+    db = app.state.db = app.open_database(args, SCHEMA)
+    app.state.faults = Faults()
     target = args.smtp
     if args.smtp is None:
-        catcher_sock = bind(args.host, args.catcher_port)
-        serve_catcher(args, MailCatcher(db, args.catcher_max_bytes, app.state.faults),
-                      catcher_sock)
+        catcher_sock = bind_catcher(args, 0)
+        add_catcher(app, args, MailCatcher(db, args.catcher_max_bytes, app.state.faults),
+                    catcher_sock)
         target = catcher_sock.getsockname()[:2]
     app.state.catcher_running = args.smtp is None
     app.state.mail = MailSettings(args.mail_from, target, args.smtp_timeout)
