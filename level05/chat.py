@@ -598,11 +598,17 @@ class Chat:
         transport.write(data)
 
     def flush(self, member):
-        """Write what the protocol itself has to send (a pong, a Close), past the bound: it is
-        small, and a Close must go out even to a reader that fell behind."""
+        """Write what the protocol itself has to send (pongs, a Close). A Close goes out even to
+        a reader that fell behind; pongs count against the bound like everything else, or a
+        client could flood pings and never read the answers."""
         data = member.protocol.data_to_send()
-        if data and not member.transport.is_closing():
-            member.transport.write(data)
+        transport = member.transport
+        if not data or transport.is_closing():
+            return
+        transport.write(data)
+        if member.protocol.state is State.OPEN and transport.get_write_buffer_size() > self.send_queue:
+            self.disconnect(member, CloseCode.POLICY_VIOLATION,
+                            f"too slow: more than {self.send_queue} bytes unread")
 
     def send_event(self, member, event):
         self.deliver(member, encode_text(event))

@@ -611,6 +611,22 @@ def test_a_slow_reader_is_dropped_and_the_others_get_everything_in_order(start_s
         ws.close()
 
 
+def test_a_client_that_floods_pings_and_reads_no_pong_is_dropped(start_server):
+    server = start_server(SCRIPT, "--send-queue", "65536")
+    room = fresh_room()
+    with connect(server, room, "watcher") as watcher, \
+            WebSocket(server, room, "flooder", rcvbuf=4096) as flooder:
+        watcher.recv_type("join")
+        mask = os.urandom(4)
+        ping = bytes([0x89, 0x80 | 125]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(b"p" * 125))
+        try:   # 10 MB of pongs owed, none read: more than the kernel's socket buffers hold
+            for _ in range(80):
+                flooder.sock.sendall(ping * 1000)
+        except OSError:
+            pass   # dropped while still sending
+        assert watcher.recv_type("leave")["user"] == "flooder"
+
+
 # --------------------------------------------------------------------------------------------
 # HTTP: rooms and messages (the list contract), the page
 
