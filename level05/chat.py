@@ -706,9 +706,11 @@ def end_connection(transport):
 # =============================================================================================
 
 
-async def run_session(chat, room, name, reader, writer, unread):
+async def run_session(chat, room, name, request_id, reader, writer, unread):
     """One WebSocket connection, from the 101 to its end: read, feed the protocol, act on its
-    events, write what it answers. lib's transport closes the socket when this returns."""
+    events, write what it answers. lib's transport closes the socket when this returns. The
+    access log showed the 101; a line on stderr says how the session ended (1006: no Close)."""
+    started = asyncio.get_running_loop().time()
     protocol = ServerProtocol(chat.max_message)
     member = Member(room, name, protocol, writer.transport)
     chat.join(member)
@@ -734,6 +736,10 @@ async def run_session(chat, room, name, reader, writer, unread):
         pinger.cancel()
         chat.leave(member)
         end_connection(writer.transport)
+        took = asyncio.get_running_loop().time() - started
+        sys.stderr.write(f"{utc_timestamp()} websocket room={room} user={json.dumps(name)} "
+                         f"closed {protocol.close_code or CloseCode.ABNORMAL:d} after {took:.1f}s "
+                         f"id={request_id}\n")
 
 
 async def keep_alive(chat, member):
@@ -781,7 +787,8 @@ def open_websocket(request):
     response = Response(b"", 101, headers)
 
     async def takeover(reader, writer, unread):
-        await run_session(app.state.chat, room, name.strip(), reader, writer, unread)
+        await run_session(app.state.chat, room, name.strip(), request.request_id, reader, writer,
+                          unread)
 
     response.takeover = takeover
     return response

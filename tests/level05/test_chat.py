@@ -9,7 +9,7 @@ server's code: the handshake by hand, masked frames out, frames in.
 import base64
 import json
 import os
-import signal
+import re
 import socket
 import struct
 import threading
@@ -349,6 +349,19 @@ def test_close_is_echoed_with_its_code(server, code):
     with connect(server) as ws:
         ws.send_frame(CLOSE, struct.pack("!H", code) + "au revoir".encode())
         ws.expect_close(code)
+
+
+def test_the_log_says_how_each_session_ended(server):
+    room = fresh_room()
+    with connect(server, room) as ws:
+        ws.send_frame(CLOSE, struct.pack("!H", 4321))
+        ws.expect_close(4321)
+    with connect(server, room) as ws:
+        ws.send_frame(TEXT, b"\xff")
+        ws.expect_close(1007)
+    connect(server, room).close()   # gone without a Close
+    for code in (4321, 1007, 1006):
+        server.wait_for_stderr(re.compile(rf"websocket room={room} .*closed {code} "))
 
 
 def test_a_close_without_a_code_is_answered_without_one(server):
