@@ -6,7 +6,6 @@ close handshake and SIGTERM, the HTTP lists, and real clients (the `websockets` 
 `WebSocket` below is a client written from the RFC for these tests, independent of the
 server's code: the handshake by hand, masked frames out, frames in.
 """
-import base64
 import json
 import os
 import re

@@ -6,7 +6,7 @@ no Chromium is installed.
 import contextlib
 import json
 
-from tests.test_browser import CHROMIUM, DevTools, Page, chromium, pytestmark  # noqa: F401
+from tests.test_browser import DevTools, Page, chromium, pytestmark  # noqa: F401 (the fixture, the skip)
 
 SCRIPT = "level05/chat.py"
 
