@@ -817,6 +817,57 @@ def sse_event(row):
     return f"id: {row['id']}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
+class EventStream:
+    """A Server-Sent Events stream that polls for what is new: a subclass says what is
+    `pending()` after its `cursor` (as bytes, moving the cursor) and how the stream opens; this
+    sends it as it comes, a keep-alive comment when it is quiet, and ends when the subclass sets
+    `finished` (a last event) or its app drains (so SIGTERM exits soon). The asyncio transport
+    iterates it asynchronously (it waits with `asyncio.sleep`, the event loop serves others
+    meanwhile); the threaded transport iterates it as a plain generator in the connection's
+    thread. job_processor, notification_queue and central_logging stream with it too."""
+
+    def __init__(self, app, cursor):
+        self.app, self.cursor = app, cursor
+        self.quiet_since = time.monotonic()
+        self.finished = False
+
+    def pending(self):
+        raise NotImplementedError
+
+    def opening(self):
+        return b"retry: 1000\n\n"
+
+    def next_piece(self):
+        """What to send now: new events, a keep-alive comment, or b"" (wait, then ask again)."""
+        if self.app.draining and not self.finished:
+            self.finished = True
+            return b": the server is stopping\n\n"
+        now = time.monotonic()
+        if events := self.pending():
+            self.quiet_since = now
+            return events
+        if now - self.quiet_since > KEEPALIVE_S:
+            self.quiet_since = now
+            return b": keep-alive\n\n"
+        return b""
+
+    async def __aiter__(self):
+        yield self.opening()
+        while not self.finished:
+            if piece := self.next_piece():
+                yield piece
+            else:
+                await asyncio.sleep(POLL_S)
+
+    def __iter__(self):
+        yield self.opening()
+        while not self.finished:
+            if piece := self.next_piece():
+                yield piece
+            else:
+                time.sleep(POLL_S)
+
+
 class ChangeStream:
     """The changes of one environment after event id `cursor`, as SSE, for as long as the
     client listens. The asyncio transport iterates it asynchronously (it waits with

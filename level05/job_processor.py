@@ -61,7 +61,7 @@ from lib.response import StreamingResponse, json_body
 from lib.routing import PAGE, PAGE_ANSWER
 from lib.storage import Database, StorageError, default_db_path
 from lib.validation import Choice, Field, Integer, Invalid, Text, body_schema, validate
-from level04.feature_flags import ChangeStream
+from level04.feature_flags import EventStream
 from level04.url_shortener import Instant
 
 app = App("job_processor", "A durable job queue on sqlite: atomic claims, leases, retries with "
@@ -809,16 +809,15 @@ def idempotency_key(request):
 # Job events: Server-Sent Events of one job, on feature_flags' polling stream
 # =============================================================================================
 
-class JobEvents(ChangeStream):
+class JobEvents(EventStream):
     """`status` and `progress` events of one job, each with the job as `GET /jobs/{id}` showed
     it then, read from `job_events` after event id `cursor` (a worker in another process
     writes them too). The stream ends after a final status."""
 
     def __init__(self, queue, job_id, cursor, first=b""):
-        self.queue, self.job_id, self.cursor = queue, job_id, cursor
+        super().__init__(app, cursor)
+        self.queue, self.job_id = queue, job_id
         self.first = first          # the job's current status, when not resuming
-        self.finished = False
-        self.quiet_since = time.monotonic()
 
     def pending(self):
         rows = self.queue.db.query("SELECT id, kind, job FROM job_events WHERE job_id = ? AND "
@@ -835,24 +834,6 @@ class JobEvents(ChangeStream):
 
     def opening(self):
         return f": events of job {self.job_id}\n\n".encode() + self.first
-
-    def next_piece(self):
-        if app.draining and not self.finished:   # a draining server ends its streams
-            self.finished = True
-            return b": the server is stopping\n\n"
-        return super().next_piece()
-
-    async def __aiter__(self):
-        async for piece in super().__aiter__():
-            yield piece
-            if self.finished:
-                return
-
-    def __iter__(self):
-        for piece in super().__iter__():
-            yield piece
-            if self.finished:
-                return
 
 
 def sse_event(event_id, kind, job):
