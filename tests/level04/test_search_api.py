@@ -255,6 +255,20 @@ def test_facets_count_the_whole_result_set_not_the_page(server, word):
                                 "tags": {"a": 7, "t0": 4, "t1": 3}}
 
 
+def test_a_facet_lists_its_20_most_frequent_values_first_ties_by_name(server, word):
+    # 24 tags on 5 documents: 6 tags on four, 10 on three, 8 on two, so the 20 listed end in a
+    # tie. The tags are first stored in the reverse of their names' order: a tie must still
+    # come out by name.
+    counts = {f"t{k:02d}": 4 if k < 6 else 3 if k < 16 else 2 for k in range(24)}
+    tags_of = [[] for _ in range(5)]
+    for i, (name, count) in enumerate(sorted(counts.items(), reverse=True)):
+        for j in range(count):
+            tags_of[(i + j) % 5].append(name)
+    expect_json(bulk(server, [document(word, tags=tags) for tags in tags_of]), 200)
+    listed = search(server, q=word)["facets"]["tags"]
+    assert list(listed.items()) == sorted(counts.items(), key=lambda pair: (-pair[1], pair[0]))[:20]
+
+
 # --------------------------------------------------------------------------------------------
 # Filters and sorts
 
