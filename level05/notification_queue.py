@@ -69,7 +69,8 @@ from level04.feature_flags import ChangeStream
 from level04.email_notifications import MailSettings, mail_from, smtp_target
 from level04.url_shortener import MAX_URL, URL_SCHEMA_PATTERN, normalise_url
 from level05 import email_queue
-from level05.job_processor import JOBS_SCHEMA, NEWEST, JobFailed, JobType, Queue, WorkerPool
+from level05.job_processor import (JOBS_SCHEMA, JobFailed, JobRefused, JobType, Queue,
+                                   WorkerPool)
 from level05.job_processor import Payload as ObjectOf   # a JSON object, its fields checked apart
 from level05.job_processor import add_queue_flags, log, nullable
 
@@ -105,8 +106,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     UNIQUE (event_seq, channel)
 );
 CREATE INDEX IF NOT EXISTS deliveries_unqueued ON deliveries (id) WHERE job_id IS NULL;
-CREATE INDEX IF NOT EXISTS deliveries_webhooks ON deliveries (user_id, event_seq)
-    WHERE channel = 'webhook';
+CREATE INDEX IF NOT EXISTS deliveries_in_order ON deliveries (user_id, channel, event_seq)
+    WHERE channel IN ('live', 'webhook');
 -- Every attempt of every delivery: what GET /events/{id}/deliveries lists.
 CREATE TABLE IF NOT EXISTS attempts (
     id          INTEGER PRIMARY KEY,
@@ -120,6 +121,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     at          REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS attempts_by_event ON attempts (event_seq, id);
+CREATE INDEX IF NOT EXISTS attempts_final ON attempts (delivery_id) WHERE status != 'failed';
 -- The inbox channel, and the live channel's feed (its id is the SSE event id). UNIQUE: a
 -- delivery that runs twice (at-least-once) still leaves one row.
 CREATE TABLE IF NOT EXISTS inbox (
@@ -130,7 +132,7 @@ CREATE TABLE IF NOT EXISTS inbox (
     created_at  REAL NOT NULL,
     UNIQUE (user_id, event_seq)
 );
-CREATE INDEX IF NOT EXISTS inbox_unread ON inbox (user_id, id) WHERE read_at IS NULL;
+CREATE INDEX IF NOT EXISTS inbox_unread ON inbox (user_id, event_seq) WHERE read_at IS NULL;
 CREATE TABLE IF NOT EXISTS live_feed (
     id          INTEGER PRIMARY KEY,
     user_id     TEXT NOT NULL,
@@ -192,24 +194,29 @@ def publish(db, event):
 # The relay: outbox rows → jobs of the queue, a user's webhooks one at a time
 # =============================================================================================
 
+IN_ORDER = ("live", "webhook")    # a user's deliveries on these go one at a time, in event order
 UNFINISHED = ("queued", "scheduled", "running", "failed")   # job_processor's waiting states
 
-# Due: any non-webhook delivery, and a webhook delivery none of whose user's earlier webhook
-# deliveries is unqueued or unfinished (so a failing one holds back the rest, in order).
+# Due: a delivery on an unordered channel at once; on an ordered one when none of the user's
+# earlier deliveries on that channel is still to be done: not queued yet, or its job waiting or
+# running without a final attempt recorded (so a failing webhook holds back the rest).
 DUE_DELIVERIES = f"""
 SELECT d.id, d.channel FROM deliveries d INDEXED BY deliveries_unqueued
-WHERE d.job_id IS NULL AND (d.channel != 'webhook' OR NOT EXISTS (
-    SELECT 1 FROM deliveries e INDEXED BY deliveries_webhooks LEFT JOIN jobs j ON j.id = e.job_id
-    WHERE e.channel = 'webhook' AND e.user_id = d.user_id AND e.event_seq < d.event_seq
-      AND (e.job_id IS NULL OR j.status IN ({", ".join(f"'{s}'" for s in UNFINISHED)}))))
+WHERE d.job_id IS NULL AND (d.channel NOT IN {IN_ORDER} OR NOT EXISTS (
+    SELECT 1 FROM deliveries e INDEXED BY deliveries_in_order LEFT JOIN jobs j ON j.id = e.job_id
+    WHERE e.user_id = d.user_id AND e.channel = d.channel AND e.event_seq < d.event_seq
+      AND e.channel IN {IN_ORDER}
+      AND (e.job_id IS NULL OR (j.status IN {UNFINISHED} AND NOT EXISTS (
+          SELECT 1 FROM attempts a INDEXED BY attempts_final
+          WHERE a.delivery_id = e.id AND a.status != 'failed')))))
 ORDER BY d.id LIMIT 200
 """
 
 
 class Relay:
-    """A thread that queues due deliveries: woken by a publish, and every `poll_s` anyway (a
-    webhook's predecessor finishing is seen there, whichever way it finished, kill -9 and
-    lease expiry included: the state is read from the jobs table, never remembered)."""
+    """A thread that queues due deliveries: woken by a publish and by a delivery's final
+    attempt, and every `poll_s` anyway (a predecessor that finished otherwise, by lease expiry
+    after a kill -9, is seen there: the state is read from the tables, never remembered)."""
 
     def __init__(self, queue, poll_s, options):
         self.queue, self.poll_s, self.options = queue, poll_s, options
@@ -276,7 +283,8 @@ def record_attempt(context, delivery, status, http_status=None, error=None):
 
 def attempted(deliver):
     """A channel's `deliver(context, delivery)` as a job's run: its outcome recorded as an
-    attempt, `dead` when the queue will not try again (the job's last attempt)."""
+    attempt, `dead` when the queue will not try again (the job's last attempt, or a
+    `JobRefused`, which no retry can mend)."""
 
     def run(context):
         delivery = load_delivery(context)
@@ -284,11 +292,14 @@ def attempted(deliver):
             deliver(context, delivery)
         except Exception as error:
             job = context.queue.get(context.job_id)
-            last = context.attempt >= job["max_attempts"]
+            last = not getattr(error, "retry", True) or context.attempt >= job["max_attempts"]
             record_attempt(context, delivery, "dead" if last else "failed",
                            getattr(error, "http_status", None), str(error)[:1000])
+            if last:
+                app.state.relay.wake.set()
             raise
         record_attempt(context, delivery, "succeeded")
+        app.state.relay.wake.set()   # the user's next delivery on this channel may go now
 
     return run
 
@@ -312,7 +323,7 @@ def channel_setting(context, delivery):
     with context.queue.db.reading() as conn:
         setting = load_preferences(conn, delivery["user_id"])["channels"][delivery["channel"]]
     if not setting:
-        raise DeliveryFailed(f"the user has turned the {delivery['channel']} channel off")
+        raise JobRefused(f"the user has turned the {delivery['channel']} channel off")
     return setting
 
 
@@ -431,11 +442,8 @@ def deliver_email(context, delivery):
     """Sent by email_queue's `send_email`: its SMTP path, its Message-ID fixed at enqueue time
     (so a second send after a crash can be recognised), 4xx retried, 5xx dead at once."""
     if context.payload["to"] is None:
-        raise DeliveryFailed("the user had no email address when the delivery was queued")
-    try:
-        email_queue.send_email(context)
-    except email_queue.MailRefused as error:    # send_email made this attempt the last one
-        raise DeliveryFailed(str(error)) from None
+        raise JobRefused("the user had no email address when the delivery was queued")
+    email_queue.send_email(context)
 
 
 def delivery_payload(db, delivery_id):
@@ -639,6 +647,8 @@ LIVE_EVENT = {"type": "object", "required": ["id", "data"],
                              "data": {"type": "string", "contentMediaType": "application/json",
                                       "contentSchema": EVENT_SCHEMA}}}
 OLDEST = Sort("oldest", SortKey("id", int))
+# The inbox in event order, newest first (not in the order deliveries happened to finish).
+NEWEST_EVENT = Sort("newest", SortKey("seq", int, descending=True))
 UNREAD = Query("unread", "true: only notifications not read yet", bool)
 USER = {"user_id": {"pattern": f"^{NAME}$", "maxLength": 200}}
 NO_EVENT = {404: "No event with this id"}
@@ -727,17 +737,17 @@ def render_notification(row):
          response_schema=page_of(NOTIFICATION_SCHEMA),
          responses={200: "The inbox, newest first", 400: "A bad user id or query parameter"})
 def list_notifications(request, user_id):
-    """A user's inbox, newest first (unread=true: only those not read yet)"""
+    """A user's inbox, newest event first (unread=true: only those not read yet)"""
     user_id = user_path(user_id)
-    limit, cursor = list_params(request, NEWEST.shape)
-    where, params = NEWEST.after(cursor) if cursor else ("1", [])
+    limit, cursor = list_params(request, NEWEST_EVENT.shape)
+    where, params = NEWEST_EVENT.after(cursor) if cursor else ("1", [])
     unread = " AND read_at IS NULL" if UNREAD.read(request) else ""
     rows = app.state.db.query(
         f"SELECT * FROM (SELECT i.id, i.read_at, i.created_at AS notified_at, i.user_id AS owner, "
-        f"e.id AS event_id, e.type, e.user_id, e.data, e.created_at FROM inbox i JOIN events e "
-        f"ON e.seq = i.event_seq) WHERE owner = ?{unread} AND {where} "
-        f"ORDER BY {NEWEST.order_by} LIMIT ?", [user_id, *params, limit + 1])
-    return page(rows, limit, NEWEST.cursor_values, lambda row: render_notification(
+        f"e.seq, e.id AS event_id, e.type, e.user_id, e.data, e.created_at FROM inbox i JOIN "
+        f"events e ON e.seq = i.event_seq) WHERE owner = ?{unread} AND {where} "
+        f"ORDER BY {NEWEST_EVENT.order_by} LIMIT ?", [user_id, *params, limit + 1])
+    return page(rows, limit, NEWEST_EVENT.cursor_values, lambda row: render_notification(
         {**row, "nid": row["id"], "id": row["event_id"]}))
 
 

@@ -456,7 +456,7 @@ def test_kill9_in_the_middle_of_a_webhook_delivers_it_again(start_server, subscr
     server = start_server(SCRIPT, *flags, db=db)
     set_preferences(server, "ann", webhook_only(receiver.url))
     post_event(server, "ann", "e-1")
-    wait_until(lambda: server.stderr_lines("notify_webhook: attempt 1 started"), "attempt 1")
+    wait_until(lambda: receiver.arrivals.get("e-1"), "attempt 1 at the subscriber")
     server.kill9()                          # the subscriber is still holding the request
     release.set()
     server = start_server(SCRIPT, *flags, db=db)
@@ -482,3 +482,13 @@ def test_the_email_channel_sends_through_smtp(start_server):
                                                           timeout=TIMEOUT), 200)["items"],
                          "the mail in the catcher")
     assert len(mailbox) == 1 and "mail-1" in json.dumps(mailbox[0])
+
+    # email_queue's verdicts: a 4xx is retried, a 5xx is dead at once.
+    for event_id, code, expected in (("mail-2", 451, [(1, "failed"), (2, "succeeded")]),
+                                     ("mail-3", 550, [(1, "dead")])):
+        expect_json(requests.post(f"{catcher.url}/mailbox/faults",
+                                  json={"fail_next": 1, "code": code}, timeout=TIMEOUT), 200)
+        post_event(server, "ann", event_id)
+        rows = finished(server, event_id, "email")
+        assert [(a["attempt"], a["status"]) for a in rows] == expected
+        assert str(code) in rows[0]["error"]
