@@ -4,16 +4,22 @@ short cache (counted in auth_service's access log), 503 when auth_service is dow
 the idempotent event consumer, and both services stopped, killed and restarted mid-test with
 nothing lost.
 """
+import re
+import shlex
 import socket
 
 import pytest
 import requests
 
-from tests.harness import expect, expect_json, expect_problem
+from tests.harness import ROOT, expect, expect_json, expect_problem
 from tests.level03.accounts import TIMEOUT, fresh_email
 from tests.level06.services import (AUTH, SERVICE_TOKEN, USERS, account, bearer, closed_url,
                                     eventually, free_port, introspections, login, signup,
                                     start_auth, start_pair, start_users)
+from tests.projects import BY_NAME
+from tests.test_readme_walkthroughs import (CMD_MARK, HTTP_MARK, PRELUDE, localise,
+                                            output_mismatches, parse_walkthrough, private_tmp,
+                                            run_script, split_output)
 
 
 @pytest.fixture(scope="module")
@@ -256,3 +262,34 @@ def test_two_services_share_the_token_file_beside_their_databases(start_server, 
     _, token = account(auth)
     profile_arrives(users, token)
     assert (tmp_path / "service-token").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# The README's walk-through, against both services (the suite's README test runs one server)
+
+
+def test_the_readme_walkthrough_runs_against_both_services(start_server, tmp_path):
+    readme = (ROOT / "level06/user_service.md").read_text(encoding="utf-8")
+    walkthrough = parse_walkthrough(readme)
+    run = shlex.split(walkthrough.run_line)
+    token = run[run.index("--service-token") + 1]
+    port = free_port()
+    auth = start_server(AUTH, "--service-token", token, "--user-service-url",
+                        f"http://127.0.0.1:{port}", "--retry-s", "0.05")
+    users = start_server(USERS, "--service-token", token, "--auth-service-url", auth.url,
+                         "--port", port)
+    lines = [PRELUDE]
+    for n, (command, _) in enumerate(walkthrough.commands):
+        command = localise(localise(command, 8022, auth), 8122, users)
+        lines += [f"printf '\\n{CMD_MARK} {n}\\n'", private_tmp(command, tmp_path)]
+    lines.append(f"printf '\\n{CMD_MARK} end\\n'")
+    code, output, _ = run_script("\n".join(lines) + "\n", tmp_path)
+    segments = split_output(output)
+    assert code == 0 and "end" in segments, output[-3000:]
+    for n, (command, expected) in enumerate(walkthrough.commands):
+        statuses = [int(s) for s in re.findall(rf"{HTTP_MARK} (\d{{3}})", segments[n])]
+        assert not any(s >= 500 for s in statuses), (command, segments[n])
+        if expected is not None:
+            assert statuses and statuses[-1] == expected, (command, segments[n])
+    problems = output_mismatches(walkthrough, segments, BY_NAME["user_service"])
+    assert not problems, "\n\n".join(problems)
