@@ -508,69 +508,76 @@ class ProxiedResponse(StreamingResponse):
     # --- the request -------------------------------------------------------------------------
 
     async def _exchange(self):
-        """Send the request, read the answer's head; an UpstreamFailure when there is none."""
+        """Send the request, read the answer's head (and a small answer whole) within the
+        route's `timeout_s`; an UpstreamFailure when there is no valid answer."""
         timeout, url = self.route.timeout_s, self.upstream.url
-        for attempt in (1, 2):
-            try:
-                async with asyncio.timeout(timeout):
+        phase = "connect"
+        try:
+            async with asyncio.timeout(timeout) as deadline:
+                for attempt in (1, 2):
+                    phase = "connect"
                     self.reader, self.writer, reused = await open_upstream(self.upstream,
                                                                            self.metrics)
-            except (OSError, TimeoutError) as error:
+                    phase = "answer"
+                    try:
+                        self.writer.write(self.head)
+                        if self.pieces is not None:
+                            await self._send_body(deadline, timeout)
+                        minor, status, fields = await read_answer_head(self.reader)
+                        break
+                    except (ConnectionError, asyncio.IncompleteReadError):
+                        # A kept-alive connection the upstream closed as it was reused: nothing
+                        # reached it, so a request without a body may go again on a fresh one.
+                        if not (reused and self.pieces is None and attempt == 1):
+                            raise
+                        self.writer.transport.abort()
+                self.answer_framing = length = answer_framing(self.request.method, status, fields)
+                if length != CHUNKED and length is not None and length <= WHOLE_ANSWER_MAX \
+                        and self.request.method != "HEAD":
+                    # Small and framed: read whole, so a cut-off one is still a clean 502, and
+                    # the answer goes out in one write.
+                    phase = "body"
+                    self.body = await self.reader.readexactly(length)
+        except TimeoutError:
+            raise self._failure("timeout", 504, f"upstream {url} did not "
+                                f"{'accept a connection' if phase == 'connect' else 'answer'} "
+                                f"within {timeout:g} s") from None
+        except OSError as error:
+            if phase == "connect":
                 self.upstream.healthy = False  # passive health check: it refuses connections
                 raise self._failure("connect", 502, f"upstream {url} is unreachable "
                                                     f"({error.__class__.__name__})") from None
-            try:
-                self.writer.write(self.head)
-                if self.pieces is not None:
-                    await self._send_body(timeout)
-                async with asyncio.timeout(timeout):
-                    minor, status, fields = await read_answer_head(self.reader)
-                break
-            except TimeoutError:
-                raise self._failure("timeout", 504, f"upstream {url} did not answer within "
-                                                    f"{timeout:g} s") from None
-            except (ConnectionError, asyncio.IncompleteReadError):
-                # A kept-alive connection the upstream closed as it was reused: nothing reached
-                # the upstream, so a request without a body may go again on a fresh one.
-                if reused and self.pieces is None and attempt == 1:
-                    self.writer.transport.abort()
-                    continue
-                raise self._failure("bad_answer", 502, f"upstream {url} closed the connection "
-                                                       f"before answering") from None
-            except BadAnswer as error:
-                raise self._failure("bad_answer", 502, f"upstream {url} sent a bad answer: "
-                                                       f"{error}") from None
-        try:
-            self.answer_framing = answer_framing(self.request.method, status, fields)
+            raise self._failure("bad_answer" if phase == "answer" else "cut_off", 502,
+                                f"upstream {url} closed the connection "
+                                f"{'before answering' if phase == 'answer' else 'mid-answer'}"
+                                ) from None
+        except asyncio.IncompleteReadError:
+            raise self._failure("bad_answer" if phase == "answer" else "cut_off", 502,
+                                f"upstream {url} closed the connection "
+                                f"{'before answering' if phase == 'answer' else 'mid-answer'}"
+                                ) from None
         except BadAnswer as error:
             raise self._failure("bad_answer", 502, f"upstream {url} sent a bad answer: "
                                                    f"{error}") from None
         connection = connection_named(", ".join(v for n, v in fields if n.lower() == "connection"))
         self.reusable = minor == 1 and "close" not in connection and self.answer_framing is not None
         self.status, self.answer_fields = status, fields
-        length = self.answer_framing
-        if length != CHUNKED and length is not None and length <= WHOLE_ANSWER_MAX \
-                and self.request.method != "HEAD":
-            # Small and framed: read it whole, so a cut-off one is still a clean 502, and
-            # the answer goes out in one write.
-            try:
-                async with asyncio.timeout(timeout):
-                    self.body = await self.reader.readexactly(length)
-            except TimeoutError:
-                raise self._failure("timeout", 504, f"upstream {url} did not send its whole "
-                                                    f"answer within {timeout:g} s") from None
-            except (ConnectionError, asyncio.IncompleteReadError):
-                raise self._failure("cut_off", 502, f"upstream {url} closed the connection "
-                                                    f"mid-answer") from None
         self.upstream.breaker.succeeded()
         self.verdict_given = True
 
-    async def _send_body(self, timeout):
-        chunked = self.framing == CHUNKED
-        while (piece := await self.pieces.get()) is not None:
+    async def _send_body(self, deadline, timeout):
+        """The body's pieces as lib hands them over. Waiting for the client is not the
+        upstream's time (lib bounds the client); each write must be taken within `timeout`,
+        and the answer must begin within `timeout` of the body's end."""
+        loop, chunked = asyncio.get_running_loop(), self.framing == CHUNKED
+        while True:
+            deadline.reschedule(None)
+            piece = await self.pieces.get()
+            deadline.reschedule(loop.time() + timeout)
+            if piece is None:
+                break
             self.writer.write(encode_chunk(piece) if chunked else piece)
-            async with asyncio.timeout(timeout):  # the upstream must keep reading
-                await self.writer.drain()
+            await self.writer.drain()
         if chunked:
             self.writer.write(encode_chunk(b""))
 
@@ -606,9 +613,8 @@ class ProxiedResponse(StreamingResponse):
         """The Response to send: this one, streamed; a whole one when the answer is small (one
         write); or the problem for an upstream that gave no valid answer."""
         try:
-            if self.exchange is None:
-                self.exchange = asyncio.ensure_future(self._exchange())
-            await self.exchange
+            # a body-less request starts here, on the connection's own coroutine (no task)
+            await (self._exchange() if self.exchange is None else self.exchange)
         except UpstreamFailure as failure:
             return self._finish(problem_response(failure.error))
         except asyncio.CancelledError:

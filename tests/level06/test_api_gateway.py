@@ -161,6 +161,19 @@ class ScriptedUpstream:
             self.release.wait(TIMEOUT)
             sock.sendall(b"4\r\nlast\r\n0\r\n\r\n")
             return True
+        if name == "then-close":  # keep-alive by its answer, yet it closes: a stale pooled one
+            send(sock, 200, b'{"closing": true}')
+            return False
+        if name == "no-content":
+            sock.sendall(b"HTTP/1.1 204 No Content\r\nX-Done: yes\r\n\r\n")
+            return True
+        if name == "until-close":  # HTTP/1.0 style: the body ends where the connection does
+            sock.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end")
+            return False
+        if name == "ambiguous":
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+            return False
         if name == "fields":
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nSet-Cookie: a=1; Path=/\r\n"
                          b"Set-Cookie: b=2; Expires=Wed, 09 Jun 2038 10:18:14 GMT\r\n"
@@ -397,6 +410,38 @@ def test_upstream_connections_are_kept_alive_and_reused(gateway):
     assert len(ports) == 1, ports
     metrics = expect_json(get(gateway, "/gateway/metrics"), 200)
     assert metrics["connections_reused"] >= 5
+
+
+def test_a_pooled_connection_the_upstream_closed_is_not_used_again(gateway):
+    expect_json(get(gateway, "/api/then-close"), 200)
+    for _ in range(3):  # the gateway's kept connection is gone: a fresh one, never a 502
+        expect_json(get(gateway, "/api/after-close"), 200)
+
+
+def test_answers_without_a_body_or_framed_by_the_close_keep_their_meaning(gateway):
+    with requests.Session() as session:
+        resp = session.get(f"{gateway.url}/api/no-content", timeout=TIMEOUT)
+        assert resp.status_code == 204 and resp.content == b"" and resp.headers["X-Done"] == "yes"
+        assert "Transfer-Encoding" not in resp.headers and "Content-Length" not in resp.headers
+        expect_json(session.get(f"{gateway.url}/api/next", timeout=TIMEOUT), 200)  # still in step
+        resp = session.get(f"{gateway.url}/api/until-close", timeout=TIMEOUT)
+        assert resp.status_code == 200 and resp.text == "until the end"
+        assert resp.headers["Transfer-Encoding"] == "chunked"  # re-framed for the client
+
+
+def test_an_upstream_answer_with_ambiguous_framing_is_a_502(gateway):
+    expect_problem(get(gateway, "/api/ambiguous"), 502)
+
+
+def test_expect_100_continue_is_answered_by_the_gateway(gateway):
+    with RawConnection(gateway.host, gateway.port, timeout=TIMEOUT) as conn:
+        conn.send(request_bytes("POST", "/api/expect", headers=[
+            ("Content-Length", "5"), ("Expect", "100-continue")]))
+        interim = conn.read_response(timeout=TIMEOUT)
+        assert interim.status == 100
+        conn.send(b"hello")
+        echo = conn.read_response(timeout=TIMEOUT).json()
+    assert echo["body"] == "hello" and header_values(echo, "expect") == []
 
 
 # --------------------------------------------------------------------------------------------
