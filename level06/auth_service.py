@@ -230,8 +230,9 @@ def token_parameter(request):
 
 TOKEN_FORM = {"type": "object", "required": ["token"],
               "properties": {"token": {"type": "string", "minLength": 1},
-                             "token_type_hint": {"type": "string",
-                                                 "enum": ["access_token", "refresh_token"]}}}
+                             "token_type_hint": {
+                                 "type": "string", "description": "access_token or "
+                                 "refresh_token: a hint, which the server may ignore (§2.1)"}}}
 NO_STORE = {"Cache-Control": "no-store"}
 
 
