@@ -191,7 +191,7 @@ def publish(db, event):
 
 
 # =============================================================================================
-# The relay: outbox rows → jobs of the queue, a user's webhooks one at a time
+# The relay: outbox rows → jobs of the queue; a user's live and webhook deliveries in order
 # =============================================================================================
 
 IN_ORDER = ("live", "webhook")    # a user's deliveries on these go one at a time, in event order
