@@ -34,7 +34,6 @@ response caching, config reload. api_gateway.md's "In production" says who does 
 import asyncio
 import enum
 import json
-import math
 import os
 import re
 import sys
@@ -47,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from level03.jwt_auth import (MIN_SECRET_BYTES, InvalidToken, TokenSettings, bearer_token,
                               invalid_token, verify_access_token)
 from level06.rate_limiter import ALGORITHMS, Limiter, log_limit_problem, parse_policy, rate_limit
-from lib import App, BadRequest, HTTPError, ServiceUnavailable, StreamingResponse, Unauthorized
+from lib import (App, BadRequest, HTTPError, ServiceUnavailable, StreamingResponse,
+                 Unauthorized, trace_event)
 from lib.app import bounded, exit_usage_error
 from lib.asyncio_server import AsyncioServer
 from lib.protocol import CHUNKED, ChunkedDecoder, ContentLengthDecoder, encode_chunk
@@ -55,7 +55,21 @@ from lib.response import Response, problem_response
 from lib.routing import Route
 from lib.runner import announce_listening, bind
 
+
+DEFAULT_CONFIG = Path(__file__).resolve().with_suffix(".json")
+VIA = "1.1 api_gateway"           # RFC 9110 §7.6.3: protocol and a pseudonym for this hop
+OWN_PATHS = ("/", "/health", "/openapi.json")  # the gateway's own, whatever the config says
+POOL_IDLE_MAX = 64                # idle keep-alive connections kept per upstream
+POOL_IDLE_S = 10.0                # … for at most this long (lib's servers close theirs at 15 s)
+MAX_RESPONSE_HEAD = 64 * 1024
+WHOLE_ANSWER_MAX = 64 * 1024      # a complete answer this small is sent in one write
+READ_SIZE = 64 * 1024
+NO_LIMIT = 1 << 62                # an upstream's chunked answer is relayed, never held: no cap
+
+
 class Gateway(App):
+    """lib's App, with the proxied paths taken before its router sees them."""
+
     def plan(self, request):
         """Proxied paths are matched here, before lib's router (which knows only the gateway's
         own routes, those of its OpenAPI document): the proxy's body limit and body sink then
@@ -70,18 +84,9 @@ class Gateway(App):
         return super().plan(request)
 
 
-app = Gateway("api_gateway", "One entry point in front of the other services: routes, streamed "
-          "proxying, JWT at the edge, rate limits, health checks and circuit breakers.", port=8021)
-
-DEFAULT_CONFIG = Path(__file__).resolve().with_suffix(".json")
-VIA = "1.1 api_gateway"           # RFC 9110 §7.6.3: protocol and a pseudonym for this hop
-OWN_PATHS = ("/", "/health", "/openapi.json")  # the gateway's own, whatever the config says
-POOL_IDLE_MAX = 64                # idle keep-alive connections kept per upstream
-POOL_IDLE_S = 10.0                # … for at most this long (lib's servers close theirs at 15 s)
-MAX_RESPONSE_HEAD = 64 * 1024
-WHOLE_ANSWER_MAX = 64 * 1024      # a complete answer this small is sent in one write
-READ_SIZE = 64 * 1024
-NO_LIMIT = 1 << 62                # an upstream's chunked answer is relayed, never held: no cap
+app = Gateway("api_gateway", "One entry point in front of the other services: routes, "
+              "streamed proxying, JWT at the edge, rate limits, health checks and circuit "
+              "breakers.", port=8021)
 
 
 # =============================================================================================
@@ -331,7 +336,7 @@ SET_BY_GATEWAY = frozenset({"host", "x-user-id", "x-request-id", "x-forwarded-fo
                             "x-forwarded-proto", "x-forwarded-host", "forwarded", "expect", "via"})
 # An answer's fields that lib writes itself for the client (its own Date and request id).
 SET_FOR_CLIENT = frozenset({"date", "x-request-id", "via"})
-_HEADER_VALUE = re.compile(r"[\x20-\x7e]{1,256}\Z")
+_SUB_AS_HEADER = re.compile(r"[\x20-\x7e]{1,256}\Z")
 
 
 def connection_named(value):
@@ -389,7 +394,11 @@ class BadAnswer(Exception):
 
 # RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ]
 _STATUS_LINE = re.compile(r"HTTP/1\.([01]) ([1-9][0-9]{2}) ?[\t\x20-\x7e\x80-\xff]*\r\n")
-_FIELD_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*\r\n")
+# As lib.protocol's: the value starts with a visible character, so no run of spaces can be
+# claimed two ways (which would make a long one backtrack quadratically); trailing OWS is
+# stripped after the match.
+_FIELD_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*"
+                         r"((?:[\x21-\x7e\x80-\xff][\t\x20-\x7e\x80-\xff]*)?)\r\n")
 
 
 def parse_answer_head(data):
@@ -404,7 +413,7 @@ def parse_answer_head(data):
         field = _FIELD_LINE.match(text, at)
         if field is None:
             raise BadAnswer("malformed header field")
-        fields.append(field.groups())
+        fields.append((field.group(1), field.group(2).rstrip(" \t")))
         at = field.end()
     return int(status_line.group(1)), int(status_line.group(2)), fields
 
@@ -752,7 +761,7 @@ def authenticate(request):
         claims = verify_access_token(settings, token)
     except InvalidToken as error:
         raise invalid_token(str(error)) from None
-    if not _HEADER_VALUE.match(claims["sub"]):
+    if not _SUB_AS_HEADER.match(claims["sub"]):
         raise invalid_token("the token sub cannot be passed on as a header")
     return claims["sub"]
 
@@ -786,8 +795,9 @@ def limit_key(route):
 def proxy(request):
     """Forward the request to one of its route's upstreams (the answer follows in settle())."""
     route = request.context["gateway_route"]
-    framing = body_framing(request)
-    return ProxiedResponse(request, route, choose_upstream(route), framing)
+    upstream = choose_upstream(route)
+    trace_event(f"to {upstream.url}: the status below stands in until its answer's head")
+    return ProxiedResponse(request, route, upstream, body_framing(request))
 
 
 def body_framing(request):
@@ -858,7 +868,7 @@ def upstream_health(request):
 
 @app.get("/gateway/metrics", public=True)
 def metrics(request):
-    """Counters since start: proxied requests, answers by route, upstream connections and failures"""
+    """Counters since start: requests, answers per route, upstream connections, failures"""
     state = request.app.state
     return {**state.metrics, "idle_connections": sum(len(u.idle) for r in state.routes
                                                      for u in r.upstreams)}

@@ -14,7 +14,6 @@ import hashlib
 import hmac
 import http.client
 import json
-import socket
 import socketserver
 import threading
 import time
