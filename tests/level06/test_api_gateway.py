@@ -6,8 +6,8 @@ health checks, 502/503/504 and the circuit breaker.
 The upstreams are a scripted HTTP/1.1 server written here (it records every request it reads,
 piece by piece, and misbehaves on purpose: slow, dropping the connection before or in the middle
 of an answer, answering chunked, holding an answer half-sent), plus real projects
-(level01/health_check, level02/notes, level03/jwt_auth). Nothing asserts on speed: waits are
-for events, bounded generously.
+(level01/health_check, stopped and restarted mid-test; level02/notes behind level03/jwt_auth's
+tokens). Nothing asserts on speed: waits are for events, bounded generously.
 """
 import base64
 import hashlib
@@ -592,6 +592,20 @@ def test_active_health_checks_take_an_upstream_out_and_put_it_back(start_server,
     finally:
         upstream.close()
         spare.close()
+
+
+def test_an_upstream_stopped_and_restarted_is_taken_out_and_put_back(start_server, tmp_path):
+    upstream = start_server("level01/health_check.py")
+    config = write_config(tmp_path, [{"prefix": "/hc", "upstreams": [upstream.url],
+                                      "strip_prefix": True}])
+    gateway = start_server(SCRIPT, "--config", config, "--health-s", "0.2")
+    assert expect_json(get(gateway, "/hc/health"), 200)["status"] == "ok"
+    upstream.stop()
+    wait_for_health(gateway, upstream.url, False)
+    expect_problem(get(gateway, "/hc/health"), 503)
+    start_server("level01/health_check.py", "--port", upstream.port)  # the same address again
+    wait_for_health(gateway, upstream.url, True)
+    assert expect_json(get(gateway, "/hc/health"), 200)["status"] == "ok"
 
 
 def wait_for_health(server, url, healthy, timeout=TIMEOUT):
