@@ -181,14 +181,14 @@ def call_service(base_url, path, body, headers, *, token, timeout=SERVICE_TIMEOU
 INACTIVE = {"active": False}   # §2.2: for any token that is not active, and nothing else
 
 
-def introspect(auth, db, token, now=None):
+def introspect(auth, db, token):
     """RFC 7662 §2.2's answer for `token`: active when it is an access token we signed, current,
     not revoked, whose user still exists. No leeway for `exp`: the clock that judges it is the
     one that signed it, so there is no skew to forgive."""
     settings = auth.tokens
     try:
         claims = verify_token(token, settings.secret, issuer=settings.issuer,
-                              audience=settings.audience, leeway=0, now=now)
+                              audience=settings.audience, leeway=0)
     except InvalidToken:
         return INACTIVE
     sub = claims["sub"]
@@ -201,10 +201,10 @@ def introspect(auth, db, token, now=None):
             "aud": claims["aud"], "jti": claims["jti"]}
 
 
-def revoke(auth, db, token, now=None):
+def revoke(auth, db, token):
     """RFC 7009 §2.1: an access token is remembered as revoked until it would have expired
     anyway; a refresh token's family is revoked as by logout. Anything else is ignored."""
-    now = time.time() if now is None else now
+    now = time.time()
     try:
         claims = verify_access_token(auth.tokens, token, now=now)
     except InvalidToken:
@@ -262,13 +262,13 @@ def revoke_token(request):
 # The outbox: written with the user, drained by a relay thread
 # =============================================================================================
 
-def record_user_created(conn, user, now=None):
+def record_user_created(conn, user):
     """Add the user's `user.created` event to the outbox, on the signup's connection (so in
     its transaction): both are committed together or neither is."""
     event = {"id": str(uuid.uuid4()), "type": "user.created",
              "data": {"id": user["id"], "email": user["email"], "created_at": user["created_at"]}}
-    conn.execute("INSERT INTO outbox (id, payload, created_at, next_attempt_at) VALUES (?, ?, ?, ?)",
-                 (event["id"], json.dumps(event), utc_timestamp(), time.time() if now is None else now))
+    conn.execute("INSERT INTO outbox (id, payload, created_at, next_attempt_at) "
+                 "VALUES (?, ?, ?, ?)", (event["id"], json.dumps(event), utc_timestamp(), time.time()))
     trace_event(f"outbox: user.created {event['id']} written with the user")
 
 

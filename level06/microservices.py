@@ -22,6 +22,8 @@ The first stdout line is auth_service's `listening on http://HOST:PORT` (it is t
 users sign up at), then one line per service: `auth_service http://…`, `user_service http://…`.
 
 Left out: restarting a child that died (systemd's Restart=, Kubernetes, supervisord do that),
+the launcher itself killed with SIGKILL (it cannot act then; its children, in sessions of
+their own, run on: a supervisor that kills the whole process group or cgroup covers that),
 health-based readiness beyond the listening line, log multiplexing (both children write their
 access logs to this process's stderr as they are).
 """

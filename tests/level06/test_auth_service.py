@@ -180,7 +180,8 @@ def test_without_a_token_one_is_made_beside_the_database_mode_0600(start_server,
 
 
 def test_the_environment_names_the_token_when_the_flag_does_not(start_server, tmp_path):
-    server = start_server(AUTH, "--scrypt-n", "1024", env={"SERVICE_TOKEN": "from-the-environment-123"})
+    server = start_server(AUTH, "--scrypt-n", "1024",
+                          env={"SERVICE_TOKEN": "from-the-environment-123"})
     _, token = account(server)
     expect(introspect(server, token, headers=bearer("from-the-environment-123")), 200)
     expect_problem(introspect(server, token, headers=bearer(SERVICE_TOKEN)), 401)
