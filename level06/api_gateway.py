@@ -102,7 +102,7 @@ class Upstream:
 
     def __init__(self, url, host, port, breaker):
         self.url, self.host, self.port = url, host, port
-        self.authority = f"{host}:{port}"
+        self.authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.healthy = True       # until a check says otherwise
         self.breaker = breaker
         self.idle = []            # kept-alive connections: (reader, writer, idle since)
@@ -111,12 +111,13 @@ class Upstream:
 class GatewayRoute:
     """A prefix, its upstreams, and how requests to it are treated."""
 
-    def __init__(self, prefix, upstreams, strip_prefix, auth, policy, timeout_s):
+    def __init__(self, prefix, upstreams, strip_prefix, auth, rate_limit, policy, timeout_s):
         self.prefix = prefix
         self.upstreams = upstreams
         self.strip_prefix = strip_prefix
         self.auth = auth
-        self.policy = policy      # a rate_limiter Policy, or None
+        self.rate_limit = rate_limit  # as the config says it ("100/min"), or None
+        self.policy = policy      # … as a rate_limiter Policy
         self.timeout_s = timeout_s
         self.enforce_limit = None  # the rate limiter's middleware for this route, if limited
         self.turn = 0             # round-robin position
@@ -134,9 +135,7 @@ class GatewayRoute:
     def describe(self):
         return {"prefix": self.prefix, "upstreams": [u.url for u in self.upstreams],
                 "strip_prefix": self.strip_prefix, "auth": self.auth,
-                "rate_limit": None if self.policy is None else
-                f"{self.policy.limit}/{self.policy.window_s:g}s",
-                "timeout_s": self.timeout_s}
+                "rate_limit": self.rate_limit, "timeout_s": self.timeout_s}
 
 
 ROUTE_FIELDS = {"prefix", "upstreams", "strip_prefix", "auth", "rate_limit", "timeout_s"}
@@ -182,14 +181,14 @@ def load_config(path, *, algorithm, breaker):
         auth = entry.get("auth", "none")
         if auth not in ("none", "jwt"):
             raise ConfigError(f'{where}: auth must be "none" or "jwt"')
-        policy = entry.get("rate_limit")
-        if policy is not None:
+        rate_limit, policy = entry.get("rate_limit"), None
+        if rate_limit is not None:
+            if not isinstance(rate_limit, str):
+                raise ConfigError(f'{where}: rate_limit must be null or a string like "100/min"')
             try:
-                policy = parse_policy(policy, algorithm) if isinstance(policy, str) else None
+                policy = parse_policy(rate_limit, algorithm)
             except ValueError as error:
                 raise ConfigError(f"{where}: rate_limit {error}") from None
-            if policy is None:
-                raise ConfigError(f'{where}: rate_limit must be null or a string like "100/min"')
             if problem := log_limit_problem(policy):
                 raise ConfigError(f"{where}: rate_limit: {problem}")
         timeout_s = entry.get("timeout_s", 5)
@@ -197,7 +196,7 @@ def load_config(path, *, algorithm, breaker):
                 or not 0 < timeout_s <= 3600:
             raise ConfigError(f"{where}: timeout_s must be a number of seconds, above 0 and "
                               f"at most 3600")
-        routes.append(GatewayRoute(prefix, upstreams, strip_prefix, auth, policy,
+        routes.append(GatewayRoute(prefix, upstreams, strip_prefix, auth, rate_limit, policy,
                                    float(timeout_s)))
     return sorted(routes, key=lambda route: len(route.prefix), reverse=True)
 
@@ -480,11 +479,11 @@ async def read_answer_head(reader):
 
 
 class UpstreamFailure(Exception):
-    """No valid answer from an upstream: what kind (for the metrics) and what to answer."""
+    """No valid answer from an upstream; `error` is what the client is answered."""
 
-    def __init__(self, kind, error):
+    def __init__(self, error):
         super().__init__(error.detail)
-        self.kind, self.error = kind, error
+        self.error = error
 
 
 # =============================================================================================
@@ -596,7 +595,7 @@ class ProxiedResponse(StreamingResponse):
         self.upstream.breaker.failed()
         self.verdict_given = True
         self.close_upstream()
-        return UpstreamFailure(kind, HTTPError(detail, status=status))
+        return UpstreamFailure(HTTPError(detail, status=status))
 
     def close_upstream(self):
         if self.writer is not None:
@@ -630,14 +629,14 @@ class ProxiedResponse(StreamingResponse):
             self.abandon()
             raise
         answer_headers = client_answer_headers(self.answer_fields)
-        if self.request.method == "HEAD":  # GET's length, when the upstream said it
-            self.length = next((int(v) for n, v in self.answer_fields
-                                if n.lower() == "content-length" and v.isdigit()), None)
-        elif self.answer_framing == 0 or self.body:
+        head_only = self.request.method == "HEAD"
+        if not head_only and (self.answer_framing == 0 or self.body):
             self._give_back()
             return self._finish(Response(self.body, self.status, answer_headers))
         self.headers = answer_headers + self.headers
-        if self.request.method == "HEAD":
+        if head_only:  # lib writes the head alone, with GET's length when the upstream said it
+            self.length = next((int(v) for n, v in self.answer_fields
+                                if n.lower() == "content-length" and v.isdigit()), None)
             self._give_back()
             return self._finish(self)
         self._count(self.status)

@@ -285,7 +285,8 @@ def test_the_default_config_routes_to_levels_01_to_03(start_server):
     routes = expect_json(get(server, "/gateway/routes"), 200)["routes"]
     by_prefix = {route["prefix"]: route for route in routes}
     assert by_prefix["/notes"]["upstreams"] == ["http://127.0.0.1:8004"]
-    assert by_prefix["/notes"]["auth"] == "jwt"
+    assert by_prefix["/notes"]["auth"] == "jwt" and by_prefix["/notes"]["rate_limit"] == "100/min"
+    assert [r["prefix"] for r in routes] == sorted(by_prefix, key=len, reverse=True)
     assert "no --secret" in server.stderr_text()  # jwt routes cannot admit anyone: it says so
 
 
