@@ -744,8 +744,6 @@ class GatewayServer(AsyncioServer):
 # The edge: route, token, limit — then the proxy
 # =============================================================================================
 
-
-
 def authenticate(request):
     """The `sub` of the request's bearer token, verified with jwt_auth's rules."""
     token = bearer_token(request)
