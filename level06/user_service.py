@@ -34,7 +34,7 @@ from urllib.parse import urlencode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
-from lib import (App, NotFound, ServiceUnavailable, Unauthorized, UnprocessableContent,
+from lib import (App, NotFound, ServiceUnavailable, Unauthorized, ValidationFailed,
                  json_response, no_content, trace_event)
 from lib.app import bounded, seconds
 from lib.listing import list_params, page
@@ -165,7 +165,7 @@ def apply_event(db, event):
     data = None
     if event["type"] == "user.created":
         if not isinstance(event["data"], dict):
-            raise UnprocessableContent("data must be an object")
+            raise ValidationFailed({"data": "must be an object for user.created"})
         data = validate(event["data"], USER_CREATED)
     with db.transaction() as conn:
         fresh = conn.execute("INSERT OR IGNORE INTO seen_events (id, type, received_at) "
