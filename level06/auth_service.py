@@ -158,7 +158,9 @@ def call_service(base_url, path, body, headers, *, token, timeout=SERVICE_TIMEOU
     """POST `body` to another service with the service credential: (status, decoded JSON or
     None). Connection errors and timeouts raise OSError (TimeoutError is one)."""
     parts = urlsplit(base_url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    https = parts.scheme == "https"
+    conn = (http.client.HTTPSConnection if https else http.client.HTTPConnection)(
+        parts.hostname, parts.port, timeout=timeout)
     try:
         conn.request("POST", parts.path + path, body,
                      {**headers, "Authorization": f"Bearer {token}", "Accept": "application/json"})
@@ -267,8 +269,8 @@ def record_user_created(conn, user):
     its transaction): both are committed together or neither is."""
     event = {"id": str(uuid.uuid4()), "type": "user.created",
              "data": {"id": user["id"], "email": user["email"], "created_at": user["created_at"]}}
-    conn.execute("INSERT INTO outbox (id, payload, created_at, next_attempt_at) "
-                 "VALUES (?, ?, ?, ?)", (event["id"], json.dumps(event), utc_timestamp(), time.time()))
+    conn.execute("INSERT INTO outbox (id, payload, created_at, next_attempt_at) VALUES "
+                 "(?, ?, ?, ?)", (event["id"], json.dumps(event), utc_timestamp(), time.time()))
     trace_event(f"outbox: user.created {event['id']} written with the user")
 
 
