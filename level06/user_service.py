@@ -298,9 +298,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     state = app.state
     state.db = app.open_database(args, SCHEMA)
-    state.introspector = Introspector(args.auth_service_url, resolve_service_token(args),
+    state.service_token = resolve_service_token(args)   # what require_service expects
+    state.introspector = Introspector(args.auth_service_url, state.service_token,
                                       cache_s=args.introspect_cache_s, timeout=args.auth_timeout)
-    state.service_token = state.introspector.service_token
     app.run(args)
 
 
