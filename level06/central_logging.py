@@ -268,6 +268,7 @@ class Writer:
 # Syslog: RFC 5424 and RFC 3164, as pure functions of bytes
 # =============================================================================================
 
+SYSLOG_PORT = 5514   # 514 is syslog's own, which needs root
 PRI = re.compile(rb"<([0-9]{1,3})>")
 RFC5424 = re.compile(r"1 (\S+) (\S+) (\S+) (\S+) (\S+) (-|(?:\[(?:[^]\\]|\\.)*\])+) ?(.*)", re.S)
 SD_ELEMENT = re.compile(r'\[([^ \]]+)((?: [^ =\]]+="(?:[^"\\]|\\.)*")*)\]')
@@ -461,7 +462,7 @@ def parse_lines(body):
 
 
 @app.post("/logs", body_limit=MAX_BODY, blocking=True,
-          request_schema=body_schema(RECORD), request_media_type="application/x-ndjson",
+          request_schema=body_schema(RECORD),   # or NDJSON: one such object a line
           responses={200: "How many records were stored, and each line refused with why",
                      400: "Not JSON (a single object)", 415: "Not JSON or NDJSON",
                      422: "A single record that is invalid",
@@ -486,11 +487,17 @@ def ingest(request):
     return {"accepted": len(records), "rejected": rejected}
 
 
-LOKI_STREAM = {"type": "object", "required": ["streams"]}
+LOKI_PUSH = {"type": "object", "required": ["streams"], "properties": {"streams": {
+    "type": "array", "items": {"type": "object", "required": ["stream", "values"], "properties": {
+        "stream": {"type": "object", "additionalProperties": {"type": "string"}},
+        "values": {"type": "array", "items": {
+            "type": "array", "minItems": 2, "maxItems": 3,
+            "prefixItems": [{"type": "string", "pattern": "^[0-9]{1,20}$"}, {"type": "string"},
+                            {"type": "object", "additionalProperties": {"type": "string"}}]}}}}}}}
 
 
 @app.post("/loki/api/v1/push", body_limit=MAX_BODY, blocking=True,
-          request_schema=LOKI_STREAM, status=204,
+          request_schema=LOKI_PUSH, status=204,
           responses={204: "Stored (as Loki answers)", 400: "Not Loki's JSON push format",
                      415: "Not JSON (protobuf pushes are not taken)", 503: "The writer is behind"})
 def loki_push(request):
@@ -502,10 +509,18 @@ def loki_push(request):
     return no_content()
 
 
+def metadata_of(value):
+    """A Loki value's third element, its structured metadata (Loki 3), or {}."""
+    metadata = value[2] if len(value) == 3 else {}
+    if not isinstance(metadata, dict):
+        raise BadRequest("a value's third element is its structured metadata, an object")
+    return metadata
+
+
 def loki_records(push):
     """`{"streams": [{"stream": {labels}, "values": [["<unix ns>", "line"], …]}]}` as Records:
     the labels `service` (or `service_name`, `app`, `job`) and `level` (or `severity`), the
-    others in `fields`."""
+    others, and a value's structured metadata, in `fields`."""
     if not isinstance(push, dict) or not isinstance(push.get("streams"), list):
         raise BadRequest('a Loki push is {"streams": [{"stream": {...}, "values": [...]}]}')
     records = []
@@ -519,15 +534,19 @@ def loki_records(push):
         service = next((labels.pop(k) for k in ("service", "service_name", "app", "job")
                         if k in labels), "loki")
         severity = severity_of(labels.pop("level", labels.pop("severity", "info")))
-        fields = json.dumps(labels) if labels else None
         for value in values:
-            if not (isinstance(value, list) and len(value) >= 2 and isinstance(value[0], str)
-                    and value[0].isdigit() and len(value[0]) < 21 and isinstance(value[1], str)):
-                raise BadRequest('each value is ["<unix epoch in nanoseconds>", "<line>"]')
+            if not (isinstance(value, list) and len(value) in (2, 3) and isinstance(value[0], str)
+                    and value[0].isascii() and value[0].isdigit() and len(value[0]) < 21
+                    and isinstance(value[1], str) and all(isinstance(v, str) for v in
+                                                          metadata_of(value).values())):
+                raise BadRequest('each value is ["<unix epoch in nanoseconds>", "<line>"], '
+                                 'and maybe {structured metadata} of strings')
             moment = datetime.datetime.fromtimestamp(int(value[0]) / 1e9, datetime.timezone.utc)
+            extra = {**labels, **metadata_of(value)}
             records.append(Record(utc_text(moment), service[:100] or "loki",
                                   SEVERITY["info"] if severity is None else severity,
-                                  value[1][:MAX_MESSAGE], fields, None))
+                                  value[1][:MAX_MESSAGE], json.dumps(extra) if extra else None,
+                                  None))
     return records
 
 
@@ -535,13 +554,14 @@ def loki_records(push):
 # Reading: queries, the live tail, counts
 # =============================================================================================
 
+MAX_QUERY = 500
 FILTERS = {q.name: q for q in (
     Query("service", "only this service"),
     Query("level", "this level or more severe", tuple(LEVELS)),
     Query("since", "at or after this RFC 3339 time", {"format": "date-time"}),
     Query("until", "before this RFC 3339 time", {"format": "date-time"}),
     Query("q", 'words in the message (all), "a phrase", prefix*, -excluded, a OR b',
-          {"maxLength": 500}),
+          {"maxLength": MAX_QUERY}),
     Query("trace_id", "only this trace"))}
 
 
@@ -565,7 +585,9 @@ def query_filters(request, *, times=True):
     if trace_id := request.query_param("trace_id"):
         conditions.append("l.trace_id = ?")
         params.append(trace_id)
-    if (q := request.query_param("q")) and (expression := parse_query(q[:500]).fts()):
+    if (q := request.query_param("q")) and len(q) > MAX_QUERY:
+        raise bad_query("q", f"must be at most {MAX_QUERY} characters")
+    if q and (expression := parse_query(q).fts()):
         conditions.append("l.id IN (SELECT rowid FROM logs_text WHERE logs_text MATCH ?)")
         params.append(expression)
     return conditions, params
@@ -630,7 +652,7 @@ def live_tail(request):
          responses={200: "Counts per minute, service and level; records dropped (UDP)"})
 def stats(request):
     """How many records per minute, service and level (the last hour unless since=)"""
-    since = request.query_param("since")
+    since = request.query_param("since") or None   # `?since=` is the parameter left out
     if since is not None and (since := parse_ts(since)) is None:
         raise bad_query("since", "must be an RFC 3339 time")
     since = since or utc_text(datetime.datetime.now(datetime.timezone.utc)
@@ -673,8 +695,9 @@ def keep_expiring(db, days, interval, stop):
 
 def main(argv=None):
     parser = app.arg_parser(database=True)
-    parser.add_argument("--syslog-port", type=port_number, default=5514,
-                        help="syslog over UDP and TCP, one port (default 5514; 0: any free one)")
+    parser.add_argument("--syslog-port", type=port_number, default=None,
+                        help="syslog over UDP and TCP, one port, 0 for any free one (default "
+                             "5514; with --port 0, also 0)")
     parser.add_argument("--retention-days", type=bounded(float, "days above 0", above=0),
                         default=7.0, help="records older than this are deleted (default 7)")
     parser.add_argument("--retention-interval-s", type=bounded(float, "seconds above 0",
@@ -686,10 +709,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     db = app.state.db = app.open_database(args, SCHEMA)
     writer = app.state.writer = Writer(db, args.max_pending)
+    syslog_port = args.syslog_port if args.syslog_port is not None else 0 if args.port == 0 \
+        else SYSLOG_PORT
     try:
-        syslog = SyslogServer(args.host, args.syslog_port, writer)
+        syslog = SyslogServer(args.host, syslog_port, writer)
     except OSError as error:
-        parser.exit(2, f"error: --syslog-port {args.syslog_port}: {error}\n")
+        parser.exit(2, f"error: --syslog-port {syslog_port}: {error}\n")
     stop = threading.Event()
     retention = threading.Thread(target=keep_expiring, name="retention", daemon=True,
                                  args=(db, args.retention_days, args.retention_interval_s, stop))

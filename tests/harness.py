@@ -664,10 +664,11 @@ def assert_still_serving(server):
 
 def assert_quiet_exit(server):
     """After a stop: no traceback on stderr, nothing on stdout after the `listening on` line
-    but the further `listening on SCHEME://HOST:PORT` lines a level file names (common.md: a
-    mail catcher's smtp://, a syslog port)."""
+    but the further lines a level file names (level04.md: the mail catcher's `listening on
+    smtp://…`; level06.md: central_logging's `syslog on udp+tcp://…`)."""
     assert "Traceback" not in server.stderr_text(), server.stderr_text()[-2000:]
-    stray = re.sub(r"(?m)^listening on [a-z]+://\S+\n", "", server.stdout_text())
+    stray = re.sub(r"(?m)^(listening on [a-z]+|syslog on udp\+tcp)://\S+\n", "",
+                   server.stdout_text())
     assert stray == "", f"stdout after the `listening on` line: {stray!r}"
 
 
