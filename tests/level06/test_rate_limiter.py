@@ -102,7 +102,9 @@ def test_the_limit_is_admitted_then_refused_and_a_refusal_spends_nothing(server,
     for _ in range(3):
         refused = decision(server, key, policy)
         assert refused["allowed"] is False and refused["remaining"] == 0
-        assert 0 < refused["retry_after_s"] <= 3600 and refused["reset_s"] > 0
+        # at most a window, but up to 1.2 for the sliding counter: once its current window
+        # holds the whole limit, the weighted estimate falls below it only 0.2 into the next
+        assert 0 < refused["retry_after_s"] <= 1.2 * 3600 and refused["reset_s"] > 0
     state = expect_json(requests.get(f"{server.url}/limits/{key}", timeout=TIMEOUT), 200)
     assert state["remaining"] == 0 and state["policy"]["algorithm"] == algorithm
 
