@@ -55,6 +55,8 @@ class App:
         self.started_at = time.time()
         self.shutdown_hooks = []      # called once the server has drained (close storage, …)
         self.on_listening = []        # called once it listens, after its line (a second server)
+        self.on_draining = []         # called when shutdown begins (a WebSocket's 1001 Close)
+        self.transports = {}          # a project's own transports by --server name (a proxy's)
         self._chain = None
         # The built-ins are `public=True`: auth middleware lets them through without credentials.
         self.get("/", summary="This server's name, description and routes", public=True)(self._index)
@@ -138,6 +140,13 @@ class App:
             return self.body_limit, False
         route = request.route
         return (route.body_limit if route.body_limit is not None else self.body_limit), route.blocking
+
+    def begin_draining(self):
+        """Shutdown begins (the transports call this first): readiness turns 503, and the
+        `on_draining` hooks run while every connection is still open."""
+        self.draining = True
+        for hook in self.on_draining:
+            hook()
 
     # --- built-in routes --------------------------------------------------------------------
 

@@ -72,14 +72,16 @@ class AsyncioServer:
         await stop.wait()
         # Shutdown: not ready at once, keep serving during the delay, then stop accepting,
         # close idle connections, give in-flight requests a bounded time to finish.
-        self.app.draining = True
+        self.app.begin_draining()
         if self.shutdown_delay:
             await asyncio.sleep(self.shutdown_delay)
         server.close()
         deadline = time.monotonic() + self.drain_timeout
         while self.connections and time.monotonic() < deadline:
             for conn, writer in list(self.connections.items()):
-                if conn.state == State.IDLE:
+                # idle between requests; one a protocol took over has no deadline: it closes
+                # itself (a WebSocket's closing handshake), within the drain timeout
+                if conn.state == State.IDLE and conn.deadline is not None:
                     writer.transport.abort()
             await asyncio.sleep(0.02)
         for writer in list(self.connections.values()):

@@ -270,6 +270,8 @@ class Connection:
         """The bytes of a whole answer to the current request."""
         keep_alive = self.keep_alive = self._keeps_alive(response)
         data = encode_whole(response, self.head, keep_alive)
+        if response.streaming and response.on_close:  # a HEAD answer: the stream ends unread
+            response.on_close()
         self._answered(keep_alive)
         return data
 

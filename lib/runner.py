@@ -39,7 +39,8 @@ def serve(app, args):
         for hook in app.on_listening:  # e.g. a mail catcher beside the HTTP server
             hook()
 
-    transport = {"asyncio": AsyncioServer, "threaded": ThreadedServer}[args.server]
+    transports = {"asyncio": AsyncioServer, "threaded": ThreadedServer, **app.transports}
+    transport = transports[args.server]
     try:
         transport(app, sock, args).run(announce)
     finally:

@@ -154,7 +154,7 @@ class ThreadedServer(ThreadingHTTPServer):
         announce()
         while not stop.wait(max(0.05, min(0.5, self.idle_timeout / 4))):
             self.close_expired()
-        self.app.draining = True
+        self.app.begin_draining()
         if self.shutdown_delay:
             time.sleep(self.shutdown_delay)
         self.shutdown()  # stop accepting

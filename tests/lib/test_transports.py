@@ -5,6 +5,8 @@ fails halfway), a big answer to a client that reads slowly, a client that half-c
 The server is tests/lib/transport_app.py, started like any project (`--port 0`, SIGTERM → 0).
 """
 import hashlib
+import re
+import signal
 import socket
 import threading
 import time
@@ -156,6 +158,45 @@ def test_a_switched_protocol_gets_the_connection_after_its_answer(start_server):
     with connect(server) as conn:  # the server goes on
         conn.send(request_bytes("GET", "/health"))
         assert conn.read_response().status == 200
+
+
+def test_a_taken_over_connection_hears_of_the_drain_and_may_finish_within_it(start_server):
+    """SIGTERM: the app's `on_draining` hooks run while the connection is open (a WebSocket's
+    1001 Close), and the connection is not cut like an idle keep-alive one: its protocol gets
+    up to --drain-timeout to end (the closing handshake), then the server exits 0."""
+    server = start_server(APP, "--drain-timeout", "5")
+    outcome = {}
+
+    def stop():  # SIGTERM, then wait for exit status 0 (server.stop asserts it)
+        try:
+            outcome["seconds"] = server.stop(signal.SIGTERM, timeout=10)
+        except AssertionError as error:
+            outcome["error"] = error
+
+    stopper = threading.Thread(target=stop)
+    with RawConnection(server.host, server.port) as conn:
+        conn.send(request_bytes("GET", "/upgrade"))
+        assert conn.read_response().status == 101
+        stopper.start()
+        deadline = time.monotonic() + 5
+        while b"DRAINING\n" not in conn.buffer:
+            conn._recv(deadline)
+        time.sleep(0.3)  # past the drain's first sweeps of idle connections
+        conn.send(b"still here\n")
+        while b"STILL HERE\n" not in conn.buffer:
+            conn._recv(deadline)
+    stopper.join(timeout=15)
+    assert "error" not in outcome and outcome["seconds"] < 5, outcome
+
+
+def test_head_of_a_stream_gets_its_access_log_line(start_server):
+    """A HEAD answer to a streamed route is sent whole, without its body: the stream's
+    end-of-answer work (the access log line) must still happen."""
+    server = start_server(APP)
+    with connect(server) as conn:
+        conn.send(request_bytes("HEAD", "/stream/sized?n=2"))
+        assert conn.read_response(head=True).header("Content-Length") == "12"
+    server.wait_for_stderr(re.compile(r"HEAD /stream/sized\S* 200"))
 
 
 def test_a_switched_protocol_on_the_threaded_transport_ends_the_connection(start_server):

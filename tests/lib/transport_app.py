@@ -126,19 +126,29 @@ def sinks(request):
     return {"open": DigestSink.open, "discarded": DigestSink.discarded}
 
 
+TAKEN_OVER = set()  # the writers of the connections /upgrade took over, told when draining
+
+
 @app.get("/upgrade")
 def upgrade(request):
     """101, then the connection is the handler's (asyncio only): it echoes each line back in
-    upper case until the client closes — how a WebSocket or a tunnel takes a connection over."""
+    upper case until the client closes — how a WebSocket or a tunnel takes a connection over.
+    When shutdown begins it says DRAINING, and may go on until the client closes (within the
+    drain timeout), as a WebSocket's closing handshake does."""
     async def echo_lines(reader, writer, unread):
+        TAKEN_OVER.add(writer)
         writer.write(unread.upper())  # the client may not wait for the 101 to start talking
         while line := await reader.readline():
             writer.write(line.upper())
             await writer.drain()
+        TAKEN_OVER.discard(writer)
 
     response = Response(b"", 101, {"Upgrade": "shout", "Connection": "Upgrade"})
     response.takeover = echo_lines
     return response
+
+
+app.on_draining.append(lambda: [writer.write(b"DRAINING\n") for writer in TAKEN_OVER])
 
 
 def main(argv=None):
