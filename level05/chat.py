@@ -68,25 +68,7 @@ from lib.response import Response
 from lib.routing import PAGE
 from level03.session_auth import csp_hash
 
-class ChatApp(App):
-    """lib's App, which learns the moment a shutdown begins. On SIGTERM lib sets `draining` and
-    then at once aborts every connection whose HTTP exchange is over, which includes those a
-    WebSocket took over; so this is where every WebSocket gets its 1001 Close, written before
-    that abort. (A lib hook "shutdown begins" would say this more plainly: see chat.md.)"""
-
-    @property
-    def draining(self):
-        return self._draining
-
-    @draining.setter
-    def draining(self, value):
-        self._draining = value
-        chat = getattr(self.state, "chat", None)
-        if value and chat is not None:
-            chat.close_all(CloseCode.GOING_AWAY, "the server is shutting down")
-
-
-app = ChatApp("chat", "Chat rooms over WebSockets (RFC 6455 by hand): presence, typing, history, "
+app = App("chat", "Chat rooms over WebSockets (RFC 6455 by hand): presence, typing, history, "
           "back-pressure, and a browser page.", port=8019)
 
 MAX_MESSAGE = 64 * 1024       # bytes of one message, however many frames it came in
@@ -1092,6 +1074,10 @@ def main(argv=None):
     state.allowed_origins = args.allowed_origins
     state.chat = Chat(app.open_database(args, SCHEMA), max_message=args.max_message,
                       send_queue=args.send_queue, ping_s=args.ping_s)
+    # A shutdown begins: every WebSocket gets its 1001 Close now; lib leaves the connections
+    # open for the closing handshake, within --drain-timeout.
+    app.on_draining.append(lambda: state.chat.close_all(CloseCode.GOING_AWAY,
+                                                        "the server is shutting down"))
     app.run(args)
 
 
