@@ -53,7 +53,6 @@ from lib.asyncio_server import AsyncioServer
 from lib.protocol import CHUNKED, ChunkedDecoder, ContentLengthDecoder, encode_chunk
 from lib.response import Response, problem_response
 from lib.routing import Route
-from lib.runner import announce_listening, bind
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().with_suffix(".json")
@@ -875,21 +874,11 @@ def metrics(request):
 # Running
 # =============================================================================================
 
-def serve(args):
-    """lib.runner.serve with the gateway's transport (lib picks between its own two)."""
-    app.tracing = args.trace
-    sock = bind(args.host, args.port)
-    app.port = sock.getsockname()[1]
-
-    def announce():
-        announce_listening("http", sock)
-        app.state.checker = asyncio.ensure_future(check_upstreams(app.state.routes, args.health_s))
-
-    try:
-        GatewayServer(app, sock, args).run(announce)
-    finally:
-        sock.close()
-        sys.stderr.flush()
+def start_health_checks():
+    """Once the gateway listens, on its event loop: the active health checks (the task is kept:
+    the loop holds only a weak reference to it)."""
+    app.state.checker = asyncio.ensure_future(check_upstreams(app.state.routes,
+                                                              app.state.health_s))
 
 
 def main(argv=None):
@@ -941,7 +930,10 @@ def main(argv=None):
             route.enforce_limit = rate_limit(limiter, route.policy, limit_key(route))
     app.state.metrics = {"requests": 0, "answers": {}, "connections_opened": 0,
                          "connections_reused": 0, "upstream_failures": {}}
-    serve(args)
+    app.state.health_s = args.health_s
+    app.transports["asyncio"] = GatewayServer   # lib's, with the wait for the upstream
+    app.on_listening.append(start_health_checks)
+    app.run(args)
 
 
 if __name__ == "__main__":
