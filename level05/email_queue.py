@@ -54,9 +54,9 @@ from level04.email_notifications import (MAILBOX_SCHEMA, NOTIFICATION, TEMPLATES
                                          add_catcher_flags, add_mailbox_routes,
                                          add_sending_flags, add_template_routes, build_message,
                                          render, send_message)
-from level05.job_processor import (JOBS_SCHEMA, NEWEST, JobFailed, JobType, Queue, Status,
-                                   WorkerPool, add_queue_flags, idempotency_key, nullable,
-                                   now_text)
+from level05.job_processor import (JOBS_SCHEMA, NEWEST, JobFailed, JobRefused, JobType, Queue,
+                                   Status, WorkerPool, add_queue_flags, idempotency_key,
+                                   nullable, now_text)
 
 app = App("email_queue", "Email sent asynchronously on a durable sqlite job queue, over SMTP, "
           "with retries, a send rate, and a Message-ID fixed at enqueue time.", port=8018)
@@ -123,8 +123,8 @@ class MailDeferred(JobFailed):
     """A 4xx reply, or no relay to talk to: the queue tries again after its backoff."""
 
 
-class MailRefused(JobFailed):
-    """A 5xx reply: the same message would be refused again, so no attempt is left."""
+class MailRefused(JobRefused):
+    """A 5xx reply: the same message would be refused again, so the job is dead at once."""
 
 
 class Pacer:
@@ -147,14 +147,6 @@ class Pacer:
         context.sleep(slot - now)
 
 
-def no_attempts_left(context):
-    """Make the attempt that is running the job's last, so that failing it makes the job dead
-    (job_processor's `Queue.fail` buries a job whose attempts have reached max_attempts).
-    Fenced like the queue's own writes: only while this worker still holds the job."""
-    context.queue.db.execute("UPDATE jobs SET max_attempts = attempts WHERE id = ? AND "
-                             "worker = ? AND status = 'running'", (context.job_id, context.worker))
-
-
 def send_email(context):
     """One attempt: wait for a slot under --rate, build the message as enqueued, send it."""
     settings = app.state.mail
@@ -164,7 +156,6 @@ def send_email(context):
     if failure is None:
         return None
     if PERMANENT.match(failure):
-        no_attempts_left(context)
         raise MailRefused(failure)
     raise MailDeferred(failure)
 

@@ -66,7 +66,7 @@ from lib.response import StreamingResponse, json_body
 from lib.routing import PAGE, PAGE_ANSWER
 from lib.validation import Boolean, Email, Field, Invalid, Text, TextList, body_schema, validate
 from level04.feature_flags import ChangeStream
-from level04.email_notifications import MailSettings, mail_from, smtp_target
+from level04.email_notifications import MailSettings, add_sending_flags
 from level04.url_shortener import MAX_URL, URL_SCHEMA_PATTERN, normalise_url
 from level05 import email_queue
 from level05.job_processor import (JOBS_SCHEMA, JobFailed, JobRefused, JobType, Queue,
@@ -812,9 +812,7 @@ class Settings(NamedTuple):
 def main(argv=None):
     parser = app.arg_parser(database=True)
     add_queue_flags(parser, workers_default=2, workers_min=0)
-    parser.add_argument("--max-attempts", type=bounded(int, "a number of attempts (1–25)",
-                                                       at_least=1, at_most=25), default=5,
-                        help="attempts in all before a delivery is dead (default 5)")
+    email_queue.add_max_attempts_flag(parser)
     parser.add_argument("--webhook-timeout-s", type=bounded(float, "seconds above 0, at most "
                                                             "300", above=0, at_most=300),
                         default=10.0, help="a webhook that has not answered by then failed its "
@@ -822,15 +820,7 @@ def main(argv=None):
     parser.add_argument("--allow-private-webhooks", action="store_true",
                         help="let webhooks reach loopback, private and link-local addresses "
                              "(local development only: it opens the server to SSRF)")
-    parser.add_argument("--smtp", type=smtp_target, default=None,
-                        help="send the email channel through this SMTP relay, HOST:PORT "
-                             "(default: no email channel)")
-    parser.add_argument("--smtp-timeout", type=bounded(float, "seconds above 0", above=0,
-                                                        at_most=300), default=10.0,
-                        help="seconds to wait for the relay (default 10)")
-    parser.add_argument("--mail-from", type=mail_from,
-                        default="Notifications <notifications@example.com>",
-                        help="the From of every mail")
+    add_sending_flags(parser)   # without --smtp, no email channel
     args = parser.parse_args(argv)
 
     db = app.state.db = app.open_database(args, SCHEMA)
