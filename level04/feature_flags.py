@@ -868,15 +868,13 @@ class EventStream:
                 time.sleep(POLL_S)
 
 
-class ChangeStream:
+class ChangeStream(EventStream):
     """The changes of one environment after event id `cursor`, as SSE, for as long as the
-    client listens. The asyncio transport iterates it asynchronously (it waits with
-    `asyncio.sleep`, the event loop serves others meanwhile); the threaded transport
-    iterates it as a plain generator in the connection's own thread."""
+    client listens."""
 
     def __init__(self, env, cursor):
-        self.env, self.cursor = env, cursor
-        self.quiet_since = time.monotonic()
+        super().__init__(app, cursor)
+        self.env = env
 
     def pending(self):
         """The events after the cursor, as bytes (b"" when there are none), moving the cursor."""
@@ -891,33 +889,6 @@ class ChangeStream:
 
     def opening(self):
         return f"retry: 1000\n: changes of {self.env} after event {self.cursor}\n\n".encode()
-
-    def next_piece(self):
-        """What to send now: new events, a keep-alive comment, or b"" (wait, then ask again)."""
-        now = time.monotonic()
-        if events := self.pending():
-            self.quiet_since = now
-            return events
-        if now - self.quiet_since > KEEPALIVE_S:
-            self.quiet_since = now
-            return b": keep-alive\n\n"
-        return b""
-
-    async def __aiter__(self):
-        yield self.opening()
-        while not app.draining:   # a draining server ends its streams, so SIGTERM exits soon
-            if piece := self.next_piece():
-                yield piece
-            else:
-                await asyncio.sleep(POLL_S)
-
-    def __iter__(self):
-        yield self.opening()
-        while not app.draining:
-            if piece := self.next_piece():
-                yield piece
-            else:
-                time.sleep(POLL_S)
 
 
 @app.get("/stream", query=[ENV], media_type="text/event-stream",

@@ -26,7 +26,7 @@ What it teaches
     development turns that off with `--allow-private-webhooks`.
 
 Channels: inbox (stored, read and marked read over HTTP), live (Server-Sent Events with
-`Last-Event-ID` resume, on level04's `ChangeStream`), webhook, and email (level05/email_queue's
+`Last-Event-ID` resume, on level04's `EventStream`), webhook, and email (level05/email_queue's
 sending, through `--smtp`).
 
 Standards: RFC 2104 (HMAC), HTML Living Standard §9.2 (Server-Sent Events), RFC 9110 (202
@@ -65,7 +65,7 @@ from lib.request import Query, utc_timestamp
 from lib.response import StreamingResponse, json_body
 from lib.routing import PAGE, PAGE_ANSWER
 from lib.validation import Boolean, Email, Field, Invalid, Text, TextList, body_schema, validate
-from level04.feature_flags import ChangeStream
+from level04.feature_flags import EventStream
 from level04.email_notifications import MailSettings, add_sending_flags
 from level04.url_shortener import MAX_URL, URL_SCHEMA_PATTERN, normalise_url
 from level05 import email_queue
@@ -467,18 +467,17 @@ CHANNEL_JOBS = {
 }
 
 # =============================================================================================
-# The live channel: Server-Sent Events of a user's feed, on level04's ChangeStream
+# The live channel: Server-Sent Events of a user's feed, on level04's EventStream
 # =============================================================================================
 
-class LiveStream(ChangeStream):
+class LiveStream(EventStream):
     """The user's live feed after event id `cursor`, as SSE (`id:` the feed id, `data:` the
     event as a webhook receives it), for as long as the client listens; `Last-Event-ID`
     resumes after the last one it saw. A draining server ends its streams."""
 
     def __init__(self, db, user_id, cursor):
-        self.db, self.user_id, self.cursor = db, user_id, cursor
-        self.quiet_since = time.monotonic()
-        self.finished = False
+        super().__init__(app, cursor)
+        self.db, self.user_id = db, user_id
 
     def pending(self):
         rows = self.db.query("SELECT f.id AS feed_id, e.* FROM live_feed f JOIN events e ON "
@@ -491,24 +490,6 @@ class LiveStream(ChangeStream):
 
     def opening(self):
         return f"retry: 1000\n: notifications of {self.user_id} after {self.cursor}\n\n".encode()
-
-    def next_piece(self):
-        if app.draining:
-            self.finished = True
-            return b": the server is stopping\n\n"
-        return super().next_piece()
-
-    async def __aiter__(self):
-        async for piece in super().__aiter__():
-            yield piece
-            if self.finished:
-                return
-
-    def __iter__(self):
-        for piece in super().__iter__():
-            yield piece
-            if self.finished:
-                return
 
 
 # =============================================================================================
