@@ -37,6 +37,7 @@ SEED = "20261124"
 PROJECTS = [p for p in existing_projects() if p.name not in NOT_STANDALONE]
 ACCOUNT = {"email": "contract@example.com", "password": "correct horse battery staple"}
 FLAGS_ADMIN_TOKEN = "contract-admin-token"
+SERVICE_TOKEN = "contract-service-token-0123456789"
 ACCEPTED = '"2xx", "3xx", 401, 403, 404, 409, 429'   # schemathesis' default for valid requests
 
 # What a JSON Schema cannot say, told to schemathesis instead; each entry is narrow and says why.
@@ -147,6 +148,28 @@ checks.negative_data_rejection.enabled = false
 include-name = "POST /emails"
 checks.positive_data_acceptance.expected-statuses = [{ACCEPTED}, 422]
 
+# notification_queue: a webhook URL must resolve to a public address (SSRF), and the email
+# channel needs a server started with --smtp: a 422 that no schema can foresee.
+[[operations]]
+include-name = "PUT /users/{{user_id}}/preferences"
+checks.positive_data_acceptance.expected-statuses = [{ACCEPTED}, 422]
+
+# notification_queue: a user's live stream stays open, like feature_flags' GET /stream.
+[[operations]]
+include-name = "GET /users/{{user_id}}/stream"
+enabled = false
+
+# central_logging: GET /logs/stream is a live tail that stays open (as feature_flags' stream).
+[[operations]]
+include-name = "GET /logs/stream"
+enabled = false
+
+# chat: GET /ws switches the connection to a WebSocket (101), which an HTTP tester cannot speak;
+# its handshake answers (426, 400, 403) are chat's own tests, over raw sockets.
+[[operations]]
+include-name = "GET /ws"
+enabled = false
+
 # rate_limiter: a check's cost may not exceed its policy's burst (it could never pass: 422), a
 # relation between two fields that no schema can say.
 [[operations]]
@@ -167,6 +190,8 @@ def caller_headers(project, url):
         return {"X-User-Id": "contract-tester"}
     if project.name == "feature_flags":   # the admin token manages and evaluates
         return {"Authorization": f"Bearer {FLAGS_ADMIN_TOKEN}"}
+    if project.name == "auth_service":    # the service credential reaches /internal/* too
+        return {"Authorization": f"Bearer {SERVICE_TOKEN}"}
     paths = expect_json(requests.get(f"{url}/openapi.json", timeout=10), 200)["paths"]
     if "/auth/signup" not in paths:  # level03's accounts, served by every project that signs in
         return {}
@@ -182,7 +207,8 @@ def caller_headers(project, url):
 def contract_run(start_server, project, workdir):
     """Start the project's server, sign a caller in, and run schemathesis against it."""
     args = {"rbac": ["--admin-email", ACCOUNT["email"]],
-            "feature_flags": ["--admin-token", FLAGS_ADMIN_TOKEN]}.get(project.name, [])
+            "feature_flags": ["--admin-token", FLAGS_ADMIN_TOKEN],
+            "auth_service": ["--service-token", SERVICE_TOKEN]}.get(project.name, [])
     server = start_server(project.script, *args)
     headers = caller_headers(project, server.url)
     (workdir / "schemathesis.toml").write_text(CONFIG)
