@@ -226,6 +226,7 @@ class Writer:
                                      "retry shortly", retry_after=1)
         done = Commit()
         self.waiting.put((records, done))
+        trace_event(f"{len(records)} records handed to the writer thread")
         if not done.wait(timeout):
             raise ServiceUnavailable("the log writer did not commit in time", retry_after=1)
         if done.failed:
