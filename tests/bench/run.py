@@ -76,6 +76,7 @@ from documents import ndjson_batches, search_queries
 from flows import LOGIN_PASSWORD, login_email, notes_user
 from loadgen import build_request, split_response
 import jobs
+import logs
 import uploads
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -1008,6 +1009,52 @@ def limits_scenario(bench: Bench) -> ScenarioReport:
     )
 
 
+LOG_BATCHES = 50                      # × logs.BATCH lines: 500,000
+UDP_RATES = (5_000, 10_000, 20_000, 40_000, 80_000)   # datagrams/s, 2 s each, until one is lost
+
+
+def logs_scenario(bench: Bench) -> ScenarioReport:
+    """central_logging.py: NDJSON over HTTP from 4 connections, 10,000 lines a POST, each
+    answered after its lines' commit; every line must then be in the database. Then syslog
+    over UDP at rising rates: the highest rate at which every datagram was stored."""
+    db_path, port = bench.workdir / "central_logging.sqlite3", free_port()
+    with bench.running_process("level06/central_logging.py", "--db", db_path, "--syslog-port", port,
+                               "--max-pending", "1000000") as (url, _):
+        print(f"  central_logging.py POST /logs, {LOG_BATCHES * logs.BATCH:,} NDJSON lines", flush=True)
+        seconds, accepted = logs.ingest(url, "bench-http", LOG_BATCHES)
+        in_db = logs.stored(db_path, "bench-http")
+        host = urlsplit(url).hostname
+        lossless, losses = None, []
+        for rate in UDP_RATES:
+            print(f"  syslog over UDP at {rate:,} datagrams/s", flush=True)
+            sent = logs.udp_burst(host, port, f"bench-udp-{rate}", rate, 2)
+            kept = logs.settled_count(db_path, f"bench-udp-{rate}")
+            losses.append(f"{rate:,}/s: {sent - kept:,} of {sent:,} lost")
+            if kept < sent:
+                break
+            lossless = rate
+    rate = accepted / seconds
+    return ScenarioReport(
+        rows=[],
+        targets=[Target("NDJSON lines acknowledged durably", f"{rate:,.0f} lines/s", "≥ 100,000",
+                        rate >= 100_000),
+                 Target("every acknowledged line stored", f"{in_db:,} of {accepted:,}", f"{accepted:,}",
+                        in_db == accepted),
+                 Target("syslog over UDP, the highest rate with no loss",
+                        f"{lossless:,}/s" if lossless else "none", "-", None)],
+        notes=[f"logs: {accepted:,} lines in {seconds:.2f} s ({LOG_BATCHES} POSTs of {logs.BATCH:,} from "
+               f"{logs.CLIENTS} connections); syslog UDP: " + "; ".join(losses)],
+    )
+
+
+def free_port() -> int:
+    """A port free for TCP and UDP just now (the server binds both to it right after)."""
+    with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        tcp.bind(("127.0.0.1", 0))
+        udp.bind(("127.0.0.1", tcp.getsockname()[1]))
+        return tcp.getsockname()[1]
+
+
 FANOUT_CLIENTS, FANOUT_RATE = 100, 500
 
 
@@ -1066,6 +1113,7 @@ SCENARIOS: dict[str, Callable[[Bench], ScenarioReport]] = {
     "jobs": jobs_scenario,
     "chat": chat_scenario,
     "limits": limits_scenario,
+    "logs": logs_scenario,
 }
 
 
