@@ -57,6 +57,7 @@ class App:
         self.on_listening = []        # called once it listens, after its line (a second server)
         self.on_draining = []         # called when shutdown begins (a WebSocket's 1001 Close)
         self.transports = {}          # a project's own transports by --server name (a proxy's)
+        self.log_shipper = None       # --log-to: the access log shipped to a collector
         self._chain = None
         # The built-ins are `public=True`: auth middleware lets them through without credentials.
         self.get("/", summary="This server's name, description and routes", public=True)(self._index)
@@ -184,6 +185,9 @@ class App:
                             help="open connections at most; one more gets 503 (default 1000)")
         parser.add_argument("--drain-timeout", type=seconds, default=10.0,
                             help="on SIGTERM, wait at most this long for in-flight requests (default 10 s)")
+        parser.add_argument("--log-to", type=http_url, default=None,
+                            help="ship the access log to this log collector too (its base URL: "
+                                 "NDJSON to URL/logs, as level06/central_logging.py takes it)")
         return parser
 
     def parse_args(self, argv=None, *, database=False):
@@ -202,6 +206,10 @@ class App:
         from lib.runner import serve  # the runner imports both transports; only run() needs them
         self.tracing = args.trace
         self._chain = self._build_chain()
+        if getattr(args, "log_to", None):
+            self.log_shipper = middleware.LogShipper(args.log_to)
+            self.on_listening.append(self.log_shipper.thread.start)
+            self.shutdown_hooks.insert(0, self.log_shipper.stop)  # the last hook to run
         serve(self, args)
 
 

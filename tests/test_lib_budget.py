@@ -15,7 +15,10 @@ a ceiling, so lib/ cannot grow without someone deciding it should.
 Issue 12 then asked lib/ for two pieces of request parsing that uploads need: streamed request
 bodies (a route's `body_sink`, about 20 lines across the connection machine, the decoders and
 the transports) and the multipart/form-data parser (lib/multipart.py, about 115). The ceiling
-moves with them to 2,150, the step of that issue's closing note (2,300 proposed for all thirty).
+moved with them to 2,150, the step of that issue's closing note (2,300 proposed for all thirty).
+Issue 14 asked lib/ for `--log-to URL` (level06.md: every server can ship its access log to the
+central logging service, batching, never blocking a request): about 45 lines, and the ceiling
+is 2,200.
 """
 import ast
 import io
@@ -23,7 +26,7 @@ import tokenize
 
 from tests.harness import ROOT
 
-LIB_BUDGET = 2150
+LIB_BUDGET = 2200
 _NOT_CODE = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
              tokenize.ENDMARKER}
 

@@ -349,3 +349,16 @@ def test_a_syslog_port_in_use_exits_2(tmp_path):
         done = run_once(SCRIPT, "--port", "0", "--db", tmp_path / "db.sqlite3",
                         "--syslog-port", str(port), timeout=10)
     assert done.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in done.stderr
+
+
+def test_any_server_ships_its_access_log_here_with_log_to(server, start_server):
+    """lib's `--log-to URL`, on a level 01 server: its access lines arrive as records."""
+    health = start_server("level01/health_check.py", "--log-to", server.url)
+    request_id = requests.get(f"{health.url}/health", timeout=TIMEOUT).headers["X-Request-Id"]
+    deadline = time.monotonic() + 10
+    while not (items := logs(server, service="health_check", trace_id=request_id)):
+        assert time.monotonic() < deadline, "the access line never arrived"
+        time.sleep(0.1)
+    [item] = items
+    assert (item["level"], item["fields"]["path"], item["fields"]["status"]) == (
+        "info", "/health", 200)
