@@ -1009,6 +1009,30 @@ def limits_scenario(bench: Bench) -> ScenarioReport:
     )
 
 
+def gateway_scenario(bench: Bench) -> ScenarioReport:
+    """`GET /health` on health_check asyncio, alone and through api_gateway.py (asyncio, one
+    route stripping its prefix, no auth, no rate limit, upstream keep-alive), same generator."""
+    with bench.running_server("level01/health_check.py", "--db", bench.workdir / "gw_health.sqlite3") as upstream:
+        config = bench.workdir / "gateway.json"
+        config.write_text(json.dumps({"routes": [{"prefix": "/up", "upstreams": [upstream],
+                                                  "strip_prefix": True, "auth": "none",
+                                                  "rate_limit": None, "timeout_s": 5}]}))
+        alone = bench.measure(f"health_check asyncio GET /health, {bench.load_generator.name}",
+                              upstream + "/health")
+        with bench.running_server("level06/api_gateway.py", "--config", config) as gateway:
+            status, _ = http_json("GET", gateway + "/up/health")
+            if status != 200:
+                raise BenchError(f"GET /up/health through the gateway answered {status}")
+            through = bench.measure("the same through api_gateway.py", gateway + "/up/health")
+    added_ms = through.result.p50_ms - alone.result.p50_ms
+    return ScenarioReport(
+        rows=[through, alone],
+        targets=[ratio_target(f"through api_gateway ÷ health_check alone ({bench.load_generator.name})",
+                              through, alone, 0.5),
+                 Target("p50 the gateway adds", f"{added_ms:.2f} ms", "-", None)],
+    )
+
+
 LOG_BATCHES = 50                      # × logs.BATCH lines: 500,000
 UDP_RATES = (5_000, 10_000, 20_000, 40_000, 80_000)   # datagrams/s, 2 s each, until one is lost
 
@@ -1114,6 +1138,7 @@ SCENARIOS: dict[str, Callable[[Bench], ScenarioReport]] = {
     "chat": chat_scenario,
     "limits": limits_scenario,
     "logs": logs_scenario,
+    "gateway": gateway_scenario,
 }
 
 
