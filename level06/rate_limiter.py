@@ -104,6 +104,7 @@ def log_limit_problem(policy):
     return None
 
 
+@functools.lru_cache(maxsize=1024)  # a service is asked the same few policies over and over
 def parse_policy(text, algorithm):
     """`N/UNIT` ("100/min") as a Policy of `algorithm`, its burst the whole limit; ValueError
     for anything else."""
