@@ -6,7 +6,6 @@ The import check reads the source with `ast` (nothing is imported or run): an `i
 that still exists in Python 3.13, or one of the project's own packages.
 """
 import ast
-import re
 import sys
 
 import pytest

@@ -953,7 +953,7 @@ def jobs_scenario(bench: Bench) -> ScenarioReport:
 
     killed_db = bench.workdir / "jobs-killed.sqlite3"
     with bench.running_server("level05/job_processor.py", "--db", killed_db, "--lease-s", "1") as url:
-        print(f"  the same with a worker process killed -9 mid-run (--lease-s 1)", flush=True)
+        print("  the same with a worker process killed -9 mid-run (--lease-s 1)", flush=True)
         worker = subprocess.Popen([sys.executable, "level05/job_processor.py", "worker", "--db", killed_db,
                                    "--lease-s", "1"], cwd=REPO_ROOT, stderr=subprocess.DEVNULL)
         enqueuing = ThreadPoolExecutor(1).submit(jobs.enqueue, url, count)
