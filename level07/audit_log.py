@@ -42,7 +42,7 @@ from lib.routing import PAGE
 from lib.trace import trace_event
 from lib.validation import Field, Invalid, Text, body_schema, validate
 from level03.jwt_auth import SECRETS_SCHEMA, bearer_token, load_or_create_secret, token_hash
-from level04.search_api import query_time
+from level04.search_api import TIME_OR_DATE, query_time
 
 app = App("audit_log", "A tamper-evident, append-only record of who did what: a hash chain, "
           "signed checkpoints, offline-verifiable export.", port=8025)
@@ -160,7 +160,8 @@ def check_chain(entries, checkpoints, key):
             raise ChainBreak(seq, f"entry {seq}'s prev_hash is not the hash of entry {seq - 1}: "
                                   f"entries were inserted, removed or reordered")
         if entry_hash(head, entry) != entry["hash"]:
-            raise ChainBreak(seq, f"entry {seq}'s hash does not match its content: it was edited")
+            raise ChainBreak(seq, f"entry {seq}'s hash does not match its content: it was "
+                                  f"edited, or written there by hand")
         head = entry["hash"]
         if seq in wanted:
             hashes[seq] = head
@@ -323,8 +324,9 @@ SERVER_OWNED = {"seq", "ts", "hash", "prev_hash"}
 
 FILTERS = (Query("actor", "only this actor"), Query("action", "only this action"),
            Query("target", "only this target"),
-           Query("since", "from this RFC 3339 time or date (inclusive)"),
-           Query("until", "up to this RFC 3339 time or date (inclusive, to the second)"))
+           Query("since", "from this RFC 3339 time or date (inclusive)", TIME_OR_DATE),
+           Query("until", "up to this RFC 3339 time or date (inclusive, to the second)",
+                 TIME_OR_DATE))
 
 
 def entry_filters(request):

@@ -332,29 +332,29 @@ def shift_up_from(conn, seq):
 
 
 TAMPERING = {
-    "edited": (["UPDATE entries SET actor = 'mallory' WHERE seq = 6"], 6),
-    "edited metadata": (["UPDATE entries SET metadata = '{\"x\":1}' WHERE seq = 3"], 3),
-    "deleted": (["DELETE FROM entries WHERE seq = 5"], 5),
+    "edited": (["UPDATE entries SET actor = 'mallory' WHERE seq = 6"], 6, "content"),
+    "edited metadata": (["UPDATE entries SET metadata = '{\"x\":1}' WHERE seq = 3"], 3, "content"),
+    "deleted": (["DELETE FROM entries WHERE seq = 5"], 5, "missing"),
     "deleted and renumbered": (["DELETE FROM entries WHERE seq = 5",
-                                "UPDATE entries SET seq = seq - 1 WHERE seq > 5"], 5),
+                                "UPDATE entries SET seq = seq - 1 WHERE seq > 5"], 5, "prev_hash"),
     "inserted": ([lambda conn: shift_up_from(conn, 6),
                   "INSERT INTO entries SELECT 6, ts, 'mallory', action, target, metadata, ip, "
-                  "hash, hash FROM entries WHERE seq = 5"], 6),
+                  "hash, hash FROM entries WHERE seq = 5"], 6, "content"),
     "reordered": (["UPDATE entries SET seq = -6 WHERE seq = 6",
                    "UPDATE entries SET seq = 6 WHERE seq = 7",
-                   "UPDATE entries SET seq = 7 WHERE seq = -6"], 6),
-    "tail cut before a checkpoint": (["DELETE FROM entries WHERE seq > 6"], 7),
-    "first entry deleted": (["DELETE FROM entries WHERE seq = 1"], 1),
+                   "UPDATE entries SET seq = 7 WHERE seq = -6"], 6, "reordered"),
+    "tail cut before a checkpoint": (["DELETE FROM entries WHERE seq > 6"], 7, "cut off"),
+    "first entry deleted": (["DELETE FROM entries WHERE seq = 1"], 1, "missing"),
     "chain rewritten after an edit": (["UPDATE entries SET actor = 'mallory' WHERE seq = 2",
-                                       lambda conn: rewrite_chain_from(conn, 2)], 4),
+                                       lambda conn: rewrite_chain_from(conn, 2)], 4, "checkpoint 4"),
     "checkpoint forged": (["INSERT INTO checkpoints VALUES (10, (SELECT hash FROM entries "
-                           "WHERE seq = 10), 'ab12', '2026-01-01T00:00:00Z')"], 10),
+                           "WHERE seq = 10), 'ab12', '2026-01-01T00:00:00Z')"], 10, "signature"),
 }
 
 
-@pytest.mark.parametrize("steps, first_bad", TAMPERING.values(), ids=TAMPERING.keys())
+@pytest.mark.parametrize("steps, first_bad, why", TAMPERING.values(), ids=TAMPERING.keys())
 def test_verify_finds_direct_tampering_at_the_right_seq(start_server, pristine, tmp_path,
-                                                        steps, first_bad):
+                                                        steps, first_bad, why):
     source, _ = pristine
     db = tmp_path / "audit.sqlite3"
     shutil.copy(source, db)
@@ -369,7 +369,7 @@ def test_verify_finds_direct_tampering_at_the_right_seq(start_server, pristine, 
     server = start(start_server, db=db, every=4)
     answer = verify(server)
     assert answer["valid"] is False and answer["first_bad_seq"] == first_bad, answer
-    assert isinstance(answer["reason"], str) and answer["reason"]
+    assert why in answer["reason"], answer
 
 
 def test_an_untouched_copy_verifies(start_server, pristine, tmp_path):
