@@ -1,4 +1,4 @@
-"""Payment webhooks — Stripe's events received the way Stripe sends them, processed on a job queue.
+"""Payment webhooks — Stripe's events received as Stripe sends them, processed on a job queue.
 
 What it teaches
   - Verifying a webhook: `Stripe-Signature: t=<unix time>,v1=<hex>[,v1=<hex>…]` is
@@ -259,7 +259,13 @@ def reference(value):
 
 
 def integer(value):
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """An amount or a time as Stripe sends them: an integer (sqlite's fit in 64 bits)."""
+    fits = isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2 ** 63
+    return value if fits else None
+
+
+def text(value):
+    return value if isinstance(value, str) else None
 
 
 def metadata_order(obj):
@@ -283,7 +289,7 @@ def payment_changes(conn, payment_id, status, fields, order_id):
 
 def payment_intent_changes(status):
     def changes(conn, obj):
-        fields = {"amount": integer(obj.get("amount")), "currency": obj.get("currency"),
+        fields = {"amount": integer(obj.get("amount")), "currency": text(obj.get("currency")),
                   "customer": reference(obj.get("customer"))}
         return payment_changes(conn, obj["id"], status, fields, metadata_order(obj))
     return changes
@@ -296,7 +302,8 @@ def charge_refunded_changes(conn, charge):
     status = PaymentStatus.REFUNDED if whole else PaymentStatus.PARTIALLY_REFUNDED
     payment_id = reference(charge.get("payment_intent")) or charge["id"]
     fields = {"amount": amount, "amount_refunded": refunded or 0,
-              "currency": charge.get("currency"), "customer": reference(charge.get("customer"))}
+              "currency": text(charge.get("currency")),
+              "customer": reference(charge.get("customer"))}
     return payment_changes(conn, payment_id, status, fields, metadata_order(charge))
 
 
@@ -309,14 +316,15 @@ def checkout_completed_changes(conn, session):
         "checkout_session": session["id"],
         "payment_intent": reference(session.get("payment_intent")),
         "amount_total": integer(session.get("amount_total")),
-        "currency": session.get("currency"), "customer": reference(session.get("customer"))})]
+        "currency": text(session.get("currency")), "customer": reference(session.get("customer"))})]
 
 
 def invoice_paid_changes(conn, invoice):
     payment_id = reference(invoice.get("payment_intent"))
     if payment_id is None:
         return []
-    fields = {"amount": integer(invoice.get("amount_paid")), "currency": invoice.get("currency"),
+    fields = {"amount": integer(invoice.get("amount_paid")),
+              "currency": text(invoice.get("currency")),
               "customer": reference(invoice.get("customer"))}
     return payment_changes(conn, payment_id, PaymentStatus.PAID, fields, metadata_order(invoice))
 
@@ -371,7 +379,10 @@ def judge_event(conn, event):
     handler = HANDLERS.get(event["type"])
     if handler is None:
         return "ignored", f"{event['type']} is not an event type this server handles"
-    changes = handler(conn, event["data"]["object"])
+    obj = event["data"]["object"]
+    if reference(obj.get("id")) is None:
+        return "ignored", "its data.object has no id"
+    changes = handler(conn, obj)
     if not changes:
         return "ignored", "it names no payment, order or subscription"
     conn.execute("SAVEPOINT event_changes")

@@ -367,6 +367,18 @@ def test_unknown_types_are_stored_and_ignored_and_unknown_objects_are_404(server
         expect_problem(requests.get(server.url + path, timeout=TIMEOUT), 404)
 
 
+def test_objects_stripe_would_not_send_are_judged_not_retried(server):
+    no_id = deliver_processed(server, event("payment_intent.succeeded", {"amount": 5}))
+    assert no_id["status"] == "ignored" and "no id" in no_id["outcome"]
+    payment = unique("pi")
+    odd = deliver_processed(server, event("payment_intent.succeeded", {
+        "id": payment, "amount": 2 ** 70, "currency": {"code": "usd"}, "customer": 7}))
+    assert odd["status"] == "processed" and odd["times_applied"] == 1
+    state = read(server, f"/payments/{payment}")
+    assert (state["status"], state["amount"], state["currency"], state["customer"]) == (
+        "paid", None, None, None)
+
+
 def test_events_are_listed_newest_first_with_filters(server):
     kind = f"test.{uuid.uuid4().hex[:8]}"
     ids = [deliver_processed(server, event(kind, {"id": unique("obj")}))["id"]
