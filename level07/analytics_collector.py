@@ -38,6 +38,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
@@ -96,9 +97,17 @@ def identity(value):
     return text if 0 < len(text) <= 256 else None
 
 
-def event_row(data, kind, received, batch_sent_at, where):
-    """One event as a row for INSERT, or a list of {"field", "message"} naming what is wrong.
-    `kind` is the route's type (None in a batch: each event says its own)."""
+class Arrival(NamedTuple):
+    """What the server knows of a call as it arrives: when (as a datetime and as stored), and
+    the batch's own `sentAt`, if any."""
+    at: datetime.datetime
+    text: str
+    sent_at: datetime.datetime | None
+
+
+def event_row(data, text, kind, arrival, where):
+    """One event (`text`: its JSON) as a row for INSERT, or a list of {"field", "message"}
+    naming what is wrong. `kind` is the route's type (None in a batch: each says its own)."""
     if not isinstance(data, dict):
         return [{"field": where or "body", "message": "must be a JSON object"}]
     prefix = f"{where}." if where else ""
@@ -127,20 +136,19 @@ def event_row(data, kind, received, batch_sent_at, where):
                                                                   "2026-12-06T10:00:00.000Z"})
     if errors:
         return errors
-    sent_at = times.get("sentAt") or batch_sent_at
+    timestamp = times.get("timestamp")
+    ts = arrival.text if timestamp is None else utc_text(
+        corrected_time(timestamp, times.get("sentAt") or arrival.sent_at, arrival.at))
     return (message_id or str(uuid.uuid4()), kind, data.get("event") if kind == "track" else None,
-            user_id or anonymous_id, utc_text(corrected_time(times.get("timestamp"), sent_at,
-                                                              received)),
-            utc_text(received), json.dumps(data, ensure_ascii=False, separators=(",", ":")))
+            user_id or anonymous_id, ts, arrival.text, text)
 
 
 def corrected_time(timestamp, sent_at, received):
     """Segment's clock-skew correction: the device's clock may be off by any amount, but the
     time between the event and its sending (sentAt − timestamp) is measured on that one clock,
     so it holds; laid back from when the server received it, it gives the event's real time.
-    Without sentAt the timestamp is taken as it is; without a timestamp, receivedAt."""
-    if timestamp is None:
-        return received
+    Without sentAt the timestamp is taken as it is (without a timestamp, the event is stored at
+    receivedAt)."""
     if sent_at is None:
         return timestamp
     return received - (sent_at - timestamp)
@@ -157,13 +165,15 @@ def rows_of(body, kind, received):
         sent_at = parse_time(body.get("sentAt"))
     else:
         events, sent_at = [body], None
+    arrival = Arrival(received, utc_text(received), sent_at)
     rows, errors = [], []
     for index, data in enumerate(events):
         where = f"batch[{index}]" if kind is None else ""
-        if kind is None and len(json.dumps(data, ensure_ascii=False).encode()) > MAX_EVENT:
+        text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        if kind is None and len(text.encode()) > MAX_EVENT:
             raise ContentTooLarge(f"{where} is over {MAX_EVENT // 1024} KB, Segment's limit for "
                                   "one event")
-        result = event_row(data, kind, received, sent_at, where)
+        result = event_row(data, text, kind, arrival, where)
         if isinstance(result, list):
             errors += result
         else:
@@ -292,6 +302,8 @@ def basic_username(request):
 
 
 def is_write_key(key):
+    # Every key is compared (a list, not a short-circuit), so the time taken tells nothing of
+    # which key came close.
     return key is not None and any([is_token(key, known) for known in app.state.write_keys])
 
 
@@ -331,6 +343,7 @@ INGEST_RESPONSES = {200: "Stored durably: committed before this answer",
 
 def ingest(request, kind):
     require_write_key(request)
+    # text/plain too: a browser's sendBeacon cannot set application/json without a preflight.
     if request.content_type not in ("application/json", "text/plain"):
         raise UnsupportedMediaType("send the events as application/json")
     received = datetime.datetime.now(datetime.timezone.utc)
