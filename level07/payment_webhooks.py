@@ -441,9 +441,11 @@ def job_key(event_id, replays):
 
 
 def queue_event(queue, event_id, replays):
-    """The job of this processing of the event: made once, whoever asks (the idempotency key)."""
-    queue.enqueue(PROCESS_EVENT.name, {"event": event_id},
-                  idempotency_key=job_key(event_id, replays))
+    """The job of this processing of the event: made once, whoever asks (the idempotency key).
+    Returns whether this call made it."""
+    _, made = queue.enqueue(PROCESS_EVENT.name, {"event": event_id},
+                            idempotency_key=job_key(event_id, replays))
+    return made
 
 
 def store_event(db, event, body):
@@ -463,10 +465,9 @@ def queue_waiting_events(queue):
     """At start: an event stored but never queued (the process stopped in between) is queued."""
     rows = queue.db.query("SELECT id, replays FROM webhook_events INDEXED BY "
                           "webhook_events_by_status WHERE status = 'received'")
-    for row in rows:
-        queue_event(queue, row["id"], row["replays"])
-    if rows:
-        log(f"{len(rows)} received events queued for processing")
+    queued = sum(queue_event(queue, row["id"], row["replays"]) for row in rows)
+    if queued:
+        log(f"{queued} received events that had no job queued for processing")
 
 
 # =============================================================================================

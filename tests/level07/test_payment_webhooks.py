@@ -10,10 +10,12 @@ Events are signed here the way Stripe signs them (HMAC-SHA256 of `{t}.{raw body}
 test uses ids of its own, so one server serves the module.
 """
 import concurrent.futures
+import contextlib
 import hashlib
 import hmac
 import json
 import re
+import sqlite3
 import threading
 import time
 import uuid
@@ -211,6 +213,27 @@ def test_an_event_is_acknowledged_before_processing_and_processed_after_a_restar
     server = start_server(SCRIPT, *FAST, "--webhook-secret", SECRET_A, db=db)
     assert processed(server, evt["id"])["status"] == "processed"
     assert read(server, f"/payments/{payment}")["status"] == "paid"
+
+
+def test_an_event_stored_but_never_queued_is_queued_by_a_redelivery_or_the_next_start(
+        start_server, tmp_path):
+    db = tmp_path / "outbox.sqlite3"
+    server = start_server(SCRIPT, *FAST, "--webhook-secret", SECRET_A, "--workers", "0", db=db)
+    first, second = (event("payment_intent.succeeded", {"id": unique("pi")}) for _ in range(2))
+    deliver(server, first)
+    deliver(server, second)
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("DELETE FROM jobs")   # as if the process had died between store and queue
+    assert deliver(server, first)["duplicate"] is True   # Stripe's retry of the first …
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        jobs = [json.loads(payload)["event"]
+                for payload, in conn.execute("SELECT payload FROM jobs")]
+    assert jobs == [first["id"]]                           # … queues it again
+    server.stop()
+    server = start_server(SCRIPT, *FAST, "--webhook-secret", SECRET_A, db=db)   # the start: both
+    for evt in (first, second):
+        assert processed(server, evt["id"])["status"] == "processed"
+        assert read(server, f"/payments/{evt['data']['object']['id']}")["status"] == "paid"
 
 
 def test_sixteen_concurrent_deliveries_of_one_event_are_stored_and_processed_once(server):
