@@ -236,6 +236,29 @@ def test_an_event_stored_but_never_queued_is_queued_by_a_redelivery_or_the_next_
         assert read(server, f"/payments/{evt['data']['object']['id']}")["status"] == "paid"
 
 
+def test_a_processing_failure_is_recorded_and_retried_never_refusing_the_delivery(
+        start_server, tmp_path):
+    db = tmp_path / "failing.sqlite3"
+    server = start_server(SCRIPT, "--poll-s", "0.02", "--backoff-s", "0.5",
+                          "--webhook-secret", SECRET_A, db=db)
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:   # a fault, injected
+        conn.execute("CREATE TRIGGER broken BEFORE INSERT ON payments "
+                     "BEGIN SELECT RAISE(ABORT, 'the disk is on fire'); END")
+    payment = unique("pi")
+    evt = event("payment_intent.succeeded", {"id": payment, "amount": 100})
+    deliver(server, evt)
+    failed = processed(server, evt["id"])
+    assert failed["status"] == "failed" and "the disk is on fire" in failed["outcome"]
+    assert deliver(server, evt)["duplicate"] is True       # still 200 to a redelivery
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("DROP TRIGGER broken")
+    deadline = time.monotonic() + TIMEOUT
+    while read_event(server, evt["id"])["status"] != "processed":
+        assert time.monotonic() < deadline, "the failed processing was not retried"
+        time.sleep(0.05)
+    assert read(server, f"/payments/{payment}")["status"] == "paid"
+
+
 def test_sixteen_concurrent_deliveries_of_one_event_are_stored_and_processed_once(server):
     payment = unique("pi")
     evt = event("charge.refunded", {"id": unique("ch"), "payment_intent": payment,
