@@ -642,8 +642,9 @@ NO_EVENT = {404: "No event with this id was received"}
 def receive_webhook(request):
     """Receive a Stripe event: verify Stripe-Signature, store, acknowledge"""
     settings = app.state.settings
-    verify_signature(request.header("Stripe-Signature"), request.body, settings.secrets,
-                     settings.tolerance)
+    signed_at = verify_signature(request.header("Stripe-Signature"), request.body,
+                                 settings.secrets, settings.tolerance)
+    trace_event(f"Stripe-Signature verified: t={signed_at}, {time.time() - signed_at:+.0f} s ago")
     event = parse_event(request.body)
     row, first = store_event(app.state.queue.db, event, request.body)
     if first or row["status"] == "received":   # a redelivery queues what a crash left unqueued
