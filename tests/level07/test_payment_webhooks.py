@@ -173,7 +173,8 @@ def test_every_rotated_secret_verifies_and_no_other(server):
 
 @pytest.mark.parametrize("header", [
     None, "", "garbage", "v1=" + "0" * 64, "t=,v1=" + "0" * 64, "t=12x,v1=" + "0" * 64,
-    "t=1,t=2,v1=" + "0" * 64, "t={now}", "t={now},v1=", "t={now};v1=" + "0" * 64])
+    "t=1,t=2,v1=" + "0" * 64, "t={now}", "t={now},v1=", "t={now};v1=" + "0" * 64,
+    "t={now},v1=\u00e9" + "0" * 63])
 def test_a_malformed_or_missing_signature_is_400_and_nothing_is_stored(server, header):
     evt = event("customer.created", {"id": unique("cus")})
     header = None if header is None else header.format(now=int(time.time()))
