@@ -352,7 +352,8 @@ TAMPERING = {
     "tail cut before a checkpoint": (["DELETE FROM entries WHERE seq > 6"], 7, "cut off"),
     "first entry deleted": (["DELETE FROM entries WHERE seq = 1"], 1, "missing"),
     "chain rewritten after an edit": (["UPDATE entries SET actor = 'mallory' WHERE seq = 2",
-                                       lambda conn: rewrite_chain_from(conn, 2)], 4, "checkpoint 4"),
+                                       lambda conn: rewrite_chain_from(conn, 2)],
+                                      4, "checkpoint 4"),
     "checkpoint forged": (["INSERT INTO checkpoints VALUES (10, (SELECT hash FROM entries "
                            "WHERE seq = 10), 'ab12', '2026-01-01T00:00:00Z')"], 10, "signature"),
 }
