@@ -627,8 +627,7 @@ ACK_SCHEMA = {"type": "object", "required": ["received", "id", "duplicate"],
               "properties": {"received": {"const": True}, "id": {"type": "string"},
                              "duplicate": {"type": "boolean"}}}
 NEWEST = Sort("newest", SortKey("seq", int, descending=True))
-TYPE_FILTER = Query("type", "only events of this type (e.g. charge.refunded)",
-                    {"maxLength": 255})
+TYPE_FILTER = Query("type", "only events of this type (e.g. charge.refunded)")
 STATUS_FILTER = Query("status", "only events in this state", EVENT_STATUSES)
 NO_EVENT = {404: "No event with this id was received"}
 
