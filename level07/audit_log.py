@@ -119,9 +119,20 @@ def checkpoint_signature(key, seq, hash_):
     return hmac.new(key, f"{seq}:{hash_}".encode("ascii"), hashlib.sha256).hexdigest()
 
 
+def stored_metadata(text):
+    """The metadata column as JSON again. Only a hand-edited file holds text that is not JSON:
+    it is returned as the text, which hashes differently, so verify names the row."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def entry_from_row(row):
     entry = {name: row[name] for name in ENTRY_FIELDS}
-    entry["metadata"] = json.loads(row["metadata"]) if row["metadata"] is not None else None
+    entry["metadata"] = stored_metadata(row["metadata"])
     entry["prev_hash"] = row["prev_hash"]
     entry["hash"] = row["hash"]
     return entry

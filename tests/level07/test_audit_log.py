@@ -340,6 +340,8 @@ def shift_up_from(conn, seq):
 TAMPERING = {
     "edited": (["UPDATE entries SET actor = 'mallory' WHERE seq = 6"], 6, "content"),
     "edited metadata": (["UPDATE entries SET metadata = '{\"x\":1}' WHERE seq = 3"], 3, "content"),
+    "metadata no longer JSON": (["UPDATE entries SET metadata = '{oops' WHERE seq = 7"], 7,
+                                "content"),
     "deleted": (["DELETE FROM entries WHERE seq = 5"], 5, "missing"),
     "deleted and renumbered": (["DELETE FROM entries WHERE seq = 5",
                                 "UPDATE entries SET seq = seq - 1 WHERE seq > 5"], 5, "prev_hash"),
