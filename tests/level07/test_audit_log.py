@@ -174,6 +174,17 @@ def test_the_database_itself_refuses_update_and_delete(start_server, tmp_path):
     assert verify(again)["valid"] is True
 
 
+def test_an_acknowledged_entry_and_its_checkpoint_survive_kill_9(start_server, tmp_path):
+    db = tmp_path / "audit.sqlite3"
+    server = start(start_server, db=db, every=3)
+    answers = [append(server, target=f"t{i}") for i in range(3)]
+    server.kill9()
+    again = start(start_server, db=db, every=3)
+    assert verify(again) == {"valid": True, "entries": 3, "head": answers[-1]["hash"]}
+    signed = expect_json(get(again, "/audit/checkpoints"), 200)["items"]
+    assert [(c["seq"], c["hash"]) for c in signed] == [(3, answers[-1]["hash"])]
+
+
 # --------------------------------------------------------------------------------------------
 # Concurrency: one chain, however many appenders
 
