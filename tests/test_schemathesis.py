@@ -196,7 +196,7 @@ def caller_headers(project, url):
         return {"X-User-Id": "contract-tester"}
     if project.name == "feature_flags":   # the admin token manages and evaluates
         return {"Authorization": f"Bearer {FLAGS_ADMIN_TOKEN}"}
-    if project.name == "auth_service":    # the service credential reaches /internal/* too
+    if project.name in ("auth_service", "audit_log"):  # a service's bearer credential
         return {"Authorization": f"Bearer {SERVICE_TOKEN}"}
     paths = expect_json(requests.get(f"{url}/openapi.json", timeout=10), 200)["paths"]
     if "/auth/signup" not in paths:  # level03's accounts, served by every project that signs in
@@ -214,7 +214,8 @@ def contract_run(start_server, project, workdir):
     """Start the project's server, sign a caller in, and run schemathesis against it."""
     args = {"rbac": ["--admin-email", ACCOUNT["email"]],
             "feature_flags": ["--admin-token", FLAGS_ADMIN_TOKEN],
-            "auth_service": ["--service-token", SERVICE_TOKEN]}.get(project.name, [])
+            "auth_service": ["--service-token", SERVICE_TOKEN],
+            "audit_log": ["--token", SERVICE_TOKEN]}.get(project.name, [])
     server = start_server(project.script, *args)
     headers = caller_headers(project, server.url)
     (workdir / "schemathesis.toml").write_text(CONFIG)
