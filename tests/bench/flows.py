@@ -15,6 +15,19 @@ Flows:
   over and over; the runner signs these users up first. One user per connection keeps each
   email at one attempt in flight, so the login lockout (5 failures per email, counted before
   the password is checked) never trips.
+- `analytics-batch`: level07/analytics_collector.py. Each connection loops POST /v1/batch with
+  EVENTS_PER_BATCH track events, the write key `ANALYTICS_WRITE_KEY` as the Basic username.
+  Every event has a messageId of its own, `<batch id>:<k>`, where the batch id is
+  `bench-<flow token>-<connection>-<round>`: the runner can then check, batch by batch, that
+  each acknowledged batch is stored whole and once (analytics.py).
+- `webhooks`: level07/payment_webhooks.py. Each connection loops POST /webhooks/stripe with a
+  `payment_intent.succeeded` event of its own (ids `evt_bench<token>_<connection>_<round>`,
+  a PaymentIntent `pi_…` of its own too), signed as Stripe signs: `Stripe-Signature:
+  t=<now>,v1=<hex HMAC-SHA256 of "{t}.{body}" under WEBHOOK_SECRET>`, computed here from
+  Stripe's documentation, not with the server's code.
+
+A flow's token (random, made when the flow starts) keeps the ids of the warm-up's flows apart
+from the measurement's.
 
 The flows run in loadgen.py's closed loop (`run_closed_loop`): N keep-alive sockets in one
 `selectors` loop; when the time is up it sends nothing new but waits for the requests in flight
@@ -26,8 +39,13 @@ mix, and `operations`: the same figures for each operation.
 """
 
 import argparse
+import base64
+import hashlib
+import hmac
 import itertools
 import json
+import secrets
+import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -35,6 +53,10 @@ from documents import search_queries
 from loadgen import Flow, build_request, run_closed_loop
 
 LOGIN_PASSWORD = "bench password, long enough"
+ANALYTICS_WRITE_KEY = "bench-write-key"
+EVENTS_PER_BATCH = 100
+BATCH_EVENT = "Bench Batch"   # the batch flow's track event, counted apart from anything else
+WEBHOOK_SECRET = "whsec_bench_0123456789abcdefghij"
 
 
 def notes_user(index: int) -> str:
@@ -83,7 +105,47 @@ def search_flow(host: str, index: int) -> Flow:
         yield queries[n % len(queries)]
 
 
-FLOWS: dict[str, Callable[[str, int], Flow]] = {"notes": notes_flow, "login": login_flow, "search": search_flow}
+def basic_auth(username: str) -> str:
+    """Authorization with `username` and an empty password (RFC 7617), as Segment's SDKs send it."""
+    return "Basic " + base64.b64encode(f"{username}:".encode()).decode()
+
+
+def analytics_batch_flow(host: str, index: int) -> Flow:
+    headers = [f"Authorization: {basic_auth(ANALYTICS_WRITE_KEY)}"]
+    prefix = f"bench-{secrets.token_hex(4)}-{index}"
+    for round_ in itertools.count():
+        batch = f"{prefix}-{round_}"
+        events = ",".join(
+            f'{{"type":"track","userId":"bench-user-{index}-{k % 10}","event":"{BATCH_EVENT}",'
+            f'"messageId":"{batch}:{k}","timestamp":"2026-12-06T10:00:00.000Z","properties":{{"k":{k}}}}}'
+            for k in range(EVENTS_PER_BATCH))
+        body = f'{{"batch":[{events}]}}'.encode()
+        yield "POST /v1/batch", build_request("POST", host, "/v1/batch", body, "application/json", headers)
+
+
+def stripe_signature(secret: str, timestamp: int, body: bytes) -> str:
+    """Stripe's scheme: v1 is hex HMAC-SHA256, keyed with the whole whsec_ secret, of "{t}.{body}"."""
+    mac = hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+def webhooks_flow(host: str, index: int) -> Flow:
+    token = secrets.token_hex(4)
+    for round_ in itertools.count():
+        now = int(time.time())
+        event = {"id": f"evt_bench{token}_{index}_{round_}", "object": "event", "api_version": "2024-06-20",
+                 "type": "payment_intent.succeeded", "created": now, "livemode": False,
+                 "data": {"object": {"id": f"pi_bench{token}_{index}_{round_}", "object": "payment_intent",
+                                     "amount": 2000, "currency": "usd", "status": "succeeded",
+                                     "metadata": {}}}}
+        body = json.dumps(event).encode()
+        headers = [f"Stripe-Signature: {stripe_signature(WEBHOOK_SECRET, now, body)}"]
+        yield "POST /webhooks/stripe", build_request("POST", host, "/webhooks/stripe", body,
+                                                     "application/json", headers)
+
+
+FLOWS: dict[str, Callable[[str, int], Flow]] = {"notes": notes_flow, "login": login_flow, "search": search_flow,
+                                                "analytics-batch": analytics_batch_flow, "webhooks": webhooks_flow}
 
 
 def run_flows(url: str, flow_name: str, connections: int, duration: float, drain_timeout: float) -> dict:

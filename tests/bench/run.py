@@ -73,11 +73,14 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from documents import ndjson_batches, search_queries
-from flows import LOGIN_PASSWORD, login_email, notes_user
+from flows import (ANALYTICS_WRITE_KEY, EVENTS_PER_BATCH, LOGIN_PASSWORD, WEBHOOK_SECRET, basic_auth, login_email,
+                   notes_user)
 from loadgen import build_request, split_response
+import analytics
 import jobs
 import logs
 import uploads
+import webhooks
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parents[1]
@@ -261,17 +264,19 @@ class Bench:
     documents: int = 100_000  # indexed by the search scenario
     upload_bytes: int = 1 << 30  # sent by the upload scenario
     jobs: int = 5000  # enqueued by the jobs scenario, in each of its two runs
+    audit_entries: int = 1_000_000  # in the log the audit scenario verifies
     # health_check --server asyncio measured with each load generator: the context that the
     # scenarios without a stdlib reference (crud, auth) print beside their own figures.
     health_rows: dict[str, Row] = field(default_factory=dict)
 
     def measure(self, server: str, url: str, request: Request = GET, warmup_url: str | None = None,
-                load_generator: WrkLoadGenerator | PythonLoadGenerator | None = None) -> Row:
-        """Warm up for WARMUP_S (on warmup_url if given), then load url for the run's duration
-        (with the run's load generator unless another is given)."""
+                load_generator: WrkLoadGenerator | PythonLoadGenerator | None = None,
+                warmup_request: Request | None = None) -> Row:
+        """Warm up for WARMUP_S (on warmup_url with warmup_request if given), then load url for the
+        run's duration (with the run's load generator unless another is given)."""
         load_generator = load_generator or self.load_generator
         print(f"  {server}", flush=True)
-        load_generator.run(warmup_url or url, request, self.connections, WARMUP_S)
+        load_generator.run(warmup_url or url, warmup_request or request, self.connections, WARMUP_S)
         return Row(server, load_generator.run(url, request, self.connections, self.duration))
 
     def measure_flow(self, server: str, url: str, flow: str,
@@ -350,13 +355,13 @@ def stop_server(process: subprocess.Popen, script: str) -> None:
 
 
 def http_json(method: str, url: str, body: object = None,
-              headers: dict[str, str] | None = None) -> tuple[int, dict]:
+              headers: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, dict]:
     """One request with an optional JSON body: the status and the JSON answer."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data, method=method, headers={
         **({"Content-Type": "application/json"} if data is not None else {}), **(headers or {})})
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read() or b"null")
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read() or b"null")
@@ -1124,6 +1129,162 @@ def sign_up_and_log_in(url: str, email: str) -> str:
     return answer["access_token"]
 
 
+ANALYTICS_READ_KEY = "bench-read-key"
+TRACK_EVENT = "Bench Track"   # the single /v1/track calls' event, counted apart from the batches'
+
+
+def acknowledged_per_s(result: LoadResult) -> float:
+    """2xx answers per second of the measurement (rps counts every answer)."""
+    return result.ok * result.rps / result.requests if result.requests else 0.0
+
+
+def analytics_scenario(bench: Bench) -> ScenarioReport:
+    """analytics_collector.py: events acknowledged durably through /v1/batch (100 events a call,
+    a messageId each, from every connection at once), then single /v1/track calls beside
+    health_check asyncio; once the server has stopped, every acknowledged event must be in its
+    database, each batch whole and once, and every track answered."""
+    db_path = bench.workdir / "analytics_collector.sqlite3"
+    write_key = f"Authorization: {basic_auth(ANALYTICS_WRITE_KEY)}"
+    with bench.running_server("level07/analytics_collector.py", "--db", db_path, "--write-key", ANALYTICS_WRITE_KEY,
+                              "--read-key", ANALYTICS_READ_KEY) as url:
+        server = f"analytics_collector.py POST /v1/batch, {EVENTS_PER_BATCH} events a call (flows.py)"
+        print(f"  {server}", flush=True)
+        # The warm-up's batches are stored too: the check below counts them with the measured ones.
+        warmup, _ = run_flow(url, "analytics-batch", bench.connections, WARMUP_S)
+        batches, _ = run_flow(url, "analytics-batch", bench.connections, bench.duration)
+        track_body = json.dumps({"userId": "bench-user", "event": TRACK_EVENT, "properties": {"plan": "pro"}})
+        # The warm-up sends the same body to /v1/identify, which stores no track: the track count
+        # below is the measured calls' alone.
+        tracks = bench.measure(f"analytics_collector.py POST /v1/track, {bench.load_generator.name}",
+                               url + "/v1/track", Request("POST", track_body, "application/json", (write_key,),
+                                                          expected_status=200),
+                               warmup_url=url + "/v1/identify")
+    health = bench.health_context(bench.load_generator)
+    batch_row = Row(server, batches)
+    stored, whole, problems = analytics.check_batches(db_path)
+    acknowledged = (warmup.ok + batches.ok) * EVENTS_PER_BATCH
+    events_per_s = acknowledged_per_s(batches) * EVENTS_PER_BATCH
+    all_stored = stored == acknowledged and whole == warmup.ok + batches.ok and not problems
+    notes = [f"analytics: {batches.ok:,} batches of {EVENTS_PER_BATCH} acknowledged in the measurement "
+             f"({batches.errors} errors), {warmup.ok:,} in the warm-up; {stored:,} batch events stored, "
+             f"{whole:,} whole batches" + (f"; WARNING: {'; '.join(problems)}" if problems else ""),
+             check_acknowledged("analytics tracks", "track events stored", analytics.stored_tracks(db_path, TRACK_EVENT),
+                                tracks.result, "tracks answered 200", bench)]
+    return ScenarioReport(
+        rows=[batch_row, tracks, health],
+        targets=[Target("analytics_collector events acknowledged durably through /v1/batch",
+                        f"{events_per_s:,.0f} events/s", "≥ 100,000", events_per_s >= 100_000),
+                 Target("every acknowledged batch event stored, once", f"{stored:,} of {acknowledged:,}",
+                        f"{acknowledged:,}", all_stored),
+                 ratio_target(f"analytics_collector POST /v1/track ÷ health_check asyncio "
+                              f"({bench.load_generator.name})", tracks, health, 0.5)],
+        notes=notes,
+    )
+
+
+AUDIT_TOKEN = "bench-audit-token-0123456789"
+AUDIT_KEY = "bench-checkpoint-key-0123456789"
+AUDIT_BUILD_TIMEOUT_S = 1800   # writing a million chained entries: about 30 s on a quiet machine
+AUDIT_VERIFY_TIMEOUT_S = 1800  # verifying them: about 15 s
+
+
+def audit_append(actor: str) -> Request:
+    body = {"actor": actor, "action": "invoice.update", "target": "invoice:1042",
+            "metadata": {"amount_cents": 12500, "reason": "bench"}, "ip": "192.0.2.10"}
+    return Request("POST", json.dumps(body), "application/json", (f"Authorization: Bearer {AUDIT_TOKEN}",),
+                   expected_status=201)
+
+
+def audit_scenario(bench: Bench) -> ScenarioReport:
+    """audit_log.py: appends over HTTP (each a serialised, chained, committed entry) beside raw
+    sqlite single-row commits, the chain verified afterwards; then GET /audit/verify over a log of
+    bench.audit_entries entries written straight into a new database (audit_chain.py)."""
+    db_path = bench.workdir / "audit_log.sqlite3"
+    secrets_flags = ("--token", AUDIT_TOKEN, "--key", AUDIT_KEY)
+    bearer = {"Authorization": f"Bearer {AUDIT_TOKEN}"}
+    with bench.running_server("level07/audit_log.py", "--db", db_path, *secrets_flags) as url:
+        # The warm-up appends as another actor, so that "bench" counts the measured appends only.
+        appends = bench.measure(f"audit_log.py POST /audit, {bench.load_generator.name}", url + "/audit",
+                                audit_append("bench"), warmup_request=audit_append("bench-warmup"))
+        status, verdict = http_json("GET", url + "/audit/verify", headers=bearer, timeout=AUDIT_VERIFY_TIMEOUT_S)
+    with analytics.read_only(db_path) as db:
+        appended = db.execute("SELECT count(*) FROM entries WHERE actor = 'bench'").fetchone()[0]
+    raw_sqlite = measure_sqlite_commits(bench)
+
+    count = bench.audit_entries
+    long_db = bench.workdir / "audit_log-long.sqlite3"
+    print(f"  writing {count:,} chained entries into a new audit_log database (audit_chain.py)", flush=True)
+    built = run_json_process([sys.executable, str(BENCH_DIR / "audit_chain.py"), "--db", str(long_db),
+                              "--entries", str(count), "--key", AUDIT_KEY], timeout=AUDIT_BUILD_TIMEOUT_S)
+    with bench.running_server("level07/audit_log.py", "--db", long_db, *secrets_flags) as url:
+        print(f"  audit_log.py GET /audit/verify over {count:,} entries", flush=True)
+        started = time.perf_counter()
+        long_status, long_verdict = http_json("GET", url + "/audit/verify", headers=bearer,
+                                              timeout=AUDIT_VERIFY_TIMEOUT_S)
+        verify_s = time.perf_counter() - started
+    expected = {"valid": True, "entries": count, "head": built["head"]}
+    if long_status != 200 or long_verdict != expected:
+        raise BenchError(f"GET /audit/verify over the built log answered {long_status}: {long_verdict}, "
+                         f"expected {expected}")
+
+    chain_ok = status == 200 and verdict.get("valid") is True
+    return ScenarioReport(
+        rows=[appends, raw_sqlite],
+        targets=[ratio_target("audit_log appends ÷ raw sqlite commits", appends, raw_sqlite, 0.3),
+                 Target("the appended chain verifies", "valid" if chain_ok else "INVALID", "valid", chain_ok),
+                 Target(f"audit_log GET /audit/verify over {count:,} entries", f"{count / verify_s:,.0f} entries/s",
+                        "-", None)],
+        notes=[check_acknowledged("audit", "entries by actor bench", appended, appends.result,
+                                  "appends answered 201", bench)
+               + f"; GET /audit/verify after the appends: {verdict}",
+               f"audit verify: {count:,} entries ({built['checkpoints']:,} checkpoints) written in "
+               f"{built['seconds']:.2f} s by audit_chain.py, verified in {verify_s:.2f} s, head {built['head'][:16]}…"],
+    )
+
+
+PROCESSING_TIMEOUT_S = 600
+
+
+def payments_scenario(bench: Bench) -> ScenarioReport:
+    """payment_webhooks.py (its default 2 workers): deliveries of properly signed Stripe events,
+    each of its own id, acknowledged per second while the workers process them; then the time
+    until every one is processed, polling the server's processing status; then each must be
+    stored and processed once, its payment paid."""
+    db_path = bench.workdir / "payment_webhooks.sqlite3"
+    with bench.running_server("level07/payment_webhooks.py", "--db", db_path, "--webhook-secret",
+                              WEBHOOK_SECRET) as url:
+        server = "payment_webhooks.py POST /webhooks/stripe, signed, an id each (flows.py)"
+        print(f"  {server}", flush=True)
+        started = time.monotonic()
+        warmup, _ = run_flow(url, "webhooks", bench.connections, WARMUP_S)
+        deliveries, _ = run_flow(url, "webhooks", bench.connections, bench.duration)
+        last_acknowledged = time.monotonic()
+        print("  waiting until every delivery is processed (GET /webhooks/events?status=received)", flush=True)
+        try:
+            all_processed = webhooks.wait_until_processed(url, PROCESSING_TIMEOUT_S)
+        except RuntimeError as error:
+            raise BenchError(str(error)) from error
+    outcome = webhooks.outcome(db_path)
+    acknowledged = warmup.ok + deliveries.ok
+    processed = outcome["statuses"].get("processed", 0)
+    once = (outcome["events"] == outcome["deliveries"] == outcome["times_applied"] == processed
+            == outcome["paid"] == acknowledged)
+    lag = all_processed - last_acknowledged
+    return ScenarioReport(
+        rows=[Row(server, deliveries)],
+        targets=[Target("payment_webhooks verified deliveries acknowledged",
+                        f"{acknowledged_per_s(deliveries):,.0f} /s", "-", None),
+                 Target("time until all are processed, after the last acknowledgement", f"{lag:.2f} s", "-", None),
+                 Target("every acknowledged delivery stored and processed once, its payment paid",
+                        f"{processed:,} of {acknowledged:,}", f"{acknowledged:,}", once)],
+        notes=[f"payments: {acknowledged:,} deliveries acknowledged ({warmup.ok:,} in the warm-up), "
+               f"{deliveries.errors} errors; all processed {all_processed - started:.2f} s after the first "
+               f"({acknowledged / (all_processed - started):,.0f} events/s end to end); stored: "
+               f"{outcome['events']:,} events by status {outcome['statuses']}, {outcome['deliveries']:,} "
+               f"deliveries, {outcome['times_applied']:,} processings, {outcome['paid']:,} payments paid"],
+    )
+
+
 SCENARIOS: dict[str, Callable[[Bench], ScenarioReport]] = {
     "health": health_scenario,
     "connections": connections_scenario,
@@ -1139,6 +1300,9 @@ SCENARIOS: dict[str, Callable[[Bench], ScenarioReport]] = {
     "limits": limits_scenario,
     "logs": logs_scenario,
     "gateway": gateway_scenario,
+    "analytics": analytics_scenario,
+    "audit": audit_scenario,
+    "payments": payments_scenario,
 }
 
 
@@ -1209,10 +1373,13 @@ def main() -> int:
                         help="documents indexed by the search scenario (default 100,000)")
     parser.add_argument("--upload-mib", type=int, default=1024,
                         help="size of the upload scenario's body in MiB (default 1024)")
+    parser.add_argument("--audit-entries", type=int, default=1_000_000,
+                        help="entries in the log the audit scenario verifies (default 1,000,000)")
     args = parser.parse_args()
-    if min(args.duration, args.connections, args.idle_connections, args.documents, args.upload_mib) < 1:
-        parser.error("--duration, --connections, --idle-connections, --documents and --upload-mib must be "
-                     "at least 1")
+    if min(args.duration, args.connections, args.idle_connections, args.documents, args.upload_mib,
+           args.audit_entries) < 1:
+        parser.error("--duration, --connections, --idle-connections, --documents, --upload-mib and "
+                     "--audit-entries must be at least 1")
 
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
         try:
@@ -1220,7 +1387,7 @@ def main() -> int:
         except BenchError as error:
             parser.error(str(error))
         bench = Bench(load_generator, args.duration, args.connections, Path(workdir), args.idle_connections,
-                      args.documents, upload_bytes=args.upload_mib * 2**20)
+                      args.documents, upload_bytes=args.upload_mib * 2**20, audit_entries=args.audit_entries)
         print(f"load generator: {load_generator.description}")
         print(f"{args.connections} keep-alive connections, {args.duration} s per measurement after a "
               f"{WARMUP_S} s warm-up; {os.cpu_count()} cores, Python {sys.version.split()[0]}")
