@@ -98,9 +98,9 @@ CREATE TABLE IF NOT EXISTS posts (
 # Authorisation: the start-up check and the middleware step
 # =============================================================================================
 
-def route_permission_problems(routes):
+def route_permission_problems(routes, permissions=PERMISSIONS):
     """What is wrong with the routes' declarations: each needs exactly one of `public=True`
-    or a `permission` from the table."""
+    or a `permission` from the table (`permissions`: another project's own table)."""
     problems = []
     for route in routes:
         public, permission = route.meta.get("public"), route.meta.get("permission")
@@ -109,15 +109,15 @@ def route_permission_problems(routes):
             problems.append(f"{where} is both public and needs {permission!r}")
         elif not public and permission is None:
             problems.append(f"{where} declares no permission (add permission=… or public=True)")
-        elif permission is not None and permission not in PERMISSIONS:
+        elif permission is not None and permission not in permissions:
             problems.append(f"{where} needs {permission!r}, which is not in the permission table")
     return problems
 
 
-def check_route_permissions(app):
+def check_route_permissions(app, permissions=PERMISSIONS):
     """Deny by default, enforced at start-up: refuse to run (exit 2) while any route has no
     declared permission, so no route can be forgotten by `enforce_permission`."""
-    problems = route_permission_problems(app.router.routes)
+    problems = route_permission_problems(app.router.routes, permissions)
     if problems:
         exit_usage_error("refusing to start: " + "; ".join(problems))
 
