@@ -87,6 +87,37 @@ def test_the_later_scenarios_run_and_check_what_they_measured(scenario, options,
         assert re.search(line, output), output
 
 
+@pytest.mark.parametrize("scenario, options, servers, lines", [
+    ("analytics", [], ["analytics_collector.py POST /v1/batch", "analytics_collector.py POST /v1/track",
+                       "health_check --server asyncio"],
+     [r"analytics_collector events acknowledged durably through /v1/batch\s+[\d,]+ events/s\s+≥ 100,000",
+      r"every acknowledged batch event stored, once\s+([\d,]+) of \1\s+\1\s+PASS",
+      r"analytics tracks check OK: track events stored (\d+) = \1 tracks answered 200",
+      r"analytics_collector POST /v1/track ÷ health_check asyncio \(Python loadgen\)\s+[\d.]+\s+≥ 0.5"]),
+    ("audit", ["--audit-entries", "2000"], ["audit_log.py POST /audit", "raw sqlite"],
+     [r"audit_log appends ÷ raw sqlite commits\s+[\d.]+\s+≥ 0.3",
+      r"the appended chain verifies\s+valid\s+valid\s+PASS",
+      r"audit check OK: entries by actor bench (\d+) = \1 appends answered 201",
+      r"audit_log GET /audit/verify over 2,000 entries\s+[\d,]+ entries/s"]),
+    ("payments", [], ["payment_webhooks.py POST /webhooks/stripe"],
+     [r"every acknowledged delivery stored and processed once, its payment paid\s+([\d,]+) of \1\s+\1\s+PASS",
+      r"time until all are processed, after the last acknowledgement\s+[\d.]+ s"]),
+])
+def test_the_level07_scenarios_measure_without_errors_and_find_everything_acknowledged(scenario, options, servers,
+                                                                                        lines):
+    """Level 07's scenarios (the audit one verifying a log of 2,000 entries built for it): every
+    row measured without errors, and what each checks afterwards holds: every acknowledged event
+    stored once, the chain valid, every delivery processed once."""
+    output = run_bench(scenario, *options)
+    rows = table_rows(output, scenario)
+    for server in servers:
+        measured = [row for row in rows if server in row[0]]
+        assert measured, f"no row for {server!r}:\n{output}"
+        assert all(rps > 0 and errors == 0 for _, rps, errors in measured), output
+    for line in lines:
+        assert re.search(line, output), output
+
+
 def test_a_short_run_holds_idle_connections_and_serves_each_of_them():
     output = run_bench("connections", "--idle-connections", "20")
     assert re.search(r"20 keep-alive connections on health_check asyncio, each answered 200\s+20/20\s+all\s+PASS",

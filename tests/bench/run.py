@@ -33,6 +33,21 @@ does the same job with the standard library and nothing else:
 - evaluations: OFREP `POST /ofrep/v1/evaluate/flags/{key}` on level04/feature_flags.py, a flag
            with a targeting rule and a rollout, beside health_check --server asyncio; one probe
            first checks the answer's variant against the rollout bucket computed here.
+- upload, jobs, chat, limits, logs, gateway: levels 04-06 (tests/bench/README.md describes each).
+- analytics: level07/analytics_collector.py: events acknowledged durably per second through
+           `/v1/batch` (100 events a call, a messageId each, every connection at once; flows.py),
+           then single `/v1/track` calls beside health_check asyncio; afterwards every acknowledged
+           batch must be in the database whole and once (tests/bench/analytics.py).
+- audit:   level07/audit_log.py: appends (`POST /audit`, the service token) beside raw sqlite
+           single-row commits (sqlite_commits.py), the chain verified afterwards; then
+           `GET /audit/verify` over --audit-entries entries (default 1,000,000) written straight
+           into a new database with audit_log's own hash (tests/bench/audit_chain.py).
+- payments: level07/payment_webhooks.py: Stripe-signed deliveries, each of its own id,
+           acknowledged per second while its workers process them (flows.py), then the time until
+           all are processed (its status route polled); each must be processed once.
+- deploy:  level07/deployment_ready.py configured by its environment (APP_ENV=production,
+           SECRET_KEY, DATABASE_PATH, LOG_FORMAT=json), metrics on: `GET /notes/{id}` beside the
+           same route on level02/notes.py; its metrics and JSON log must have counted the reads.
 
 Why ratios: on a shared 2-core machine absolute figures move ±20% between runs, and the load
 generator competes with the server for the same two cores. Both effects hit the project's server
@@ -40,7 +55,7 @@ and its reference alike when they are measured back to back in one run, so the b
 ratios within a run (server ÷ reference) against targets, never a figure from another run.
 
 Run: python tests/bench/run.py [--duration S] [--connections N] [--only NAME] [--tool wrk|python]
-                               [--idle-connections N] [--documents N] [--upload-mib N]
+                               [--idle-connections N] [--documents N] [--upload-mib N] [--audit-entries N]
 
 Adding a scenario: write a function that takes the Bench and returns a ScenarioReport (rows for
 the table, targets to judge, ratios given for context), and add it to SCENARIOS.
@@ -302,13 +317,15 @@ class Bench:
         return self.health_rows[key]
 
     @contextmanager
-    def running_server(self, script: str, *args: str | Path) -> Iterator[str]:
-        """Start `python script --port 0 args...`, yield its base URL, stop it with SIGTERM."""
-        with self.running_process(script, *args) as (url, _):
+    def running_server(self, script: str, *args: str | Path, env: dict[str, str] | None = None) -> Iterator[str]:
+        """Start `python script --port 0 args...` (with `env` added to the environment), yield its
+        base URL, stop it with SIGTERM."""
+        with self.running_process(script, *args, env=env) as (url, _):
             yield url
 
     @contextmanager
-    def running_process(self, script: str, *args: str | Path) -> Iterator[tuple[str, int]]:
+    def running_process(self, script: str, *args: str | Path,
+                        env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
         """Like running_server, yielding the server's process id as well as its base URL.
 
         Its stderr (the access log) goes to a file in workdir, shown if the server fails to start.
@@ -316,7 +333,8 @@ class Bench:
         command = [sys.executable, script, "--port", "0", *map(str, args)]
         with tempfile.NamedTemporaryFile(dir=self.workdir, prefix=Path(script).stem + "-",
                                          suffix=".log", delete=False) as log:
-            process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log)
+            process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log,
+                                       env={**os.environ, **env} if env else None)
         try:
             yield wait_until_listening(process, " ".join(command[1:]), Path(log.name)), process.pid
         finally:
@@ -1168,8 +1186,9 @@ def analytics_scenario(bench: Bench) -> ScenarioReport:
     notes = [f"analytics: {batches.ok:,} batches of {EVENTS_PER_BATCH} acknowledged in the measurement "
              f"({batches.errors} errors), {warmup.ok:,} in the warm-up; {stored:,} batch events stored, "
              f"{whole:,} whole batches" + (f"; WARNING: {'; '.join(problems)}" if problems else ""),
-             check_acknowledged("analytics tracks", "track events stored", analytics.stored_tracks(db_path, TRACK_EVENT),
-                                tracks.result, "tracks answered 200", bench)]
+             check_acknowledged("analytics tracks", "track events stored",
+                                analytics.stored_tracks(db_path, TRACK_EVENT), tracks.result, "tracks answered 200",
+                                bench)]
     return ScenarioReport(
         rows=[batch_row, tracks, health],
         targets=[Target("analytics_collector events acknowledged durably through /v1/batch",
@@ -1238,7 +1257,8 @@ def audit_scenario(bench: Bench) -> ScenarioReport:
                                   "appends answered 201", bench)
                + f"; GET /audit/verify after the appends: {verdict}",
                f"audit verify: {count:,} entries ({built['checkpoints']:,} checkpoints) written in "
-               f"{built['seconds']:.2f} s by audit_chain.py, verified in {verify_s:.2f} s, head {built['head'][:16]}…"],
+               f"{built['seconds']:.2f} s by audit_chain.py, verified in {verify_s:.2f} s, "
+               f"head {built['head'][:16]}…"],
     )
 
 
@@ -1285,6 +1305,84 @@ def payments_scenario(bench: Bench) -> ScenarioReport:
     )
 
 
+DEPLOY_NOTE = {"title": "bench note", "body": "some text " * 10, "tags": ["bench"]}
+
+
+def deploy_scenario(bench: Bench) -> ScenarioReport:
+    """`GET /notes/{id}` on deployment_ready.py configured the way it is deployed, from the
+    environment (APP_ENV=production with its SECRET_KEY, DATABASE_PATH, LOG_FORMAT=json: a JSON
+    line on stderr per request) with its Prometheus metrics counting every request, beside the
+    same route on level02/notes.py (its X-User-Id, text access log, no metrics). Afterwards the
+    metrics and the log must have counted the reads."""
+    if not (REPO_ROOT / "level07" / "deployment_ready.py").exists():
+        raise BenchError("level07/deployment_ready.py does not exist yet")
+    environment = {"APP_ENV": "production", "SECRET_KEY": secrets.token_hex(32), "LOG_FORMAT": "json",
+                   "DATABASE_PATH": str(bench.workdir / "deployment_ready.sqlite3")}
+    with bench.running_process("level07/deployment_ready.py", env=environment) as (url, pid):
+        note_url = f"{url}/notes/{create_note(url, {})}"
+        deployed = bench.measure(f"deployment_ready.py GET /notes/{{id}}, metrics, JSON logs, "
+                                 f"{bench.load_generator.name}", note_url)
+        metrics_text, _ = fetch(url + "/metrics")
+        log_path = Path(os.readlink(f"/proc/{pid}/fd/2"))
+    counted = metric_note_reads(metrics_text.decode())
+    logged = json_log_reads(log_path)
+    user = notes_user(0)
+    with bench.running_server("level02/notes.py", "--db", bench.workdir / "deploy-notes.sqlite3") as url:
+        note_url = f"{url}/notes/{create_note(url, {'X-User-Id': user})}"
+        notes = bench.measure(f"notes.py GET /notes/{{id}}, X-User-Id, {bench.load_generator.name}", note_url,
+                              Request(headers=(f"X-User-Id: {user}",)))
+    # Each served read counted once by the metrics and logged once; the warm-up's reads too, and
+    # with wrk those still in flight when it stopped: at least the reads answered.
+    answered = deployed.result.ok
+    all_counted = counted >= answered and logged is not None and logged >= answered
+    return ScenarioReport(
+        rows=[deployed, notes],
+        targets=[ratio_target(f"deployment_ready GET /notes/{{id}} ÷ level 02 notes.py's "
+                              f"({bench.load_generator.name})", deployed, notes, 0.8),
+                 Target("reads counted by /metrics and logged as JSON lines",
+                        f"{counted:,} and {'not JSON' if logged is None else f'{logged:,}'}",
+                        f"≥ {answered:,}", all_counted)],
+        notes=[f"deploy: deployment_ready.py configured by its environment (APP_ENV=production, SECRET_KEY, "
+               f"DATABASE_PATH, LOG_FORMAT=json), metrics on; {answered:,} reads answered 200 in the measurement, "
+               f"{counted:,} counted by http_requests_total (warm-up included), "
+               + ("a line of its log was not JSON" if logged is None else f"{logged:,} logged as JSON lines")],
+    )
+
+
+def create_note(url: str, headers: dict[str, str]) -> int:
+    status, note = http_json("POST", url + "/notes", DEPLOY_NOTE, headers=headers)
+    if status != 201:
+        raise BenchError(f"POST /notes answered {status}: {note}")
+    return note["id"]
+
+
+def metric_note_reads(exposition: str) -> int:
+    """The `GET /notes/{id}` 200s that http_requests_total counted, in Prometheus' text format
+    (the route label holds braces of its own: `route="/notes/{note_id:int}"`)."""
+    reads = 0
+    for line in exposition.splitlines():
+        if not line.startswith("http_requests_total{"):
+            continue
+        labels, _, value = line.rpartition(" ")
+        if all(label in labels for label in ('method="GET"', 'route="/notes/{', 'status="200"')):
+            reads += int(float(value))
+    return reads
+
+
+def json_log_reads(log_path: Path) -> int | None:
+    """The `GET /notes/{id}` 200s in a JSON log (one object a line); None if a line is not JSON."""
+    reads = 0
+    with open(log_path, encoding="utf-8") as log:
+        for line in log:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                return None
+            reads += (entry.get("method") == "GET" and entry.get("status") == 200
+                      and str(entry.get("path", "")).startswith("/notes/"))
+    return reads
+
+
 SCENARIOS: dict[str, Callable[[Bench], ScenarioReport]] = {
     "health": health_scenario,
     "connections": connections_scenario,
@@ -1303,6 +1401,7 @@ SCENARIOS: dict[str, Callable[[Bench], ScenarioReport]] = {
     "analytics": analytics_scenario,
     "audit": audit_scenario,
     "payments": payments_scenario,
+    "deploy": deploy_scenario,
 }
 
 
