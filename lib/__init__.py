@@ -13,6 +13,8 @@ teach them; this package only moves HTTP. Read it in this order — level 01 is 
     routing.py          path patterns → handlers; 404 / 405 + Allow; OpenAPI and the index
     middleware.py       the chain: request id → access log → timing → errors → handler
     trace.py            `--trace`: each request's flow, SQL and timings on stderr
+    logs.py             stderr lines as text or JSON, `--log-level`, `--log-to` a collector
+    metrics.py          Prometheus counters, gauges, histograms; `add_metrics(app)` → /metrics
     storage.py          sqlite: WAL, a connection per thread, transactions, SQL trace
     app.py              App: routes + middleware + the command line
     connection.py       one HTTP/1.1 connection as a state machine (sans-I/O): bytes in,

@@ -30,7 +30,7 @@ import types
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from lib import middleware, trace
+from lib import logs, middleware, trace
 from lib.problems import HTTPError, MethodNotAllowed
 from lib.protocol import DEFAULT_BODY_LIMIT
 from lib.response import Response, json_response, no_content
@@ -58,6 +58,8 @@ class App:
         self.on_draining = []         # called when shutdown begins (a WebSocket's 1001 Close)
         self.transports = {}          # a project's own transports by --server name (a proxy's)
         self.log_shipper = None       # --log-to: the access log shipped to a collector
+        self.log_json = False         # --log-format json: every stderr line one JSON object
+        self.log_threshold = logs.LEVELS["info"]  # --log-level: lines below it are dropped
         self._chain = None
         # The built-ins are `public=True`: auth middleware lets them through without credentials.
         self.get("/", summary="This server's name, description and routes", public=True)(self._index)
@@ -149,6 +151,12 @@ class App:
         for hook in self.on_draining:
             hook()
 
+    def log(self, level, message, **fields):
+        """A line on stderr in the server's log format (lib/logs.py): `app.log("info", "config",
+        port=8030)` is `config port=8030` as text, `{"ts": …, "level": "info", "msg": "config",
+        "port": 8030}` as JSON."""
+        logs.write(self, level, message, fields)
+
     # --- built-in routes --------------------------------------------------------------------
 
     def _index(self, request):
@@ -185,6 +193,11 @@ class App:
                             help="open connections at most; one more gets 503 (default 1000)")
         parser.add_argument("--drain-timeout", type=seconds, default=10.0,
                             help="on SIGTERM, wait at most this long for in-flight requests (default 10 s)")
+        parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                            help="stderr lines as text (default) or one JSON object each")
+        parser.add_argument("--log-level", choices=tuple(logs.LEVELS), default="info",
+                            help="drop log lines below this level (default info; a 4xx is a "
+                                 "warning, a 5xx an error)")
         parser.add_argument("--log-to", type=http_url, default=None,
                             help="ship the access log to this log collector too (its base URL: "
                                  "NDJSON to URL/logs, as level06/central_logging.py takes it)")
@@ -206,8 +219,10 @@ class App:
         from lib.runner import serve  # the runner imports both transports; only run() needs them
         self.tracing = args.trace
         self._chain = self._build_chain()
-        if getattr(args, "log_to", None):
-            self.log_shipper = middleware.LogShipper(args.log_to)
+        self.log_json = args.log_format == "json"
+        self.log_threshold = logs.LEVELS[args.log_level]
+        if args.log_to:
+            self.log_shipper = logs.LogShipper(args.log_to)
             self.on_listening.append(self.log_shipper.thread.start)
             self.shutdown_hooks.insert(0, self.log_shipper.stop)  # the last hook to run
         serve(self, args)

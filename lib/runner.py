@@ -34,8 +34,7 @@ def serve(app, args):
 
     def announce():
         url = announce_listening("http", sock)
-        sys.stderr.write(f"try: curl -i {url}/ (its routes), or open /openapi.json; "
-                         f"Ctrl-C stops it\n")
+        app.log("info", f"try: curl -i {url}/ (its routes), or open /openapi.json; Ctrl-C stops it")
         for hook in app.on_listening:  # e.g. a mail catcher beside the HTTP server
             hook()
 

@@ -19,6 +19,12 @@ moved with them to 2,150, the step of that issue's closing note (2,300 proposed 
 Issue 14 asked lib/ for `--log-to URL` (level06.md: every server can ship its access log to the
 central logging service, batching, never blocking a request): about 45 lines, and the ceiling
 is 2,200.
+Issue 15 asked lib/ for the two mechanisms every server benefits from (level07.md section 30):
+Prometheus metrics (lib/metrics.py: counters, gauges, histograms and `GET /metrics`, about 95
+lines) and JSON logs with a level (lib/logs.py, which took the access log and `--log-to` out of
+middleware.py: about 30 lines more). That is the last of what the thirty projects ask of lib/;
+the ceiling is 2,350 (2,327 used at the time), against the 2,300 proposed before metrics were
+written and measured.
 """
 import ast
 import io
@@ -26,7 +32,7 @@ import tokenize
 
 from tests.harness import ROOT
 
-LIB_BUDGET = 2200
+LIB_BUDGET = 2350
 _NOT_CODE = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
              tokenize.ENDMARKER}
 

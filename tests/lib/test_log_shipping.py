@@ -1,4 +1,4 @@
-"""`--log-to URL` (lib/middleware.py's LogShipper): any server ships its access log to a log
+"""`--log-to URL` (lib/logs.py's LogShipper): any server ships its access log to a log
 collector as NDJSON, in batches, and never waits for it or fails because of it."""
 import json
 import threading

@@ -1,6 +1,7 @@
 """A small server for the transport tests: routes that make a transport do its less common work
 (bodies in pieces, streamed answers, big answers to slow readers, blocking handlers), which the
-projects do not all exercise yet. Run by tests/lib/test_transports.py on both transports.
+projects do not all exercise yet. Run by tests/lib/test_transports.py on both transports, and by
+tests/lib/test_observability.py for lib's logs and metrics (it serves `GET /metrics`).
 
     python tests/lib/transport_app.py --port 0 [--server threaded]
 """
@@ -14,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from lib import App, Response
 from lib.problems import ContentTooLarge, Forbidden
+from lib.metrics import add_metrics
 from lib.response import StreamingResponse
 
 app = App("transport_app", "Routes that exercise a transport.", port=8999)
@@ -149,6 +151,15 @@ def upgrade(request):
 
 
 app.on_draining.append(lambda: [writer.write(b"DRAINING\n") for writer in TAKEN_OVER])
+
+
+@app.get("/fail")
+def fail(request):
+    """A handler that raises: the 500 and its logged traceback."""
+    raise RuntimeError("the handler failed on purpose")
+
+
+add_metrics(app)
 
 
 def main(argv=None):
