@@ -832,11 +832,12 @@ def log_out(request):
     return no_content()
 
 
-def add_token_routes(app, sign_up=sign_up, signed_up="The new user"):
+def add_token_routes(app, sign_up=sign_up, signed_up="The new user", log_in=log_in):
     """Serve the account routes on `app` as jwt_auth does: signup, login, refresh and logout,
     public, with their bodies, limits and OpenAPI answers. The handlers read
     `request.app.state.auth` (an `Auth`), which `app` must set. A project whose signup does
-    more passes its own handler and what its 201 holds (rbac gives the user a role)."""
+    more passes its own handler and what its 201 holds (rbac gives the user a role); one whose
+    login does more passes that handler (saas_starter audits each login)."""
     app.post("/auth/signup", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
              request_schema=body_schema(SIGN_UP), responses={201: signed_up})(sign_up)
     app.post("/auth/login", public=True, blocking=True, body_limit=AUTH_BODY_LIMIT,
