@@ -331,19 +331,25 @@ def rate_limit(limiter, policy, key_of=client_key):
     def enforce_rate_limit(request, call_next):
         if not request.route.meta.get("rate_limited"):
             return call_next(request)
-        key = key_of(request)
-        decision = limiter.check(key, policy)
-        trace_event(f"{key}: {'allowed' if decision.allowed else 'refused'}, "
-                    f"{decision.remaining} left")
-        headers = {"RateLimit-Policy": policy.header(), "RateLimit": decision.header()}
-        if not decision.allowed:
-            raise TooManyRequests(f"over the limit of {describe(policy)}; retry in "
-                                  f"{decision.retry_after_s:.1f} s",
-                                  retry_after=decision.retry_after_s, headers=headers)
-        response = call_next(request)
-        response.headers.extend(headers.items())
-        return response
+        return admit(limiter, key_of(request), policy, request, call_next)
     return enforce_rate_limit
+
+
+def admit(limiter, key, policy, request, call_next):
+    """Spend one of `key`'s quota under `policy`: the answer of `call_next` with the RateLimit
+    headers, or a 429 with them and `Retry-After`. (A middleware that picks the key and the
+    policy per request, as saas_starter's per plan, calls this.)"""
+    decision = limiter.check(key, policy)
+    trace_event(f"{key}: {'allowed' if decision.allowed else 'refused'}, "
+                f"{decision.remaining} left")
+    headers = {"RateLimit-Policy": policy.header(), "RateLimit": decision.header()}
+    if not decision.allowed:
+        raise TooManyRequests(f"over the limit of {describe(policy)}; retry in "
+                              f"{decision.retry_after_s:.1f} s",
+                              retry_after=decision.retry_after_s, headers=headers)
+    response = call_next(request)
+    response.headers.extend(headers.items())
+    return response
 
 
 # =============================================================================================
