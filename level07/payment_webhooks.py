@@ -755,8 +755,9 @@ class Settings(NamedTuple):
     self_host: str
 
 
-def main(argv=None):
-    parser = app.arg_parser(database=True)
+def add_webhook_arguments(parser):
+    """`--webhook-secret` (read by `resolve_secrets`) and `--tolerance`: what verifying a
+    delivery needs (saas_starter takes them too)."""
     parser.add_argument("--webhook-secret", action="append", type=endpoint_secret_list,
                         metavar="whsec_…", help="an endpoint secret; repeat it (or give a comma "
                         "list) while rotating: any one verifies (default: one made once and "
@@ -765,6 +766,11 @@ def main(argv=None):
                                                     at_least=1, at_most=86_400),
                         default=DEFAULT_TOLERANCE_S, help="how far a signature's t may be from "
                         f"now, either way (default {DEFAULT_TOLERANCE_S})")
+
+
+def main(argv=None):
+    parser = app.arg_parser(database=True)
+    add_webhook_arguments(parser)
     parser.add_argument("--dev", action="store_true",
                         help="POST /dev/send signs and delivers test events (never in production)")
     add_queue_flags(parser, workers_default=2, workers_min=0)
