@@ -1,0 +1,575 @@
+"""level07/saas_starter.py, black-box: signup makes a personal org; login, refresh, logout; the
+tenancy of multi_tenant served as it is; API keys shown once, stored as a hash and a prefix,
+scoped, revocable, never managing keys, members or billing, usable instead of a user token;
+billing where only the signed Stripe webhook changes the plan (in event order, once per event),
+and a downgrade limits without deleting; the audit trail of every security-relevant action,
+readable by admins only, whose hash chain verifies and shows tampering; per-org rate limits by
+plan, shared by users and keys; usage metering; another org's slugs and ids are 404 on every
+route of this project; and the whole journey end to end, signed with Stripe's own library when
+it is installed.
+"""
+import hashlib
+import hmac
+import json
+import sqlite3
+import time
+import uuid
+
+import pytest
+import requests
+
+from tests.harness import expect, expect_json, expect_problem, run_once
+
+SCRIPT = "level07/saas_starter.py"
+TIMEOUT = 10
+SECRET = "whsec_" + "s" * 32
+PASSWORD = "correct horse battery staple"
+FLAGS = ["--scrypt-n", "1024", "--webhook-secret", SECRET, "--audit-key", "k" * 32]
+GENESIS = "0" * 64
+
+
+@pytest.fixture(scope="module")
+def server(start_server_module):
+    return start_server_module(SCRIPT, *FLAGS)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers: accounts, calls, signed events
+
+
+class Account:
+    """A signed-up user: its email, access token and personal org ({"id", "slug"})."""
+
+    def __init__(self, server, email=None):
+        self.server = server
+        self.email = email or f"u{uuid.uuid4().hex[:10]}@example.com"
+        body = expect_json(requests.post(server.url + "/auth/signup", timeout=TIMEOUT,
+                                         json={"email": self.email, "password": PASSWORD}), 201)
+        self.id = body["id"]
+        self.org = body["organization"]
+        self.signup = body
+        self.login()
+
+    def login(self):
+        self.tokens = expect_json(requests.post(
+            self.server.url + "/auth/login", json={"email": self.email, "password": PASSWORD},
+            timeout=TIMEOUT), 200)
+        self.token = self.tokens["access_token"]
+        return self.tokens
+
+    def call(self, method, path, token=None, **kw):
+        return call(self.server, method, path, token or self.token, **kw)
+
+
+def call(server, method, path, token=None, **kw):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return requests.request(method, server.url + path, headers=headers, timeout=TIMEOUT, **kw)
+
+
+def join(owner, member, role, slug=None):
+    """`owner` invites `member` to an org (the owner's own by default) with `role`; accepted."""
+    slug = slug or owner.org["slug"]
+    invite = expect_json(owner.call("POST", f"/orgs/{slug}/invites",
+                                    json={"email": member.email, "role": role}), 201)
+    expect_json(member.call("POST", f"/invites/{invite['token']}/accept"), 200)
+
+
+def make_key(account, scopes=None, slug=None):
+    body = {"name": "ci"} if scopes is None else {"name": "ci", "scopes": scopes}
+    return expect_json(account.call("POST", f"/orgs/{slug or account.org['slug']}/api-keys",
+                                    json=body), 201)
+
+
+def audit(account, slug=None, action=None):
+    query = f"?limit=100&action={action}" if action else "?limit=100"
+    return expect_json(account.call("GET", f"/orgs/{slug or account.org['slug']}/audit{query}"),
+                       200)["items"]
+
+
+def plan_of(account, slug=None):
+    return expect_json(account.call("GET", f"/orgs/{slug or account.org['slug']}/billing"),
+                       200)["plan"]
+
+
+def sign(body, secret=SECRET, timestamp=None):
+    timestamp = int(time.time()) if timestamp is None else timestamp
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+def event(event_type, obj, *, created=None):
+    return {"id": f"evt_{uuid.uuid4().hex}", "object": "event", "type": event_type,
+            "created": int(time.time()) if created is None else created,
+            "api_version": "2024-06-20", "livemode": False, "data": {"object": obj}}
+
+
+def deliver(server, evt, header=None):
+    body = json.dumps(evt, indent=2).encode()
+    return requests.post(server.url + "/webhooks/stripe", data=body, timeout=TIMEOUT, headers={
+        "Content-Type": "application/json", "Stripe-Signature": header or sign(body)})
+
+
+def completed(checkout, **changes):
+    """The checkout.session.completed event Stripe sends once `checkout` is paid."""
+    return event("checkout.session.completed", {
+        "id": checkout["id"], "object": "checkout.session", "mode": "subscription",
+        "client_reference_id": checkout["client_reference_id"], "payment_status": "paid",
+        "subscription": f"sub_{uuid.uuid4().hex[:14]}", "metadata": checkout["metadata"],
+        **changes})
+
+
+def subscription(org_id, status, event_type="customer.subscription.updated", **kw):
+    return event(event_type, {"id": f"sub_{uuid.uuid4().hex[:14]}", "object": "subscription",
+                              "status": status, "metadata": {"org_id": str(org_id)}}, **kw)
+
+
+def upgrade(account, slug=None):
+    """Check out pro and deliver the paid checkout: the org is on pro."""
+    slug = slug or account.org["slug"]
+    checkout = expect_json(account.call("POST", f"/orgs/{slug}/billing/checkout",
+                                        json={"plan": "pro"}), 201)
+    expect_json(deliver(account.server, completed(checkout)), 200)
+    return checkout
+
+
+def new_project(account, name="p", slug=None, token=None):
+    return account.call("POST", f"/orgs/{slug or account.org['slug']}/projects", token,
+                        json={"name": name})
+
+
+def entry_hash(prev_hash, entry):
+    """audit_log.md's recipe: sha256(prev_hash || canonical JSON of the seven fields)."""
+    fields = {name: entry[name] for name in ("seq", "ts", "actor", "action", "target",
+                                            "metadata", "ip")}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(prev_hash.encode() + canonical.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Accounts: signup makes a personal org; login, refresh, logout
+
+
+def test_signup_makes_a_personal_org_owned_by_the_new_user(server):
+    ann = Account(server)
+    assert set(ann.org) >= {"id", "slug"} and isinstance(ann.org["id"], int)
+    assert "password_hash" not in ann.signup
+    members = expect_json(ann.call("GET", f"/orgs/{ann.org['slug']}/members"), 200)["items"]
+    assert [(m["user_id"], m["role"]) for m in members] == [(ann.id, "owner")]
+    assert plan_of(ann) == "free"
+    bob = Account(server)
+    assert bob.org["id"] != ann.org["id"] and bob.org["slug"] != ann.org["slug"]
+
+
+def test_a_taken_email_makes_no_org_either(server):
+    ann = Account(server)
+    expect_problem(requests.post(server.url + "/auth/signup", timeout=TIMEOUT,
+                                 json={"email": ann.email, "password": PASSWORD}), 409)
+    orgs = expect_json(ann.call("GET", "/orgs"), 200)["items"]
+    assert [org["id"] for org in orgs] == [ann.org["id"]]
+
+
+def test_login_refresh_and_logout(server):
+    ann = Account(server)
+    refreshed = expect_json(requests.post(server.url + "/auth/refresh", timeout=TIMEOUT,
+                                          json={"refresh_token": ann.tokens["refresh_token"]}), 200)
+    expect_json(ann.call("GET", "/me", refreshed["access_token"]), 200)
+    expect(requests.post(server.url + "/auth/logout", timeout=TIMEOUT,
+                         json={"refresh_token": refreshed["refresh_token"]}), 204)
+    expect_problem(requests.post(server.url + "/auth/refresh", timeout=TIMEOUT,
+                                 json={"refresh_token": refreshed["refresh_token"]}), 401)
+    expect_problem(requests.post(server.url + "/auth/login", timeout=TIMEOUT,
+                                 json={"email": ann.email, "password": "wrong password!"}), 401)
+    expect_problem(call(server, "GET", f"/orgs/{ann.org['slug']}/projects"), 401)
+
+
+# --------------------------------------------------------------------------------------------
+# Tenancy as multi_tenant serves it: invites, roles, quotas
+
+
+def test_invites_roles_and_the_free_quota(server):
+    owner, viewer = Account(server), Account(server)
+    join(owner, viewer, "viewer")
+    slug = owner.org["slug"]
+    expect_json(new_project(owner, "one"), 201)
+    assert len(expect_json(viewer.call("GET", f"/orgs/{slug}/projects"), 200)["items"]) == 1
+    expect_problem(new_project(viewer, "two", slug=slug), 403)
+    expect_json(new_project(owner, "two"), 201)
+    expect_json(new_project(owner, "three"), 201)
+    assert "3" in expect_problem(new_project(owner, "four"), 402)["detail"]
+
+
+# --------------------------------------------------------------------------------------------
+# API keys
+
+
+def test_a_key_is_shown_once_and_stored_as_a_hash_and_a_prefix(server):
+    ann = Account(server)
+    made = make_key(ann)
+    key = made["key"]
+    assert key.startswith("sk_live_") and len(key) >= 40
+    assert key.startswith(made["prefix"]) and len(made["prefix"]) < len(key) - 20
+    assert made["scopes"] == ["read", "write"]
+    listed = expect_json(ann.call("GET", f"/orgs/{ann.org['slug']}/api-keys"), 200)["items"]
+    assert [k["id"] for k in listed] == [made["id"]] and "key" not in listed[0]
+    assert key not in json.dumps(listed)
+    with sqlite3.connect(server.db_path) as db:
+        stored = db.execute("SELECT * FROM api_keys WHERE id = ?", (made["id"],)).fetchone()
+    assert key not in [str(value) for value in stored]
+    assert hashlib.sha256(key.encode()).hexdigest() in stored
+
+
+def test_a_key_stands_in_for_a_user_token_within_its_scopes(server):
+    ann = Account(server)
+    slug = ann.org["slug"]
+    both, read, write = make_key(ann)["key"], make_key(ann, ["read"])["key"], \
+        make_key(ann, ["write"])["key"]
+    project = expect_json(new_project(ann, "by key", token=both), 201)
+    expect_json(ann.call("GET", f"/orgs/{slug}/projects/{project['id']}", both), 200)
+    expect_json(ann.call("GET", f"/orgs/{slug}/projects", read), 200)
+    assert "tenant:write" in expect_problem(new_project(ann, "no", token=read), 403)["detail"]
+    expect_json(new_project(ann, "write only", token=write), 201)
+    expect_problem(ann.call("GET", f"/orgs/{slug}/projects", write), 403)
+
+
+def test_a_key_never_manages_keys_members_invites_or_billing(server):
+    ann, bob = Account(server), Account(server)
+    join(ann, bob, "member")
+    slug = ann.org["slug"]
+    key = make_key(ann)["key"]
+    for method, path, body in [
+            ("POST", f"/orgs/{slug}/api-keys", {"name": "more"}),
+            ("GET", f"/orgs/{slug}/api-keys", None),
+            ("DELETE", f"/orgs/{slug}/api-keys/1", None),
+            ("PATCH", f"/orgs/{slug}/members/{bob.id}", {"role": "admin"}),
+            ("DELETE", f"/orgs/{slug}/members/{bob.id}", None),
+            ("POST", f"/orgs/{slug}/invites", {"email": "x@example.com", "role": "member"}),
+            ("POST", f"/orgs/{slug}/billing/checkout", {"plan": "pro"}),
+            ("GET", f"/orgs/{slug}/audit", None)]:
+        expect_problem(ann.call(method, path, key, json=body), 403)
+    # … nor acts outside its org: routes without one need a user, another org is unknown.
+    expect_problem(ann.call("GET", "/me", key), 403)
+    expect_problem(ann.call("POST", "/orgs", key, json={"name": "x", "slug": "key-made"}), 403)
+    expect_problem(ann.call("GET", f"/orgs/{bob.org['slug']}/projects", key), 404)
+
+
+def test_only_admins_make_keys_and_bad_scopes_are_422(server):
+    ann, bob = Account(server), Account(server)
+    join(ann, bob, "member")
+    slug = ann.org["slug"]
+    expect_problem(bob.call("POST", f"/orgs/{slug}/api-keys", json={"name": "x"}), 403)
+    problem = expect_problem(ann.call("POST", f"/orgs/{slug}/api-keys",
+                                      json={"name": "x", "scopes": ["admin"]}), 422)
+    assert "scopes" in json.dumps(problem)
+    expect_problem(ann.call("POST", f"/orgs/{slug}/api-keys", json={"name": "x", "scopes": []}),
+                   422)
+    expect_problem(ann.call("POST", f"/orgs/{slug}/api-keys", json={"name": "x", "key": "sk_live_x"}),
+                   422)
+
+
+def test_a_revoked_or_unknown_key_is_a_401(server):
+    ann = Account(server)
+    slug = ann.org["slug"]
+    made = make_key(ann)
+    expect_json(ann.call("GET", f"/orgs/{slug}/projects", made["key"]), 200)
+    expect(ann.call("DELETE", f"/orgs/{slug}/api-keys/{made['id']}"), 204)
+    resp = ann.call("GET", f"/orgs/{slug}/projects", made["key"])
+    expect_problem(resp, 401)
+    assert "invalid_token" in resp.headers["WWW-Authenticate"]
+    expect_problem(ann.call("GET", f"/orgs/{slug}/projects", "sk_live_" + "x" * 43), 401)
+    listed = expect_json(ann.call("GET", f"/orgs/{slug}/api-keys"), 200)["items"]
+    assert listed[0]["revoked_at"] is not None
+    expect_problem(ann.call("DELETE", f"/orgs/{slug}/api-keys/999999"), 404)
+
+
+# --------------------------------------------------------------------------------------------
+# Billing: the plan changes only on the signed webhook
+
+
+def test_a_checkout_is_pending_until_the_signed_webhook_arrives(server):
+    ann = Account(server)
+    slug = ann.org["slug"]
+    billing = expect_json(ann.call("GET", f"/orgs/{slug}/billing"), 200)
+    assert billing["plan"] == "free" and billing["pending_checkout"] is None
+    checkout = expect_json(ann.call("POST", f"/orgs/{slug}/billing/checkout",
+                                    json={"plan": "pro"}), 201)
+    assert checkout["id"].startswith("cs_")
+    assert checkout["client_reference_id"] == str(ann.org["id"])
+    billing = expect_json(ann.call("GET", f"/orgs/{slug}/billing"), 200)
+    assert billing["plan"] == "free" and billing["pending_checkout"]["id"] == checkout["id"]
+    # The client's word changes nothing: no route sets a plan, an unsigned event is refused.
+    expect_problem(ann.call("PATCH", f"/orgs/{slug}/billing", json={"plan": "pro"}), 405)
+    body = json.dumps(completed(checkout)).encode()
+    expect_problem(requests.post(server.url + "/webhooks/stripe", data=body, timeout=TIMEOUT),
+                   400)
+    expect_problem(deliver(server, completed(checkout), sign(body, "whsec_" + "x" * 32)), 400)
+    expect_problem(deliver(server, completed(checkout), sign(body, timestamp=int(time.time()) - 301)), 400)
+    unpaid = completed(checkout, payment_status="unpaid")
+    expect_json(deliver(server, unpaid), 200)
+    assert plan_of(ann) == "free"
+    expect_json(deliver(server, completed(checkout)), 200)
+    billing = expect_json(ann.call("GET", f"/orgs/{slug}/billing"), 200)
+    assert billing["plan"] == "pro" and billing["pending_checkout"] is None
+    assert billing["subscription"]["id"].startswith("sub_")
+    expect_problem(ann.call("POST", f"/orgs/{slug}/billing/checkout", json={"plan": "pro"}), 409)
+
+
+def test_only_admins_check_out(server):
+    ann, bob = Account(server), Account(server)
+    join(ann, bob, "member")
+    expect_problem(bob.call("POST", f"/orgs/{ann.org['slug']}/billing/checkout",
+                            json={"plan": "pro"}), 403)
+    expect_problem(ann.call("POST", f"/orgs/{ann.org['slug']}/billing/checkout",
+                            json={"plan": "gold"}), 422)
+
+
+def test_subscriptions_find_their_org_by_metadata_and_downgrade_without_deleting(server):
+    ann = Account(server)
+    org_id = ann.org["id"]
+    expect_json(deliver(server, subscription(org_id, "active", "customer.subscription.created")),
+                200)
+    assert plan_of(ann) == "pro"
+    for i in range(5):                                      # more than free's 3
+        expect_json(new_project(ann, f"p{i}"), 201)
+    expect_json(deliver(server, subscription(org_id, "past_due")), 200)
+    assert plan_of(ann) == "pro"                            # Stripe is still retrying the card
+    expect_json(deliver(server, subscription(org_id, "canceled",
+                                             "customer.subscription.deleted")), 200)
+    assert plan_of(ann) == "free"
+    projects = expect_json(ann.call("GET", f"/orgs/{ann.org['slug']}/projects"), 200)["items"]
+    assert len(projects) == 5                               # nothing deleted …
+    expect_problem(new_project(ann, "sixth"), 402)          # … but no new row over the quota
+    expect(ann.call("DELETE", f"/orgs/{ann.org['slug']}/projects/{projects[0]['id']}"), 204)
+
+
+def test_an_older_event_never_overwrites_a_newer_plan(server):
+    ann = Account(server)
+    now = int(time.time())
+    expect_json(deliver(server, subscription(ann.org["id"], "canceled", created=now)), 200)
+    expect_json(deliver(server, subscription(ann.org["id"], "active", created=now - 60)), 200)
+    assert plan_of(ann) == "free"
+    expect_json(deliver(server, subscription(ann.org["id"], "active", created=now + 1)), 200)
+    assert plan_of(ann) == "pro"
+
+
+def test_an_event_delivered_twice_changes_the_plan_once(server):
+    ann = Account(server)
+    evt = subscription(ann.org["id"], "active")
+    first, second = deliver(server, evt), deliver(server, evt)
+    assert expect_json(first, 200)["duplicate"] is False
+    assert expect_json(second, 200)["duplicate"] is True
+    assert len(audit(ann, action="plan.changed")) == 1
+
+
+def test_events_naming_no_org_or_another_type_are_acknowledged_and_ignored(server):
+    ann = Account(server)
+    for evt in (subscription(999999, "active"), event("invoice.paid", {"id": "in_1"}),
+                event("customer.subscription.updated", {"id": "sub_x", "status": "active"})):
+        expect_json(deliver(server, evt), 200)
+    assert plan_of(ann) == "free"
+
+
+# --------------------------------------------------------------------------------------------
+# The audit trail
+
+
+def test_every_security_relevant_action_is_audited_for_admins_only(server):
+    ann, bob, cid = Account(server), Account(server), Account(server)
+    join(ann, bob, "member")
+    join(ann, cid, "member")
+    slug = ann.org["slug"]
+    expect_json(ann.call("PATCH", f"/orgs/{slug}/members/{bob.id}", json={"role": "admin"}), 200)
+    expect(ann.call("DELETE", f"/orgs/{slug}/members/{cid.id}"), 204)
+    made = make_key(ann)
+    expect(ann.call("DELETE", f"/orgs/{slug}/api-keys/{made['id']}"), 204)
+    upgrade(ann)
+    bob.login()
+    entries = audit(ann)
+    actions = [e["action"] for e in entries]
+    for action in ("member.role_changed", "member.removed", "api_key.created", "api_key.revoked",
+                   "plan.changed", "user.login"):
+        assert action in actions, (action, actions)
+    by_action = {e["action"]: e for e in entries}
+    assert by_action["member.role_changed"]["actor"] == f"user:{ann.id}"
+    assert by_action["plan.changed"]["actor"] == "stripe"
+    assert by_action["plan.changed"]["metadata"]["to"] == "pro"
+    assert f"user:{bob.id}" in [e["actor"] for e in entries if e["action"] == "user.login"]
+    assert all(e["target"].startswith(f"org:{ann.org['id']}/") for e in entries)
+    expect_json(bob.call("GET", f"/orgs/{slug}/audit"), 200)          # bob is an admin now
+    dan = Account(server)
+    join(ann, dan, "member")
+    expect_problem(dan.call("GET", f"/orgs/{slug}/audit"), 403)
+    expect_problem(cid.call("GET", f"/orgs/{slug}/audit"), 404)       # removed: a stranger
+    # Another org's trail holds none of this.
+    assert not [e for e in audit(cid) if e["target"].startswith(f"org:{ann.org['id']}/")]
+
+
+def test_the_chain_verifies_and_shows_tampering(start_server, tmp_path):
+    db = tmp_path / "saas.sqlite3"
+    server = start_server(SCRIPT, *FLAGS, "--db", db)
+    ann = Account(server)
+    make_key(ann)
+    entries = audit(ann)
+    for entry in entries:
+        assert entry_hash(entry["prev_hash"], entry) == entry["hash"]
+    assert expect_json(ann.call("GET", f"/orgs/{ann.org['slug']}/audit/verify"), 200)["valid"]
+    server.stop()
+    with sqlite3.connect(db) as conn:   # a stray session drops the trigger and rewrites history
+        conn.execute("DROP TRIGGER entries_refuse_update")
+        conn.execute("UPDATE entries SET actor = 'nobody' WHERE seq = ?", (entries[-1]["seq"],))
+    server = start_server(SCRIPT, *FLAGS, "--db", db)
+    ann.server = server
+    ann.login()
+    verdict = expect_json(ann.call("GET", f"/orgs/{ann.org['slug']}/audit/verify"), 200)
+    assert verdict["valid"] is False and verdict["first_bad_seq"] == entries[-1]["seq"]
+
+
+# --------------------------------------------------------------------------------------------
+# Rate limits by plan, and usage
+
+
+def test_a_free_org_has_120_requests_a_minute_for_users_and_keys_together(server):
+    ann, bob = Account(server), Account(server)
+    slug = ann.org["slug"]
+    key = make_key(ann)["key"]                              # the org's first request
+    path = f"/orgs/{slug}/projects"
+    with requests.Session() as session:
+        for i in range(119):
+            token = (ann.token, key)[i % 2]
+            resp = session.get(server.url + path, headers={"Authorization": f"Bearer {token}"},
+                               timeout=TIMEOUT)
+            expect(resp, 200)
+        assert resp.headers["RateLimit-Policy"] == '"default";q=120;w=60'
+        for token in (ann.token, key):
+            refused = session.get(server.url + path, timeout=TIMEOUT,
+                                  headers={"Authorization": f"Bearer {token}"})
+            expect_problem(refused, 429)
+            assert int(refused.headers["Retry-After"]) >= 1
+    expect_json(bob.call("GET", f"/orgs/{bob.org['slug']}/projects"), 200)   # another org
+    expect_problem(ann.call("GET", f"/orgs/{ann.org['slug']}/projects", bob.token), 404)  # not his
+
+
+def test_a_pro_org_has_1200(server):
+    ann = Account(server)
+    upgrade(ann)
+    path = f"/orgs/{ann.org['slug']}/projects"
+    with requests.Session() as session:
+        for _ in range(125):
+            resp = session.get(server.url + path, headers={"Authorization": f"Bearer {ann.token}"},
+                               timeout=TIMEOUT)
+            expect(resp, 200)
+    assert resp.headers["RateLimit-Policy"] == '"default";q=1200;w=60'
+
+
+def test_usage_is_metered_per_caller(server):
+    ann = Account(server)
+    slug = ann.org["slug"]
+    key = make_key(ann)
+    for _ in range(3):
+        expect_json(ann.call("GET", f"/orgs/{slug}/projects", key["key"]), 200)
+    expect_json(new_project(ann), 201)
+    usage = expect_json(ann.call("GET", f"/orgs/{slug}/usage"), 200)
+    callers = {c["caller"]: c["requests"] for c in usage["requests"]["by_caller"]}
+    assert callers[f"key:{key['id']}"] == 3
+    assert callers[f"user:{ann.id}"] >= 3           # the key's creation, the project, this read
+    assert usage["requests"]["today"] == sum(callers.values())
+    assert usage["plan"] == "free" and usage["rate_limit"]["limit"] == 120
+    assert usage["projects"] == {"used": 1, "limit": 3}
+
+
+# --------------------------------------------------------------------------------------------
+# Isolation: this project's own routes, with another org's slug and ids
+
+
+def test_another_orgs_slugs_and_ids_are_404_on_every_route_of_this_project(server):
+    ann, eve = Account(server), Account(server)
+    key = make_key(ann)
+    slug = ann.org["slug"]
+    eve_key = make_key(eve)["key"]
+    for token in (eve.token, eve_key):
+        for method, path, body in [
+                ("GET", f"/orgs/{slug}/api-keys", None),
+                ("POST", f"/orgs/{slug}/api-keys", {"name": "x"}),
+                ("DELETE", f"/orgs/{slug}/api-keys/{key['id']}", None),
+                ("GET", f"/orgs/{slug}/billing", None),
+                ("POST", f"/orgs/{slug}/billing/checkout", {"plan": "pro"}),
+                ("GET", f"/orgs/{slug}/audit", None),
+                ("GET", f"/orgs/{slug}/audit/verify", None),
+                ("GET", f"/orgs/{slug}/usage", None)]:
+            expect_problem(eve.call(method, path, token, json=body), 404)
+    # Eve's own org with Ann's key id: not hers either.
+    expect_problem(eve.call("DELETE", f"/orgs/{eve.org['slug']}/api-keys/{key['id']}"), 404)
+    expect_json(ann.call("GET", f"/orgs/{slug}/projects", key["key"]), 200)   # still alive
+
+
+# --------------------------------------------------------------------------------------------
+# The whole journey
+
+
+def stripe_header(payload):
+    """Signed by Stripe's own library when it is installed, else by `sign`."""
+    try:
+        import stripe
+    except ImportError:
+        return sign(payload.encode())
+    signature = stripe.WebhookSignature
+    if hasattr(signature, "generate_signature_header"):
+        return signature.generate_signature_header(payload, SECRET)
+    timestamp = int(time.time())
+    return f"t={timestamp},v1={signature._compute_signature(f'{timestamp}.{payload}', SECRET)}"
+
+
+def test_end_to_end(start_server):
+    server = start_server(SCRIPT, *FLAGS)
+    owner, teammate = Account(server), Account(server)
+    slug = owner.org["slug"]
+    join(owner, teammate, "member")
+    key = make_key(owner)
+    project = expect_json(new_project(owner, "launch", token=key["key"]), 201)
+    expect_json(teammate.call("GET", f"/orgs/{slug}/projects/{project['id']}"), 200)
+    for name in ("two", "three"):
+        expect_json(new_project(teammate, name, slug=slug), 201)
+    expect_problem(new_project(owner, "four"), 402)
+
+    checkout = expect_json(owner.call("POST", f"/orgs/{slug}/billing/checkout",
+                                      json={"plan": "pro"}), 201)
+    assert plan_of(owner) == "free"
+    payload = json.dumps(completed(checkout), indent=2)
+    resp = requests.post(server.url + "/webhooks/stripe", data=payload.encode(), timeout=TIMEOUT,
+                         headers={"Content-Type": "application/json",
+                                  "Stripe-Signature": stripe_header(payload)})
+    expect_json(resp, 200)
+    assert plan_of(owner) == "pro"
+    expect_json(new_project(owner, "four"), 201)
+
+    downgrade = json.dumps(subscription(owner.org["id"], "canceled",
+                                        "customer.subscription.deleted"))
+    expect_json(requests.post(server.url + "/webhooks/stripe", data=downgrade.encode(),
+                              timeout=TIMEOUT, headers={"Stripe-Signature":
+                                                        stripe_header(downgrade)}), 200)
+    assert plan_of(owner) == "free"
+    assert len(expect_json(owner.call("GET", f"/orgs/{slug}/projects"), 200)["items"]) == 4
+    expect_problem(new_project(owner, "five"), 402)
+
+    expect_json(owner.call("PATCH", f"/orgs/{slug}/members/{teammate.id}",
+                           json={"role": "viewer"}), 200)
+    expect(owner.call("DELETE", f"/orgs/{slug}/api-keys/{key['id']}"), 204)
+    entries = audit(owner)
+    actions = [e["action"] for e in entries]
+    assert [a for a in actions if a in ("api_key.created", "plan.changed", "member.role_changed",
+                                        "api_key.revoked")] == [
+        "api_key.created", "plan.changed", "plan.changed", "member.role_changed",
+        "api_key.revoked"]
+    assert "user.login" in actions
+    seqs = [e["seq"] for e in entries]
+    assert seqs == sorted(seqs)
+    for entry in entries:
+        assert entry_hash(entry["prev_hash"], entry) == entry["hash"]
+    verdict = expect_json(owner.call("GET", f"/orgs/{slug}/audit/verify"), 200)
+    assert verdict["valid"] is True and verdict["entries"] >= len(entries)
+
+
+@pytest.mark.parametrize("flags", [["--webhook-secret", ""], ["--tolerance", "0"],
+                                   ["--audit-key", "short"], ["--port", "70000"]])
+def test_bad_flags_exit_2(flags):
+    result = run_once(SCRIPT, *flags, "--db", ":memory:")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
