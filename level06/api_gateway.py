@@ -63,6 +63,7 @@ POOL_IDLE_S = 10.0                # … for at most this long (lib's servers clo
 MAX_RESPONSE_HEAD = 64 * 1024
 WHOLE_ANSWER_MAX = 64 * 1024      # a complete answer this small is sent in one write
 READ_SIZE = 64 * 1024
+PIECES_WAITING = 16                # pieces of a request body held for a slow upstream (≤ 1 MiB)
 NO_LIMIT = 1 << 62                # an upstream's chunked answer is relayed, never held: no cap
 
 
@@ -510,7 +511,10 @@ class ProxiedResponse(StreamingResponse):
         self.reusable = False
         self.verdict_given = False
         self.pieces = asyncio.Queue() if framing is not None else None
+        self.piece_taken = asyncio.Event()  # the upstream took a piece, or the exchange ended
         self.exchange = asyncio.ensure_future(self._exchange()) if framing is not None else None
+        if self.exchange is not None:
+            self.exchange.add_done_callback(lambda _: self.piece_taken.set())
 
     # --- the request -------------------------------------------------------------------------
 
@@ -580,6 +584,7 @@ class ProxiedResponse(StreamingResponse):
         while True:
             deadline.reschedule(None)
             piece = await self.pieces.get()
+            self.piece_taken.set()
             deadline.reschedule(loop.time() + timeout)
             if piece is None:
                 break
@@ -587,6 +592,14 @@ class ProxiedResponse(StreamingResponse):
             await self.writer.drain()
         if chunked:
             self.writer.write(encode_chunk(b""))
+
+    async def wait_for_room(self):
+        """Back-pressure: while PIECES_WAITING pieces of the body wait for a slow upstream,
+        lib reads no more of the client's (a body costs at most that much memory here, never
+        `--max-body`). Once the exchange is over, the rest is read and dropped."""
+        while self.pieces.qsize() >= PIECES_WAITING and not self.exchange.done():
+            self.piece_taken.clear()
+            await self.piece_taken.wait()
 
     def _failure(self, kind, status, detail):
         failures = self.metrics["upstream_failures"]
@@ -713,6 +726,10 @@ class RequestBodyPipe:
     def write(self, piece):
         if self.proxied:  # a refused request's body is read and dropped (bounded by the limit)
             self.response.pieces.put_nowait(piece)
+
+    async def wait_for_room(self):
+        if self.proxied and self.response.pieces is not None:
+            await self.response.wait_for_room()
 
     def finish(self):
         if self.proxied:

@@ -39,6 +39,10 @@ Streamed bodies: a route with a `body_sink` (an upload) gets a sink made from th
 decoded body goes to it piece by piece as it is received, inside `next_event`, instead of being
 collected here; the sink may refuse at any piece. Once the request is answered, refused or cut
 off, `release` discards the sink (the transports call it when a connection ends, however).
+A sink that passes the body on (a proxy's) holds the reading back while its next hop is slow:
+on the threaded transport its `write` simply blocks; on asyncio, the transport awaits the sink's
+`wait_for_room()`, if it has one, before it reads more, so the client's body stays in the
+kernel's buffers (and the client's TCP window closes) instead of piling up in memory.
 """
 import enum
 import sys

@@ -14,6 +14,8 @@ import hashlib
 import hmac
 import http.client
 import json
+import select
+import socket
 import socketserver
 import threading
 import time
@@ -458,6 +460,41 @@ def test_ambiguous_framing_from_a_client_is_refused_not_forwarded(gateway, upstr
     assert resp.status == 400
     get(gateway, "/api/after-smuggling")  # the upstream has seen what came after, if anything
     assert not upstreams["a"].seen(target) and not upstreams["a"].seen("smuggled")
+
+
+def test_a_slow_upstream_holds_the_client_body_back_instead_of_buffering_it(start_server, tmp_path):
+    """An upstream that takes the request head and then reads nothing: the gateway must stop
+    reading the client's body once a little of it waits (back-pressure), not hold the whole
+    body up to --max-body in memory. The client's socket then stops taking bytes: what it got
+    out is bounded by the kernel's buffers along the way, far below the body's size."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    silent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    held = []
+    threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True).start()
+    config = write_config(tmp_path, [{"prefix": "/silent", "timeout_s": 60,
+                                      "upstreams": [f"http://127.0.0.1:{silent.getsockname()[1]}"]}])
+    server = start_server(SCRIPT, "--config", config, "--max-body", str(512 * 2**20))
+    body_size = 256 * 2**20
+    client = socket.create_connection((server.host, server.port))
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    client.sendall(request_bytes("POST", "/silent/upload", headers=[("Content-Length", str(body_size))]))
+    client.setblocking(False)
+    piece, sent = b"x" * 65536, 0
+    while sent < body_size:
+        if not select.select([], [client], [], 2.0)[1]:
+            break  # two seconds without room: the gateway has stopped reading
+        try:
+            sent += client.send(piece[:body_size - sent])
+        except BlockingIOError:
+            pass
+    try:
+        assert sent < 64 * 2**20, f"the gateway took {sent} of {body_size} bytes for an upstream " \
+                                  f"that read none of them"
+    finally:
+        client.close()
+        for conn in held:
+            conn.close()
+        silent.close()
 
 
 def test_a_client_body_cut_off_closes_the_upstream_connection(gateway, upstreams):
