@@ -461,7 +461,7 @@ def receive_stripe_event(request):
                      state.tolerance)
     event = parse_event(request.body)
     row, first = store_event(state.db, event, request.body)
-    change = process_billing_event(state.db, row["id"]) if row["status"] == "received" else None
+    change = process_billing_event(state.db, row["id"])   # a duplicate finds it done: None
     if change is not None:
         org_id, old, new = change
         record(request, org_id, "plan.changed", "billing",
