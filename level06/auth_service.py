@@ -290,6 +290,10 @@ class DeliveryRefused(Exception):
     """user_service did not accept an event (down, slow, or answered other than 2xx)."""
 
 
+class ServiceUnreachable(DeliveryRefused):
+    """user_service could not be reached or did not answer in time: no event can go now."""
+
+
 JITTER = 0.2
 IDLE_POLL_S = 5.0   # a relay with nothing due still looks now and then (another process's rows)
 
@@ -305,6 +309,7 @@ class OutboxRelay:
         self.deliver = deliver
         self.retry_s = retry_s
         self.retry_max_s = retry_max_s
+        self.paused_until = 0.0   # no attempts before this: user_service could not be reached
         self.woken = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="outbox-relay", daemon=True)
@@ -333,16 +338,24 @@ class OutboxRelay:
     def deliver_due(self):
         """Attempt every due event once; the seconds until the next one is due."""
         now = time.time()
+        if now < self.paused_until:  # user_service was unreachable a moment ago
+            return self.paused_until - now
         for row in self.db.query("SELECT id, payload, attempts FROM outbox WHERE delivered_at IS "
                                  "NULL AND next_attempt_at <= ? ORDER BY seq LIMIT 100", (now,)):
             if self.stopping.is_set():
                 return 0
-            self.attempt(row)
+            pause = self.attempt(row)
+            if pause is not None:  # the events behind it would each wait out the same failure
+                self.paused_until = time.time() + pause
+                return pause
         due = self.db.query_one("SELECT min(next_attempt_at) AS at FROM outbox "
                                 "WHERE delivered_at IS NULL")["at"]
         return IDLE_POLL_S if due is None else min(IDLE_POLL_S, max(0.0, due - time.time()))
 
     def attempt(self, row):
+        """Deliver one event. When user_service cannot be reached at all, the seconds until
+        this event is due again: the pass pauses that long (one timeout a pass, not one an
+        event, against a hanging service); else None."""
         try:
             self.deliver(row["payload"])
         except DeliveryRefused as error:
@@ -351,7 +364,7 @@ class OutboxRelay:
                         * random.uniform(1 - JITTER, 1 + JITTER))
             self.db.execute("UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ? "
                             "WHERE id = ?", (attempts, time.time() + delay, str(error), row["id"]))
-            return
+            return delay if isinstance(error, ServiceUnreachable) else None
         self.db.execute("UPDATE outbox SET attempts = attempts + 1, delivered_at = ?, "
                         "last_error = NULL WHERE id = ?", (utc_timestamp(), row["id"]))
 
@@ -362,7 +375,7 @@ def post_event(state, payload):
         status, _ = call_service(state.user_service_url, "/internal/events", payload.encode(),
                                  {"Content-Type": "application/json"}, token=state.service_token)
     except OSError as error:
-        raise DeliveryRefused(f"user_service unreachable: {error}") from None
+        raise ServiceUnreachable(f"user_service unreachable: {error}") from None
     if not 200 <= status < 300:
         raise DeliveryRefused(f"user_service answered {status}")
 

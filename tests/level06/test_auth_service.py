@@ -214,6 +214,21 @@ def test_signup_writes_the_event_with_the_user_and_a_refused_signup_writes_none(
     assert outbox(server)["pending"] == 1
 
 
+def test_an_unreachable_user_service_pauses_the_pass_instead_of_failing_every_event(start_server):
+    """When user_service cannot be reached, the events behind the oldest are not tried one by
+    one (against a hanging service each would cost the call's timeout): the oldest is retried
+    with its backoff and the rest wait their turn, their attempts untouched."""
+    server = start_auth(start_server)   # nothing listens at the user_service URL
+    for _ in range(3):
+        signup(server, fresh_email())
+    eventually(lambda: outbox(server)["oldest_pending"][0]["attempts"] >= 3,
+               "the oldest event is retried")
+    box = outbox(server)
+    assert box["pending"] == 3
+    assert [entry["attempts"] for entry in box["oldest_pending"][1:]] == [0, 0]
+    assert "unreachable" in box["oldest_pending"][0]["last_error"]
+
+
 def test_events_are_delivered_with_the_credential_and_retried_until_accepted(start_server):
     sink = EventSink(answers=[503, 500, 401])
     try:
