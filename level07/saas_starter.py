@@ -41,12 +41,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
-from lib import (App, Conflict, Forbidden, NotFound, ValidationFailed, created, json_response,
-                 no_content, trace_event)
+from lib import (App, Conflict, Forbidden, NotFound, created, json_response, no_content,
+                 trace_event)
 from lib.listing import list_params, page
 from lib.request import Query, utc_timestamp
 from lib.routing import PAGE
-from lib.validation import Choice, Text, TextList, body_schema, validate
+from lib.validation import Choice, Field, Invalid, Text, body_schema, validate
 from level03.jwt_auth import (CREDENTIALS, NO_STORE, Auth, add_auth_arguments, add_token_routes,
                               authenticate_password, bearer_token, create_account, invalid_token,
                               issue_token_pair, read_me, require_user, token_hash)
@@ -365,9 +365,23 @@ app.get("/me", permission=SIGNED_IN, responses={200: "The user the token names"}
 # Routes: API keys
 # =============================================================================================
 
+class Scopes(Field):
+    """A key's scopes: a non-empty list of `SCOPES` names, each once."""
+
+    def shape(self):
+        return {"type": "array", "items": {"enum": list(SCOPES)}, "minItems": 1,
+                "maxItems": len(SCOPES), "uniqueItems": True}
+
+    def clean(self, value):
+        if (not isinstance(value, list) or not value or len(set(map(str, value))) != len(value)
+                or not all(isinstance(scope, str) and scope in SCOPES for scope in value)):
+            raise Invalid(f"must be a non-empty list of distinct scopes: {', '.join(SCOPES)}")
+        return value
+
+
 NEW_KEY = {"name": Text(1, 100, required=True),
-           "scopes": TextList(max_items=2, item_max=5, default=["read", "write"],
-                              description="read (GETs), write (projects and tasks); default both")}
+           "scopes": Scopes(default=["read", "write"],
+                            description="read (GETs), write (projects and tasks); default both")}
 KEY_SCHEMA = {"type": "object", "required": ["id", "name", "prefix", "scopes", "created_at",
                                              "revoked_at"]}
 
@@ -381,8 +395,6 @@ def key_json(row):
 def create_api_key(request, org):
     """Make an API key for the org (admins); its secret is in this answer only"""
     values = validate(request.json_object(), NEW_KEY)
-    if not values["scopes"] or any(scope not in SCOPES for scope in values["scopes"]):
-        raise ValidationFailed({"scopes": f"must be a non-empty list of: {', '.join(SCOPES)}"})
     key = new_api_key()
     row = tenancy_of(request).data(org).insert(
         "api_keys", name=values["name"], prefix=key[:VISIBLE_PREFIX], key_hash=token_hash(key),
