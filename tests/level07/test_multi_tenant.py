@@ -11,14 +11,12 @@ Concurrency tests run on `--server threaded`, where handlers really run at once 
 transport runs a non-blocking handler on the event loop, one at a time, which would hide a
 check-then-write race): quotas, the last owner, and invites accepted by racing requests.
 """
-import concurrent.futures
 import itertools
 import json
 import re
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -498,12 +496,16 @@ def test_an_invite_is_single_use_bound_to_its_email_and_revocable(server, owner)
     expect_problem(owner.post(f"/orgs/{slug}/invites", {"email": "not an email"}), 422)
 
 
+def invited_guest(server, prefix):
+    """An organisation's owner, its slug, a user it invited, and the invite's token."""
+    owner = User(server, f"{prefix}-owner")
+    slug = new_org(owner, prefix)
+    guest = User(server, f"{prefix}-guest")
+    return owner, slug, guest, invite(owner, slug, guest.email)["token"]
+
+
 def test_an_expired_invite_is_410(start_server):
-    server = start(start_server, "--invite-ttl", "1")
-    owner = User(server, "exp-owner")
-    slug = new_org(owner, "expiry")
-    guest = User(server, "late")
-    token = invite(owner, slug, guest.email)["token"]
+    _, slug, guest, token = invited_guest(start(start_server, "--invite-ttl", "1"), "expiry")
     time.sleep(1.2)   # the TTL is wall-clock time; nothing to wait on instead
     assert "expired" in expect_problem(guest.post(f"/invites/{token}/accept"), 410)["detail"]
     expect_problem(guest.get(f"/orgs/{slug}"), 404)
@@ -511,10 +513,7 @@ def test_an_expired_invite_is_410(start_server):
 
 def test_racing_accepts_of_one_invite_let_exactly_one_in(start_server):
     server = start(start_server, "--server", "threaded")
-    owner = User(server, "race-owner")
-    guest = User(server, "racer")
-    slug = new_org(owner, "race")
-    token = invite(owner, slug, guest.email)["token"]
+    owner, slug, guest, token = invited_guest(server, "race")
     assert all_at_once(server, [(guest, "POST", f"/invites/{token}/accept", None)] * 8) \
         == [200] + [410] * 7
     members = expect_json(owner.get(f"/orgs/{slug}/members"), 200)["items"]
