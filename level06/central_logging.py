@@ -6,11 +6,13 @@ What it teaches
     HTTP JSON or NDJSON (per-line errors: the good lines are kept), syslog as RFC 5424 and the
     older RFC 3164 over UDP and TCP (so Python's `SysLogHandler` and the `logger` command ship
     here unchanged), and Grafana Loki's push format (so Loki clients do).
-  - One writer, in batches: ingestion hands its records to a bounded queue and the writer thread
-    commits everything waiting in one transaction. An HTTP ingestion is answered only after its
-    records' commit, so what was acknowledged survives a kill -9; when the writer falls behind,
-    ingestion answers 503 with Retry-After instead of queueing without bound (back-pressure).
-    UDP has no way to push back: a datagram that finds the queue full is dropped, and counted.
+  - One writer, in batches (`GroupCommit`): ingestion hands its records to a bounded queue and
+    the writer thread commits everything waiting in one transaction. An HTTP ingestion is
+    answered only after its records' commit, so what was acknowledged survives a kill -9; when
+    the writer falls behind, ingestion answers 503 with Retry-After instead of queueing without
+    bound (back-pressure). UDP has no way to push back: a datagram that finds the queue full is
+    dropped, and counted. level07/analytics_collector imports this writer and teaches group
+    commit on it, measured both ways.
   - Syslog's wire formats, parsed by hand as pure functions of bytes: the PRI (facility and
     severity), RFC 5424's header and structured data, RFC 3164's timestamp and TAG, and TCP's two
     framings (RFC 6587: octet counting, or a line ending at LF or NUL).
@@ -27,9 +29,9 @@ central_logging.md's "In production" says who does those.
     python level06/central_logging.py [--syslog-port 5514] [--retention-days 7] [--db PATH]
 """
 import codecs
+import collections
 import datetime
 import json
-import queue
 import re
 import socket
 import sys
@@ -185,84 +187,132 @@ def render(row):
 
 
 # =============================================================================================
-# The writer: one thread, batches, back-pressure
+# The writer: group commit (one thread, a bounded queue, answers after the commit)
 # =============================================================================================
 
-class Commit(threading.Event):
-    """What a `write` waits for: its batch's commit, or its failure."""
+class Ticket(threading.Event):
+    """What a `submit` waits on: set when its rows' commit is done (or failed), with which
+    commit it was, for the trace."""
     failed = False
+    commit = rows = requests = stored = 0
+    commit_ms = 0.0
 
 
-class Writer:
-    """Takes batches of records from any thread and commits them from one: each `write`
-    waits for its records' commit (durable: acknowledged means stored); everything waiting when
-    the writer comes round goes in one transaction. At most `capacity` records wait: past that,
-    `write` refuses (503) and `offer` (UDP) drops."""
+class GroupCommit:
+    """The one writer. `submit(rows)` from any thread queues the rows and waits until the writer
+    has committed them, with everything else that was waiting, in one transaction: an answer
+    sent after it means stored. `offer(row)` queues one row without waiting (syslog over UDP:
+    nobody to answer). `insert(conn, rows)` stores one submission's rows inside that
+    transaction and returns how many it stored. At most `capacity` rows wait: one more and
+    `submit` refuses (503), `offer` drops it and counts it, so a burst costs bounded memory.
+    `noun` names the rows in messages. level07/analytics_collector teaches group commit on this
+    class, and measures it."""
 
-    def __init__(self, db, capacity):
-        self.db = db
+    def __init__(self, db, insert, capacity, max_group=50_000, noun="rows"):
+        self.db, self.insert, self.noun = db, insert, noun
         self.capacity = capacity
-        self.waiting = queue.SimpleQueue()   # (records, done Event or None)
-        self.pending = 0                     # records queued, not yet committed
-        self.lock = threading.Lock()
-        self.dropped = 0
-        self.last_id = db.query_one("SELECT coalesce(max(id), 0) AS id FROM logs")["id"]
-        self.thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self.max_group = max_group      # rows in one transaction at most: bounds its time
+        self.waiting = collections.deque()   # (rows, ticket or None), in arrival order
+        self.queued = 0                 # rows in `waiting`
+        self.commits = self.dropped = 0
+        self.stopping = False
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self._write, name="group-commit", daemon=True)
         self.thread.start()
 
-    def _admit(self, count):
-        with self.lock:
-            if self.pending + count > self.capacity:
-                return False
-            self.pending += count
-            return True
+    def _queue(self, rows, ticket):
+        """Queue `rows` if all of them fit (the caller holds `changed`); whether they did."""
+        if self.stopping or self.queued + len(rows) > self.capacity:
+            return False
+        self.waiting.append((rows, ticket))
+        self.queued += len(rows)
+        self.changed.notify()
+        return True
 
-    def write(self, records, timeout=30.0):
-        """Store `records`; returns once they are committed. 503 when the writer is behind."""
-        if not records:
-            return
-        if not self._admit(len(records)):
-            raise ServiceUnavailable(f"the log writer is {self.pending} records behind; "
-                                     "retry shortly", retry_after=1)
-        done = Commit()
-        self.waiting.put((records, done))
-        trace_event(f"{len(records)} records handed to the writer thread")
-        if not done.wait(timeout):
-            raise ServiceUnavailable("the log writer did not commit in time", retry_after=1)
-        if done.failed:
-            raise StorageFull("the records could not be stored (the server's disk is full or "
-                              "failing); none of them was kept, retry later")
-        trace_event(f"{len(records)} records committed")
+    def submit(self, rows, timeout=30.0):
+        """Store `rows`, returning once they are committed: how many `insert` stored."""
+        if not rows:
+            return 0
+        ticket = Ticket()
+        with self.changed:
+            ahead = self.queued
+            if not self._queue(rows, ticket):
+                trace_event(f"queue full: {ahead} of {self.capacity} {self.noun} waiting → 503")
+                raise ServiceUnavailable(f"the writer is {ahead} {self.noun} behind; retry "
+                                         "shortly", retry_after=1)
+        trace_event(f"{len(rows)} {self.noun} queued, {ahead} waiting ahead of them")
+        waited = time.perf_counter()
+        if not ticket.wait(timeout):
+            # Still queued: they may yet commit, so "not stored" would be a lie.
+            raise ServiceUnavailable(f"the writer did not commit in time (the {self.noun} may "
+                                     "still be stored); retry shortly", retry_after=1)
+        if ticket.failed:
+            raise StorageFull(f"the {self.noun} could not be stored (the server's disk is full "
+                              "or failing); none of them was kept, retry later")
+        trace_event(f"durable: group commit #{ticket.commit} took {ticket.rows} {self.noun} "
+                    f"from {ticket.requests} requests in one transaction "
+                    f"({ticket.commit_ms:.2f} ms); waited "
+                    f"{(time.perf_counter() - waited) * 1000:.2f} ms")
+        return ticket.stored
 
-    def offer(self, record):
-        """Queue one record without waiting for it (syslog over UDP: nobody to answer)."""
-        if self._admit(1):
-            self.waiting.put(([record], None))
-        else:
-            with self.lock:
+    def offer(self, row):
+        """Queue one row without waiting for it; a full queue drops it (counted in `dropped`)."""
+        with self.changed:
+            if not self._queue([row], None):
                 self.dropped += 1
 
-    def _run(self):
+    def _take(self):
+        """Everything waiting (whole submissions, up to `max_group` rows), once there is any."""
+        with self.changed:
+            while not self.waiting and not self.stopping:
+                self.changed.wait()
+            group, count = [], 0
+            while self.waiting and (not group or count + len(self.waiting[0][0]) <= self.max_group):
+                rows, ticket = self.waiting.popleft()
+                group.append((rows, ticket))
+                count += len(rows)
+            return group, count
+
+    def _write(self):
         while True:
-            batch = [self.waiting.get()]
-            while not self.waiting.empty() and len(batch) < 1000:
-                batch.append(self.waiting.get_nowait())
-            records = [record for records, _ in batch for record in records]
-            failed = False
+            group, count = self._take()
+            if not group:   # stopping, and nothing left
+                return
+            started = time.perf_counter()
+            stored, failed = [0] * len(group), False
             try:
                 with self.db.transaction() as conn:
-                    conn.executemany("INSERT INTO logs (ts, service, severity, message, fields, "
-                                     "trace_id) VALUES (?, ?, ?, ?, ?, ?)", records)
-                    self.last_id = conn.execute("SELECT max(id) FROM logs").fetchone()[0]
+                    stored = [self.insert(conn, rows) for rows, _ in group]
             except Exception as error:  # the disk: those waiting hear of it, the writer goes on
-                sys.stderr.write(f"error: {len(records)} log records not stored: {error!r}\n")
+                sys.stderr.write(f"error: {count} {self.noun} not stored: {error!r}\n")
                 failed = True
-            with self.lock:
-                self.pending -= len(records)
-            for _, done in batch:
-                if done is not None:
-                    done.failed = failed
-                    done.set()
+            elapsed = (time.perf_counter() - started) * 1000
+            with self.changed:
+                self.queued -= count
+                self.commits += 1
+                number = self.commits
+            for (_, ticket), new in zip(group, stored):
+                if ticket is not None:   # None: offered, nobody waits
+                    ticket.failed, ticket.commit, ticket.commit_ms = failed, number, elapsed
+                    ticket.rows, ticket.requests, ticket.stored = count, len(group), new
+                    ticket.set()
+
+    def stop(self):
+        """Commit what is queued, then end the writer (at shutdown, before the database
+        closes)."""
+        with self.changed:
+            self.stopping = True
+            self.changed.notify()
+        self.thread.join(timeout=30)
+
+
+INSERT_RECORD = ("INSERT INTO logs (ts, service, severity, message, fields, trace_id) "
+                 "VALUES (?, ?, ?, ?, ?, ?)")
+
+
+def insert_records(conn, records):
+    conn.executemany(INSERT_RECORD, records)
+    return len(records)
 
 
 # =============================================================================================
@@ -406,7 +456,7 @@ class SyslogServer:
                 records = [r for r in map(parse_syslog, framer.feed(data)) if r]
                 while records:
                     try:
-                        self.writer.write(records)
+                        self.writer.submit(records)
                         break
                     except ServiceUnavailable:   # behind: stop reading, so TCP pushes back
                         time.sleep(0.05)
@@ -484,7 +534,7 @@ def ingest(request):
                 records.append(result)
             else:
                 rejected.append({"line": number, "errors": result})
-    request.app.state.writer.write(records)
+    request.app.state.writer.submit(records)
     return {"accepted": len(records), "rejected": rejected}
 
 
@@ -506,7 +556,7 @@ def loki_push(request):
     if request.content_type != "application/json":
         raise UnsupportedMediaType("send Loki's JSON push format (application/json); "
                                    "protobuf is not taken")
-    request.app.state.writer.write(loki_records(request.json()))
+    request.app.state.writer.submit(loki_records(request.json()))
     return no_content()
 
 
@@ -618,17 +668,22 @@ class LiveTail(EventStream):
     """New records matching the filters, as Server-Sent Events, from when the tail began."""
 
     def __init__(self, app, conditions, params):
-        super().__init__(app, app.state.writer.last_id)
-        self.db, self.writer = app.state.db, app.state.writer
+        self.db = app.state.db
+        super().__init__(app, self.newest_id())
         self.conditions, self.params = conditions, params
 
+    def newest_id(self):
+        """The newest committed record's id. Only what is committed is read; the writer's
+        newest id before its commit would let the cursor step over rows not yet visible."""
+        return self.db.query_one("SELECT coalesce(max(id), 0) AS id FROM logs")["id"]
+
     def pending(self):
-        if self.writer.last_id <= self.cursor:
+        newest = self.newest_id()   # one step down the primary key, before the filters' query
+        if newest <= self.cursor:
             return b""
         rows = self.db.query(f"SELECT * FROM logs l WHERE {' AND '.join(self.conditions)} "
-                             f"ORDER BY l.id LIMIT 500", (*self.params, self.cursor))
-        last = self.writer.last_id if len(rows) < 500 else rows[-1]["id"]
-        self.cursor = max(self.cursor, last)
+                             f"ORDER BY l.id LIMIT 500", (*self.params, self.cursor, newest))
+        self.cursor = newest if len(rows) < 500 else rows[-1]["id"]
         return b"".join(b"id: %d\ndata: %s\n\n" % (row["id"], json.dumps(render(row)).encode())
                         for row in rows)
 
@@ -643,7 +698,7 @@ class LiveTail(EventStream):
 def live_tail(request):
     """Follow new records as they arrive (Server-Sent Events)"""
     conditions, params = query_filters(request, times=False)
-    conditions.append("l.id > ?")
+    conditions += ["l.id > ?", "l.id <= ?"]   # after the cursor, up to the newest committed
     return StreamingResponse(LiveTail(request.app, conditions, params),
                              headers={"Cache-Control": "no-store"},
                              content_type="text/event-stream")
@@ -709,7 +764,9 @@ def main(argv=None):
                                               "ingestion answers 503 (default 100,000)")
     args = parser.parse_args(argv)
     db = app.state.db = app.open_database(args, SCHEMA)
-    writer = app.state.writer = Writer(db, args.max_pending)
+    writer = app.state.writer = GroupCommit(db, insert_records, args.max_pending,
+                                            noun="records")
+    app.shutdown_hooks.append(writer.stop)   # hooks run last first: before the database closes
     syslog_port = args.syslog_port if args.syslog_port is not None else 0 if args.port == 0 \
         else SYSLOG_PORT
     try:

@@ -3,6 +3,8 @@ syslog over UDP and TCP from the real clients (`SysLogHandler`, `logger`) and by
 examples, Loki's push format, queries, the live tail, counts, retention, back-pressure, and
 records that survive a kill -9 once acknowledged.
 """
+import concurrent.futures
+import contextlib
 import datetime
 import json
 import logging
@@ -286,6 +288,43 @@ def test_the_live_tail_streams_new_records_that_match(server):
                 events.append(json.loads(line[6:]))
                 break
     assert [(e["service"], e["message"]) for e in events] == [(service, "loud")]
+
+
+def tail_while_sending(server, clients=4, batches=30, size=200):
+    """What a live tail of a new service receives while `clients` post to it at once, and
+    what they sent."""
+    service = new_service()
+    sent = [f"{c}-{b}-{n}" for c in range(clients) for b in range(batches) for n in range(size)]
+
+    def send(client):
+        for batch in range(batches):
+            expect_json(post_ndjson(server, [record(service, f"{client}-{batch}-{n}")
+                                             for n in range(size)]), 200)
+
+    received = []
+    with requests.get(f"{server.url}/logs/stream", params={"service": service}, stream=True,
+                      timeout=(TIMEOUT, 3)) as stream, \
+            concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        sending = [pool.submit(send, client) for client in range(clients)]
+        with contextlib.suppress(requests.ConnectionError):   # 3 s with nothing: no more comes
+            for line in stream.iter_lines():
+                if line.startswith(b"data: "):
+                    received.append(json.loads(line[6:])["message"])
+                    if len(received) == len(sent):
+                        break
+        for future in sending:
+            future.result()
+    return received, sent
+
+
+def test_the_live_tail_misses_no_record_while_many_are_committed(server):
+    """The tail moves past an id only once that record can be read: a tail that took the
+    writer's newest id before its commit was visible stepped over records, never to send them
+    (seen in about 2 runs of 5; three rounds here)."""
+    for _ in range(3):
+        received, sent = tail_while_sending(server)
+        assert not set(sent) - set(received), f"{len(set(sent) - set(received))} never sent"
+        assert len(received) == len(sent), "records sent twice"
 
 
 def test_counts_per_minute_service_and_level(server):
