@@ -10,7 +10,10 @@ What it teaches
     share one commit, and a crash loses only events nobody was told were stored. A full queue
     is answered 503 + Retry-After (back-pressure) instead of growing memory or dropping data.
     `--trace` shows each step: queued behind how many, which commit took it, with how many
-    events from how many requests, and how long the request waited.
+    events from how many requests, and how long the request waited. The writer is
+    level06/central_logging's `GroupCommit` (its logs are written the same way); this project
+    gives it the events' insert, and its README measures group commit against a commit per
+    request.
   - A real wire format kept exactly, so Segment's own SDKs work unchanged: `/v1/track`,
     `identify`, `page`, `screen`, `group`, `alias` and `/v1/batch`; the write key as the HTTP
     Basic username (RFC 7617) with an empty password; 32 KB an event and 500 KB a batch;
@@ -29,27 +32,23 @@ those.
 """
 import base64
 import binascii
-import collections
 import datetime
 import json
 import re
 import sys
-import threading
-import time
 import uuid
 from pathlib import Path
 from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
-from lib import (App, BadRequest, ContentTooLarge, Forbidden, ServiceUnavailable, Unauthorized,
-                 UnsupportedMediaType, trace_event)
+from lib import (App, BadRequest, ContentTooLarge, Forbidden, Unauthorized, UnsupportedMediaType,
+                 trace_event)
 from lib.app import bounded
 from lib.request import Query, bad_query
-from lib.storage import StorageFull
 from level03.jwt_auth import SECRETS_SCHEMA, bearer_token
 from level04.feature_flags import is_token
-from level06.central_logging import parse_ts, utc_text
+from level06.central_logging import GroupCommit, parse_ts, utc_text
 from level07.audit_log import kept_secret
 
 app = App("analytics_collector", "Segment-compatible event collection (track, identify, page, "
@@ -184,105 +183,13 @@ def rows_of(body, kind, received):
 
 
 # =============================================================================================
-# Group commit: a bounded queue, one writer, answers after the commit
+# Group commit: level06/central_logging's GroupCommit, with the events' insert
 # =============================================================================================
 
-class Ticket(threading.Event):
-    """What a request holds while its events wait: set when their commit is done (or failed),
-    with which commit it was, for the trace."""
-    failed = False
-    commit = events = requests = stored = 0
-    commit_ms = 0.0
-
-
-class GroupCommit:
-    """The one writer. `submit(rows)` from any request thread queues the rows and waits until
-    the writer has committed them (with everyone else's that were waiting) in one
-    transaction. The queue holds at most `capacity` events: one more and `submit` refuses
-    (503), so a burst costs bounded memory and the client retries later."""
-
-    def __init__(self, db, capacity, max_group):
-        self.db = db
-        self.capacity = capacity
-        self.max_group = max_group      # events in one transaction at most: bounds its time
-        self.waiting = collections.deque()   # (rows, ticket), in arrival order
-        self.queued = 0                 # events in `waiting`
-        self.commits = 0
-        self.stopping = False
-        self.changed = threading.Condition()
-        self.thread = threading.Thread(target=self._write, name="group-commit", daemon=True)
-        self.thread.start()
-
-    def submit(self, rows, timeout=30.0):
-        ticket = Ticket()
-        with self.changed:
-            if self.stopping or self.queued + len(rows) > self.capacity:
-                trace_event(f"queue full: {self.queued} of {self.capacity} events waiting → 503")
-                raise ServiceUnavailable(f"the collector is {self.queued} events behind its "
-                                         "writer; retry shortly", retry_after=1)
-            self.waiting.append((rows, ticket))
-            self.queued += len(rows)
-            trace_event(f"{len(rows)} events queued, {self.queued - len(rows)} waiting ahead "
-                        f"of them")
-            self.changed.notify()
-        waited = time.perf_counter()
-        if not ticket.wait(timeout):
-            # Still queued: it may yet commit. Saying "not stored" would be a lie; the client's
-            # retry with the same messageIds is stored once either way.
-            raise ServiceUnavailable("the writer did not commit in time; retry (messageId makes "
-                                     "the retry safe)", retry_after=1)
-        if ticket.failed:
-            raise StorageFull("the events could not be stored (the server's disk is full or "
-                              "failing); none of them was kept, retry later")
-        trace_event(f"durable: group commit #{ticket.commit} took {ticket.events} events from "
-                    f"{ticket.requests} requests in one transaction ({ticket.commit_ms:.2f} ms); "
-                    f"{ticket.stored} of these {len(rows)} new, {len(rows) - ticket.stored} "
-                    f"already stored (messageId); waited {(time.perf_counter() - waited) * 1000:.2f}"
-                    f" ms")
-
-    def _take(self):
-        """Everything waiting (whole requests, up to `max_group` events), once there is any."""
-        with self.changed:
-            while not self.waiting and not self.stopping:
-                self.changed.wait()
-            group, count = [], 0
-            while self.waiting and (not group or count + len(self.waiting[0][0]) <= self.max_group):
-                rows, ticket = self.waiting.popleft()
-                group.append((rows, ticket))
-                count += len(rows)
-            return group, count
-
-    def _write(self):
-        while True:
-            group, count = self._take()
-            if not group:   # stopping, and nothing left
-                return
-            started = time.perf_counter()
-            failed = False
-            try:
-                with self.db.transaction() as conn:
-                    for rows, ticket in group:
-                        ticket.stored = conn.executemany(INSERT, rows).rowcount
-            except Exception as error:  # the disk: those waiting hear of it, the writer goes on
-                sys.stderr.write(f"error: {count} events not stored: {error!r}\n")
-                failed = True
-            elapsed = (time.perf_counter() - started) * 1000
-            with self.changed:
-                self.queued -= count
-                self.commits += 1
-                number = self.commits
-            for _, ticket in group:
-                ticket.failed, ticket.commit, ticket.commit_ms = failed, number, elapsed
-                ticket.events, ticket.requests = count, len(group)
-                ticket.set()
-
-    def stop(self):
-        """Commit what is queued, then end the writer (at shutdown, before the database
-        closes)."""
-        with self.changed:
-            self.stopping = True
-            self.changed.notify()
-        self.thread.join(timeout=30)
+def insert_events(conn, rows):
+    """One request's rows, inside the group's transaction; how many were new (a messageId
+    already stored is ignored, so a retry is stored once)."""
+    return conn.executemany(INSERT, rows).rowcount
 
 
 # =============================================================================================
@@ -349,8 +256,9 @@ def ingest(request, kind):
     received = datetime.datetime.now(datetime.timezone.utc)
     rows = rows_of(request.json(), kind, received)
     trace_event(f"{len(rows)} valid events, received {utc_text(received)}")
-    if rows:
-        request.app.state.writer.submit(rows)
+    stored = request.app.state.writer.submit(rows)
+    trace_event(f"{stored} of these {len(rows)} new, {len(rows) - stored} already stored "
+                f"(messageId)")
     return {"success": True}
 
 
@@ -543,8 +451,9 @@ def main(argv=None):
     app.state.read_key = args.read_key or kept_secret(db, "read_key", None, "--read-key")
     if app.state.read_key in app.state.write_keys:
         parser.error("--read-key must differ from every --write-key")
-    writer = app.state.writer = GroupCommit(db, args.queue_size, args.group_events)
-    app.shutdown_hooks.insert(0, writer.stop)   # commit what is queued before the db closes
+    writer = app.state.writer = GroupCommit(db, insert_events, args.queue_size,
+                                            args.group_events, noun="events")
+    app.shutdown_hooks.append(writer.stop)   # hooks run last first: before the database closes
     app.run(args)
 
 
