@@ -247,17 +247,28 @@ def org_reference(obj):
     return None
 
 
-def plan_asked(conn, event_type, obj):
+def subscription_state(event_type, obj):
+    """(the subscription's id, its status) as the event tells them: a paid checkout starts an
+    active one; a subscription event carries its own status (Stripe's, kept as it is)."""
+    if event_type == "checkout.session.completed":
+        return reference(obj.get("subscription")), "active"
+    if event_type == "customer.subscription.deleted":
+        return obj["id"], "canceled"
+    return obj["id"], obj.get("status") if isinstance(obj.get("status"), str) else None
+
+
+def plan_asked(conn, org_id, event_type, obj):
     """The plan an event moves its org to, or (None, why it moves nothing)."""
     metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
     named = metadata.get("plan") if metadata.get("plan") in PLANS else None
     if event_type == "checkout.session.completed":
         if obj.get("payment_status") not in ("paid", "no_payment_required"):
             return None, "the checkout is not paid"
-        row = conn.execute("SELECT plan FROM checkouts WHERE id = ?", (obj["id"],)).fetchone()
+        row = conn.execute("SELECT plan FROM checkouts WHERE id = ? AND org_id = ?",
+                           (obj["id"], org_id)).fetchone()
         plan = row["plan"] if row else named
         return (plan, None) if plan else (None, "the checkout names no plan")
-    status = "canceled" if event_type == "customer.subscription.deleted" else obj.get("status")
+    status = subscription_state(event_type, obj)[1]
     if status in ENDED_STATUSES:
         return "free", None
     if status in PAID_STATUSES:
@@ -279,20 +290,17 @@ def apply_billing_event(conn, event):
     last = conn.execute("SELECT * FROM billing WHERE org_id = ?", (org["id"],)).fetchone()
     if last is not None and event["created"] < last["last_event_created"]:
         return "ignored", f"{last['last_event_id']} is newer", None
-    plan, why_not = plan_asked(conn, event["type"], obj)
+    plan, why_not = plan_asked(conn, org["id"], event["type"], obj)
     if plan is None:
         return "ignored", why_not, None
-    subscription = (reference(obj.get("subscription")) if event["type"].startswith("checkout")
-                    else obj["id"])
+    subscription, status = subscription_state(event["type"], obj)
     conn.execute(
         "INSERT INTO billing (org_id, subscription, subscription_status, last_event_id, "
         "last_event_created) VALUES (?, ?, ?, ?, ?) ON CONFLICT (org_id) DO UPDATE SET "
         "subscription = coalesce(excluded.subscription, subscription), "
         "subscription_status = coalesce(excluded.subscription_status, subscription_status), "
         "last_event_id = excluded.last_event_id, last_event_created = excluded.last_event_created",
-        (org["id"], subscription, None if event["type"].startswith("checkout") else
-         ("canceled" if event["type"].endswith("deleted") else obj.get("status")),
-         event["id"], event["created"]))
+        (org["id"], subscription, status, event["id"], event["created"]))
     conn.execute("UPDATE checkouts SET status = 'complete', completed_at = ? "
                  "WHERE id = ? AND org_id = ? AND status = 'open'",
                  (utc_timestamp(), obj["id"], org["id"]))

@@ -8,10 +8,12 @@ plan, shared by users and keys; usage metering; another org's slugs and ids are 
 route of this project; and the whole journey end to end, signed with Stripe's own library when
 it is installed.
 """
+import concurrent.futures
 import hashlib
 import hmac
 import json
 import sqlite3
+import threading
 import time
 import uuid
 
@@ -290,6 +292,7 @@ def test_a_checkout_is_pending_until_the_signed_webhook_arrives(server):
     slug = ann.org["slug"]
     billing = expect_json(ann.call("GET", f"/orgs/{slug}/billing"), 200)
     assert billing["plan"] == "free" and billing["pending_checkout"] is None
+    assert billing["limits"] == {"projects": 3, "members": 5}
     checkout = expect_json(ann.call("POST", f"/orgs/{slug}/billing/checkout",
                                     json={"plan": "pro"}), 201)
     assert checkout["id"].startswith("cs_")
@@ -309,6 +312,7 @@ def test_a_checkout_is_pending_until_the_signed_webhook_arrives(server):
     expect_json(deliver(server, completed(checkout)), 200)
     billing = expect_json(ann.call("GET", f"/orgs/{slug}/billing"), 200)
     assert billing["plan"] == "pro" and billing["pending_checkout"] is None
+    assert billing["limits"] == {"projects": 100, "members": 50}
     assert billing["subscription"]["id"].startswith("sub_")
     expect_problem(ann.call("POST", f"/orgs/{slug}/billing/checkout", json={"plan": "pro"}), 409)
 
@@ -361,6 +365,24 @@ def test_an_event_delivered_twice_is_applied_once(server):
     assert expect_json(deliver(server, up), 200)["duplicate"] is True   # Stripe retries it
     assert plan_of(ann) == "free"
     assert [e["metadata"]["to"] for e in audit(ann, action="plan.changed")] == ["pro", "free"]
+
+
+def test_sixteen_simultaneous_deliveries_of_one_event_change_the_plan_once(server):
+    ann = Account(server)
+    checkout = expect_json(ann.call("POST", f"/orgs/{ann.org['slug']}/billing/checkout",
+                                    json={"plan": "pro"}), 201)
+    evt = completed(checkout)
+    barrier = threading.Barrier(16)
+
+    def send(_):
+        barrier.wait()
+        return expect_json(deliver(server, evt), 200)["duplicate"]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        duplicates = list(pool.map(send, range(16)))
+    assert sorted(duplicates) == [False] + [True] * 15
+    assert plan_of(ann) == "pro"
+    assert len(audit(ann, action="plan.changed")) == 1
 
 
 def test_events_naming_no_org_or_another_type_are_acknowledged_and_ignored(server):
@@ -534,6 +556,27 @@ def test_another_orgs_slugs_and_ids_are_404_on_every_route_with_every_method(ser
     # Eve's rows are all still there.
     expect_json(eve.call("GET", f"/orgs/{theirs}/projects/{project['id']}/tasks/{task['id']}"), 200)
     expect_json(eve.call("GET", f"/orgs/{theirs}/invites/{invite['id']}"), 200)
+
+
+def test_deleting_an_org_removes_its_keys_checkouts_billing_and_usage_and_nothing_else(server):
+    ann, eve = Account(server), Account(server)
+    tables = ("api_keys", "checkouts", "billing", "usage")
+    for account in (ann, eve):
+        make_key(account)
+        upgrade(account)
+    key = make_key(ann)["key"]
+
+    def rows(org_id):
+        with sqlite3.connect(server.db_path) as db:
+            return {table: db.execute(f"SELECT count(*) FROM {table} WHERE org_id = ?",
+                                      (org_id,)).fetchone()[0] for table in tables}
+
+    eve_before = rows(eve.org["id"])
+    assert all(rows(ann.org["id"]).values()) and all(eve_before.values())
+    expect(ann.call("DELETE", f"/orgs/{ann.org['slug']}"), 204)
+    assert rows(ann.org["id"]) == dict.fromkeys(tables, 0)
+    assert rows(eve.org["id"]) == eve_before
+    expect_problem(ann.call("GET", f"/orgs/{ann.org['slug']}/projects", key), 401)
 
 
 # --------------------------------------------------------------------------------------------
