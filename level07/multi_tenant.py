@@ -511,10 +511,9 @@ def list_roles(request):
 
 def create_organisation(request):
     """Create an organisation: you become its owner"""
-    fields = request.json_object()
-    validate(fields, ORG_FIELDS)  # unknown fields are a 422 too, before anything is written
+    values = validate(request.json_object(), ORG_FIELDS)   # unknown fields are a 422 too
     with tenancy_of(request).db.transaction() as conn:
-        org = create_org(conn, current_user(request)["id"], fields["name"], fields["slug"])
+        org = create_org(conn, current_user(request)["id"], values["name"], values["slug"])
     return created(org_json(org, "owner"), f"/orgs/{org['slug']}")
 
 

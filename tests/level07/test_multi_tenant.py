@@ -11,6 +11,7 @@ Concurrency tests run on `--server threaded`, where handlers really run at once 
 transport runs a non-blocking handler on the event loop, one at a time, which would hide a
 check-then-write race): quotas, the last owner, and invites accepted by racing requests.
 """
+import datetime
 import itertools
 import json
 import re
@@ -479,6 +480,9 @@ def test_an_invite_is_single_use_bound_to_its_email_and_revocable(server, owner)
     created = invite(owner, slug, guest.email.upper().replace("@EXAMPLE.COM", "@example.com"),
                      "viewer")
     assert set(created) >= {"id", "token", "expires_at", "email", "role"}
+    valid_for = (datetime.datetime.fromisoformat(created["expires_at"].replace("Z", "+00:00"))
+                 - datetime.datetime.fromisoformat(created["created_at"].replace("Z", "+00:00")))
+    assert abs(valid_for.total_seconds() - 7 * 24 * 3600) <= 1, "--invite-ttl defaults to 7 days"
     listed = expect_json(owner.get(f"/orgs/{slug}/invites"), 200)["items"]
     assert [i["id"] for i in listed] == [created["id"]] and "token" not in listed[0]
     stranger = User(server, "stranger")
