@@ -1,7 +1,8 @@
 """level07/analytics_collector.py, black-box: Segment's HTTP Tracking API (every /v1 call, the
 write key as Basic username, 32 KB / 500 KB limits, messageId de-duplication, sentAt clock-skew
 correction), the group commit (answers after the commit, 503 + Retry-After when the queue is
-full, acknowledged events surviving a kill -9 mid-stream, each once), the queries behind the
+full, acknowledged events surviving a kill -9 mid-stream, each once, what is queued committed
+at shutdown), the queries behind the
 read key, and Segment's own Python SDK sending to it unchanged.
 """
 import concurrent.futures
@@ -9,6 +10,7 @@ import datetime
 import re
 import sqlite3
 import threading
+import time
 import uuid
 
 import pytest
@@ -300,6 +302,31 @@ def test_no_answer_before_the_commit(start_server):
         blocker.close()
     expect_json(send(server, "track", track(event, messageId=event)), 200)   # the retry
     assert count(server, event) == 1
+
+
+def test_at_shutdown_the_writer_commits_what_is_queued_before_the_database_closes(
+        start_server):
+    """An event still queued when SIGTERM's drain gives up (its commit held back by another
+    process's write lock) is committed once the lock is let go, then the database closes. A
+    server that closed the database first would lose it (and say so on stderr)."""
+    server = start_server(SCRIPT, *KEYS, "--drain-timeout", "0.1")
+    event = new_name()
+    blocker = sqlite3.connect(server.db_path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(requests.Timeout):
+            send(server, "track", track(event), timeout=1)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            stopped = pool.submit(server.stop)   # SIGTERM, then exit status 0 expected
+            # No line says the shutdown hooks have begun; too short a wait could only hide a bug.
+            time.sleep(1)
+            blocker.execute("ROLLBACK")
+            stopped.result()
+    finally:
+        blocker.close()
+    assert not server.stderr_lines("error:"), server.stderr_text()
+    again = start_server(SCRIPT, *KEYS, db=server.db_path)
+    assert count(again, event) == 1
 
 
 def test_acknowledged_events_survive_a_kill_9_mid_stream_exactly_once(start_server):
