@@ -2,8 +2,8 @@
 write key as Basic username, 32 KB / 500 KB limits, messageId de-duplication, sentAt clock-skew
 correction), the group commit (answers after the commit, 503 + Retry-After when the queue is
 full, acknowledged events surviving a kill -9 mid-stream, each once, what is queued committed
-at shutdown), the queries behind the
-read key, and Segment's own Python SDK sending to it unchanged.
+at shutdown), the queries behind the read key, and Segment's own Python SDK sending to it
+unchanged.
 """
 import concurrent.futures
 import datetime
