@@ -27,7 +27,7 @@ TIMEOUT = 10
 SECRET = "whsec_" + "s" * 32
 PASSWORD = "correct horse battery staple"
 FLAGS = ["--scrypt-n", "1024", "--webhook-secret", SECRET, "--audit-key", "k" * 32]
-GENESIS = "0" * 64
+SAAS_TABLES = ("api_keys", "checkouts", "billing", "usage")   # this project's tenant tables
 
 
 @pytest.fixture(scope="module")
@@ -558,9 +558,21 @@ def test_another_orgs_slugs_and_ids_are_404_on_every_route_with_every_method(ser
     expect_json(eve.call("GET", f"/orgs/{theirs}/invites/{invite['id']}"), 200)
 
 
+def test_the_export_holds_the_orgs_keys_and_billing_and_no_secret(server):
+    ann, eve = Account(server), Account(server)
+    made = make_key(ann)
+    make_key(eve)
+    upgrade(ann)
+    export = expect_json(ann.call("GET", f"/orgs/{ann.org['slug']}/export"), 200)
+    tables = export["tables"]
+    assert [k["id"] for k in tables["api_keys"]] == [made["id"]]
+    rows = [row for table in SAAS_TABLES for row in tables[table]]
+    assert rows and {row["org_id"] for row in rows} == {ann.org["id"]}
+    assert made["key"] not in json.dumps(export)
+
+
 def test_deleting_an_org_removes_its_keys_checkouts_billing_and_usage_and_nothing_else(server):
     ann, eve = Account(server), Account(server)
-    tables = ("api_keys", "checkouts", "billing", "usage")
     for account in (ann, eve):
         make_key(account)
         upgrade(account)
@@ -569,12 +581,12 @@ def test_deleting_an_org_removes_its_keys_checkouts_billing_and_usage_and_nothin
     def rows(org_id):
         with sqlite3.connect(server.db_path) as db:
             return {table: db.execute(f"SELECT count(*) FROM {table} WHERE org_id = ?",
-                                      (org_id,)).fetchone()[0] for table in tables}
+                                      (org_id,)).fetchone()[0] for table in SAAS_TABLES}
 
     eve_before = rows(eve.org["id"])
     assert all(rows(ann.org["id"]).values()) and all(eve_before.values())
     expect(ann.call("DELETE", f"/orgs/{ann.org['slug']}"), 204)
-    assert rows(ann.org["id"]) == dict.fromkeys(tables, 0)
+    assert rows(ann.org["id"]) == dict.fromkeys(SAAS_TABLES, 0)
     assert rows(eve.org["id"]) == eve_before
     expect_problem(ann.call("GET", f"/orgs/{ann.org['slug']}/projects", key), 401)
 
