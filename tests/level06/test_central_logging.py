@@ -12,6 +12,7 @@ import logging.handlers
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import time
 import uuid
@@ -356,6 +357,30 @@ def test_acknowledged_records_survive_a_kill_9(start_server):
         f"{again.url}/stats", params={"since": "2026-01-01T00:00:00Z"}, timeout=TIMEOUT),
         200)["minutes"] if m["service"] == service)
     assert total == 5000
+
+
+def test_at_shutdown_the_writer_commits_what_is_queued_before_the_database_closes(
+        start_server):
+    """Records still queued when SIGTERM's drain gives up (another process holds the write
+    lock) are committed once the lock is let go, and only then does the database close."""
+    server = start_server(SCRIPT, "--syslog-port", "0", "--drain-timeout", "0.1")
+    service = new_service()
+    blocker = sqlite3.connect(server.db_path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(requests.Timeout):
+            requests.post(f"{server.url}/logs", json=record(service, "queued at shutdown"),
+                          timeout=1)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            stopped = pool.submit(server.stop)   # SIGTERM, then exit status 0 expected
+            time.sleep(1)   # no line says the hooks have begun; too short could only hide a bug
+            blocker.execute("ROLLBACK")
+            stopped.result()
+    finally:
+        blocker.close()
+    assert not server.stderr_lines("error:"), server.stderr_text()
+    again = start_server(SCRIPT, "--syslog-port", "0", db=server.db_path)
+    assert [item["message"] for item in logs(again, service=service)] == ["queued at shutdown"]
 
 
 def test_a_writer_too_far_behind_answers_503_with_retry_after(start_server):
