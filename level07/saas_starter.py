@@ -28,8 +28,9 @@ What it teaches
 
 Left out: the Stripe API (a real checkout is a `stripe.checkout.Session.create` call that
 returns Stripe's hosted page; here the session is ours and the webhook completes it), proration
-and invoices, SSO/SAML, email delivery of invites. saas_starter.md's "In production" says who
-does those.
+and invoices, SSO/SAML, email delivery of invites, and multi_tenant's `--db-per-tenant` (this
+file's tables sit beside `orgs` in the one shared schema). saas_starter.md's "In production"
+says who does those.
 
     python level07/saas_starter.py [--webhook-secret whsec_…] [--audit-key K] [--db PATH]
 """
@@ -53,9 +54,9 @@ from level03.jwt_auth import (CREDENTIALS, NO_STORE, Auth, add_auth_arguments, a
 from level06.rate_limiter import Limiter, admit, parse_policy
 from level07.audit_log import SCHEMA as AUDIT_SCHEMA
 from level07.audit_log import AuditLog, entry_from_row, kept_secret
-from level07.multi_tenant import (PLANS, SCHEMA as TENANCY_SCHEMA, SIGNED_IN, TENANT_TABLES, Tenancy,
-                                  acting_user_id, add_tenancy_routes, check_tenancy_routes,
-                                  create_org, set_plan, tenant_route)
+from level07.multi_tenant import (PLANS, SCHEMA as TENANCY_SCHEMA, SIGNED_IN, TENANT_TABLES,
+                                  Tenancy, acting_user_id, add_tenancy_routes,
+                                  check_tenancy_routes, create_org, set_plan, tenant_route)
 from level07.payment_webhooks import SCHEMA as WEBHOOK_SCHEMA
 from level07.payment_webhooks import (add_webhook_arguments, parse_event, reference,
                                       resolve_secrets, store_event, verify_signature)
@@ -215,7 +216,7 @@ def limit_per_org(request, call_next):
     if org is None or not tenancy.permissions_of(request, org):
         return call_next(request)
 
-    def metered(request):
+    def metered(request):   # an upsert, which TenantData has no call for; org is resolved above
         request.app.state.db.execute(
             "INSERT INTO usage (org_id, day, caller, requests) VALUES (?, ?, ?, 1) "
             "ON CONFLICT (org_id, day, caller) DO UPDATE SET requests = requests + 1",
@@ -327,8 +328,9 @@ def process_billing_event(db, event_id):
 
 
 def checkout_json(row):
-    return {"id": row["id"], "object": "checkout.session", "client_reference_id": str(row["org_id"]),
-            "plan": row["plan"], "status": row["status"], "mode": "subscription",
+    return {"id": row["id"], "object": "checkout.session",
+            "client_reference_id": str(row["org_id"]), "plan": row["plan"],
+            "status": row["status"], "mode": "subscription",
             "metadata": {"org_id": str(row["org_id"]), "plan": row["plan"]},
             "created_at": row["created_at"], "completed_at": row["completed_at"]}
 
@@ -428,7 +430,8 @@ def revoke_api_key(request, org, key_id):
         key = data.get("api_keys", key_id)
         if key is None:
             raise NotFound(f"no API key {key_id} in this organisation")
-        data.update("api_keys", "id = ?", (key_id,), revoked_at=key["revoked_at"] or utc_timestamp())
+        data.update("api_keys", "id = ?", (key_id,),
+                    revoked_at=key["revoked_at"] or utc_timestamp())
     record(request, org["id"], "api_key.revoked", f"api_key:{key_id}", {"prefix": key["prefix"]})
     return no_content()
 
