@@ -5,7 +5,8 @@ billing where only the signed Stripe webhook changes the plan (in event order, o
 and a downgrade limits without deleting; the audit trail of every security-relevant action,
 readable by admins only, whose hash chain verifies and shows tampering; per-org rate limits by
 plan, shared by users and keys; usage metering; another org's slugs and ids are 404 on every
-route of this project; and the whole journey end to end, signed with Stripe's own library when
+/orgs/{slug} route with every method; an org's export and deletion cover this project's tables
+and no other org's rows; and the whole journey end to end, signed with Stripe's own library when
 it is installed.
 """
 import concurrent.futures
@@ -554,6 +555,7 @@ def test_another_orgs_slugs_and_ids_are_404_on_every_route_with_every_method(ser
                         f"/orgs/{theirs}"), problem
                     tried += 1
     assert tried > 50
+    expect_problem(ann.call("POST", f"/invites/{invite['token']}/accept"), 404)   # not for her
     # Eve's rows are all still there.
     expect_json(eve.call("GET", f"/orgs/{theirs}/projects/{project['id']}/tasks/{task['id']}"), 200)
     expect_json(eve.call("GET", f"/orgs/{theirs}/invites/{invite['id']}"), 200)
