@@ -205,12 +205,13 @@ class TenantData:
     def transaction(self):
         return self.db.transaction()
 
-    def select(self, table, where="1", params=(), *, columns="*", join="", order_by="id",
+    def select(self, table, where="1", params=(), *, columns="*", join="", order_by=None,
                limit=-1):
-        """Rows of this organisation that also meet `where`, in `order_by` order."""
+        """Rows of this organisation that also meet `where`, in `order_by` order (default:
+        as inserted)."""
         table = self._table(table)
         return self.db.query(f"SELECT {columns} FROM {table} {join} WHERE {table}.org_id = ? "
-                             f"AND ({where}) ORDER BY {order_by} LIMIT ?",
+                             f"AND ({where}) ORDER BY {order_by or table + '.rowid'} LIMIT ?",
                              (self.org_id, *params, limit))
 
     def find(self, table, where="1", params=(), **options):
@@ -254,7 +255,7 @@ class TenantData:
 
     def export(self):
         """Every row of this organisation, by table (in the declared order)."""
-        return {table: [dict(row) for row in self.select(table, order_by="rowid")]
+        return {table: [dict(row) for row in self.select(table)]
                 for table in sorted(self.tables)}
 
 
@@ -575,8 +576,7 @@ def create_invite(request, org):
         plan_name, plan = tenancy.plan_of(org["id"])
         require_quota(org, plan_name, plan, "members", control.count("memberships"))
         if control.find("memberships", "users.email_key = ?", (email_key(values["email"]),),
-                        join="JOIN users ON users.id = memberships.user_id",
-                        order_by="memberships.user_id"):
+                        join=MEMBER_JOIN):
             raise Conflict(f"{values['email']} is already a member of {org['slug']}")
         row = control.insert("invites", email=values["email"], email_key=email_key(values["email"]),
                              role=values["role"], token_hash=token_hash(token),
@@ -592,7 +592,8 @@ def list_invites(request, org):
     """Invites not accepted yet (expired ones included, with their expiry)"""
     limit, cursor = list_params(request, (int,))
     rows = tenancy_of(request).control(org).select(
-        "invites", "accepted_at IS NULL AND id > ?", (cursor[0] if cursor else 0,), limit=limit + 1)
+        "invites", "accepted_at IS NULL AND id > ?", (cursor[0] if cursor else 0,),
+        order_by="id", limit=limit + 1)
     return page(rows, limit, lambda row: [row["id"]], invite_json)
 
 
@@ -634,7 +635,7 @@ def accept_invite(request, token):
             raise Gone("this invite has expired: ask for a new one")
         org = dict(conn.execute("SELECT * FROM orgs WHERE id = ?", (invite["org_id"],)).fetchone())
         control = tenancy.control(org)
-        if control.find("memberships", "user_id = ?", (user["id"],), order_by="user_id"):
+        if control.find("memberships", "user_id = ?", (user["id"],)):
             raise Conflict(f"you are already a member of {org['slug']}")
         plan_name, plan = tenancy.plan_of(org["id"])
         require_quota(org, plan_name, plan, "members", control.count("memberships"))
@@ -676,8 +677,7 @@ def member_in_transaction(request, org, control, user_id):
     request.context["permissions"] = granted = tenancy_of(request).permissions_of(request, org)
     require_granted(granted, "tenant:read", org["slug"])
     return found(control.find("memberships", "memberships.user_id = ?", (user_id,),
-                              columns=MEMBER_COLUMNS, join=MEMBER_JOIN,
-                              order_by="memberships.user_id"), "member", user_id)
+                              columns=MEMBER_COLUMNS, join=MEMBER_JOIN), "member", user_id)
 
 
 def require_another_owner(control, member):
@@ -746,7 +746,7 @@ def id_page(request, data, table, render, where="1", params=()):
     """A page of `table`'s rows in id order (the list contract)."""
     limit, cursor = list_params(request, (int,))
     rows = data.select(table, f"id > ? AND ({where})", (cursor[0] if cursor else 0, *params),
-                       limit=limit + 1)
+                       order_by="id", limit=limit + 1)
     return page(rows, limit, lambda row: [row["id"]], render)
 
 
@@ -863,7 +863,7 @@ SETTINGS_LIMIT = 16 * 1024   # bytes of the stored JSON object
 
 def read_settings(request, org):
     """The organisation's settings: one JSON object"""
-    row = tenancy_of(request).data(org).find("settings", order_by="org_id")
+    row = tenancy_of(request).data(org).find("settings")
     value, version = (json.loads(row["value"]), row["version"]) if row else ({}, 0)
     return json_response(value, headers={"ETag": etag(version)})
 
@@ -873,7 +873,7 @@ def update_settings(request, org):
     patch = request.json_object()
     data = tenancy_of(request).data(org)
     with data.transaction():
-        row = data.find("settings", order_by="org_id")
+        row = data.find("settings")
         value, version = (json.loads(row["value"]), row["version"]) if row else ({}, 0)
         request.require_if_match(etag(version))
         for key, item in patch.items():
