@@ -23,9 +23,14 @@ What it teaches
 Identity (signup, login, bearer tokens) is imported from level03/jwt_auth.py, the deny-by-default
 route check from level03/rbac.py.
 
-What other projects import from here (saas_starter does; names are stable): ROLES, PERMISSIONS,
-ROLE_PERMISSIONS, Plan, PLANS, TENANCY_SCHEMA, SCHEMA, create_org, set_plan, Tenancy,
-tenant_for, TenantData, tenant_route, add_tenancy_routes, check_tenancy_routes.
+What other projects import from here (saas_starter does; names are stable):
+  the table   ROLES, PERMISSIONS, ROLE_PERMISSIONS, SIGNED_IN (a route for any signed-in user),
+              ROUTE_PERMISSIONS, Plan, PLANS
+  storage     TENANCY_SCHEMA, SCHEMA, TENANT_DATA_SCHEMA, TENANT_TABLES, CONTROL_TABLES,
+              TenantData (the data-access layer), create_org, set_plan
+  requests    Tenancy (on app.state.tenancy; subclass permissions_of, record, tables,
+              tenant_schema), tenant_for, tenant_route, acting_user_id, add_tenancy_routes,
+              tenancy_route_problems, check_tenancy_routes
 
 What it leaves out: custom roles, per-resource sharing, SSO and SCIM provisioning, moving a tenant
 between storage models, row-level security in the database itself (Postgres RLS), regions.
