@@ -33,6 +33,7 @@ Stripe's retries beyond storing once. payment_webhooks.md's "In production" says
         [--workers N] [--db PATH]
 """
 import enum
+import functools
 import hashlib
 import hmac
 import http.client
@@ -398,9 +399,11 @@ def judge_event(conn, event):
     return ("processed" if any(applied for applied, _ in results) else "ignored"), notes
 
 
-def process_event(context):
-    """The job: judge one stored event, once. The check that it still waits and the writes of
-    its outcome are one transaction, so a second run of the job (at-least-once) finds it done."""
+def process_event(context, judge):
+    """The job: judge one stored event, once, with `judge(conn, event)` → (status, outcome),
+    which writes the event's changes on `conn` (this server's `judge_event`; saas_starter
+    brings its billing judge). The check that the event still waits and the writes of its
+    outcome are one transaction, so a second run of the job (at-least-once) finds it done."""
     event_id = context.payload["event"]
     with context.queue.db.transaction() as conn:
         row = conn.execute("SELECT status, body FROM webhook_events WHERE id = ?",
@@ -408,7 +411,7 @@ def process_event(context):
         if row is None or row["status"] not in ("received", "failed"):
             return {"event": event_id, "status": None if row is None else row["status"],
                     "note": "already processed"}
-        status, outcome = judge_event(conn, json.loads(row["body"]))
+        status, outcome = judge(conn, json.loads(row["body"]))
         conn.execute("UPDATE webhook_events SET status = ?, outcome = ?, processed_at = ?, "
                      "times_applied = times_applied + 1 WHERE id = ?",
                      (status, outcome, time.time(), event_id))
@@ -416,10 +419,10 @@ def process_event(context):
     return {"event": event_id, "status": status, "outcome": outcome}
 
 
-def processing_attempt(context):
+def processing_attempt(context, judge):
     """`process_event`, an error recorded on the event before the queue retries it."""
     try:
-        return process_event(context)
+        return process_event(context, judge)
     except Exception as error:
         context.queue.db.execute(
             "UPDATE webhook_events SET status = 'failed', outcome = ? WHERE id = ? AND "
@@ -429,7 +432,9 @@ def processing_attempt(context):
         raise
 
 
-PROCESS_EVENT = JobType("payment_event", processing_attempt,
+# `queue_event` enqueues a job of this name; a server that judges events otherwise
+# (saas_starter) registers its own `run` under the same name on its own queue.
+PROCESS_EVENT = JobType("payment_event", functools.partial(processing_attempt, judge=judge_event),
                         {"event": Text(1, 255, required=True)},
                         "processes one stored Stripe event")
 
