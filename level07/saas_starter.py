@@ -11,7 +11,10 @@ What it teaches
                                  table, projects and tasks, quotas by plan, the data-access
                                  layer that adds the tenant condition to every query
       level07/payment_webhooks.py  Stripe's signature scheme, the event's shape, storing each
-                                 event once by id; `--webhook-secret`, `--tolerance`
+                                 event once by id and queueing its processing, the job that
+                                 processes it once; `--webhook-secret`, `--tolerance`
+      level05/job_processor.py   the job queue and its workers, retries with backoff;
+                                 `--workers` and the queue's other flags
       level07/audit_log.py       the hash-chained, append-only log and its verification
       level06/rate_limiter.py    the limiter, its policies and the RateLimit headers
   - API keys done the way Stripe and GitHub do them: a secret shown once (`sk_live_…`), stored
@@ -21,8 +24,10 @@ What it teaches
     (`Tenancy.permissions_of`), so every tenant route accepts it with no change.
   - Billing that trusts only the payment provider: a checkout is a pending intent; the plan
     changes when Stripe's signed webhook says it was paid (or a subscription changed), never on
-    the client's word. An older event never overwrites a newer one (`created` per org), and a
-    downgrade limits new rows without deleting any.
+    the client's word. The webhook is acknowledged at once and the event applied by a worker
+    of the job queue, as payment_webhooks does; until then the checkout stays pending. An older
+    event never overwrites a newer one (`created` per org), and a downgrade limits new rows
+    without deleting any.
   - Per-tenant limits: requests a minute by plan, counted per organisation whoever calls (users
     and keys alike), and metered per day for `GET /orgs/{slug}/usage`.
 
@@ -32,18 +37,19 @@ and invoices, SSO/SAML, email delivery of invites, and multi_tenant's `--db-per-
 file's tables sit beside `orgs` in the one shared schema). saas_starter.md's "In production"
 says who does those.
 
-    python level07/saas_starter.py [--webhook-secret whsec_…] [--audit-key K] [--db PATH]
+    python level07/saas_starter.py [--webhook-secret whsec_…] [--audit-key K] [--workers N]
+        [--db PATH]
 """
 import re
 import secrets
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
 from lib import (App, Conflict, Forbidden, NotFound, created, json_response, no_content,
                  trace_event)
+from lib.app import exit_usage_error
 from lib.listing import list_params, page
 from lib.request import Query, utc_timestamp
 from lib.routing import PAGE
@@ -51,6 +57,7 @@ from lib.validation import Choice, Field, Invalid, Text, body_schema, validate
 from level03.jwt_auth import (CREDENTIALS, NO_STORE, Auth, add_auth_arguments, add_token_routes,
                               authenticate_password, bearer_token, create_account, invalid_token,
                               issue_token_pair, read_me, require_user, token_hash)
+from level05.job_processor import Queue, WorkerPool, add_queue_flags
 from level06.rate_limiter import Limiter, admit, parse_policy
 from level07.audit_log import SCHEMA as AUDIT_SCHEMA
 from level07.audit_log import AuditLog, entry_from_row, kept_secret
@@ -58,8 +65,10 @@ from level07.multi_tenant import (PLANS, SCHEMA as TENANCY_SCHEMA, SIGNED_IN, TE
                                   Tenancy, acting_user_id, add_tenancy_routes,
                                   check_tenancy_routes, create_org, set_plan, tenant_route)
 from level07.payment_webhooks import SCHEMA as WEBHOOK_SCHEMA
-from level07.payment_webhooks import (add_webhook_arguments, parse_event, reference,
-                                      resolve_secrets, store_event, verify_signature)
+from level07.payment_webhooks import (ACK_SCHEMA, PROCESS_EVENT, add_webhook_arguments,
+                                      parse_event, processing_attempt, queue_event,
+                                      queue_waiting_events, reference, resolve_secrets,
+                                      store_event, verify_signature)
 
 app = App("saas_starter", "The capstone SaaS backend: accounts, organisations, roles, API keys, "
           "billing by Stripe webhook, an audit trail and per-plan rate limits, built by import.",
@@ -156,12 +165,17 @@ def caller_of(request):
 
 
 def record(request, org_id, action, target, details=None, actor=None):
-    """Append one entry to the audit log. Its target is `org:<id>/<what>`, so an org's trail is
-    the entries under its prefix (`GET /orgs/{slug}/audit`)."""
-    request.app.state.audit.append({
-        "actor": actor or caller_of(request), "action": action,
-        "target": f"org:{org_id}/{target}", "metadata": details or None,
-        "ip": request.client[0] if request.client else None})
+    """Append one entry about a request to the audit log."""
+    request.app.state.audit.append(org_entry(org_id, action, target, details,
+                                             actor or caller_of(request),
+                                             request.client[0] if request.client else None))
+
+
+def org_entry(org_id, action, target, details, actor, ip=None):
+    """An audit entry whose target is `org:<id>/<what>`, so an org's trail is the entries under
+    its prefix (`GET /orgs/{slug}/audit`)."""
+    return {"actor": actor, "action": action, "target": f"org:{org_id}/{target}",
+            "metadata": details or None, "ip": ip}
 
 
 # =============================================================================================
@@ -311,20 +325,28 @@ def apply_billing_event(conn, event):
     return "processed", f"org {org['id']}: {org['plan']} → {plan}", (org["id"], org["plan"], plan)
 
 
-def process_billing_event(db, event_id):
-    """Apply a stored event once: the check that it still waits and its effects are one
-    transaction, so two deliveries at once apply it once."""
-    with db.transaction() as conn:
-        row = conn.execute("SELECT status, body FROM webhook_events WHERE id = ?",
-                           (event_id,)).fetchone()
-        if row["status"] != "received":
-            return None
-        status, outcome, change = apply_billing_event(conn, parse_event(row["body"]))
-        conn.execute("UPDATE webhook_events SET status = ?, outcome = ?, processed_at = ?, "
-                     "times_applied = times_applied + 1 WHERE id = ?",
-                     (status, outcome, time.time(), event_id))
-    trace_event(f"event {event_id}: {status}: {outcome}")
-    return change
+def apply_billing(context):
+    """The job: payment_webhooks' processing of one stored event (once however often the job
+    runs; an error is recorded on the event and the queue retries it with backoff), judged by
+    `apply_billing_event`. A plan change goes to the audit trail once it is committed: the
+    log takes its own write transaction (to chain without forks), so it cannot share this one."""
+    changes = []
+
+    def judge(conn, event):
+        status, outcome, change = apply_billing_event(conn, event)
+        changes.append(change)
+        return status, outcome
+
+    result = processing_attempt(context, judge)
+    for org_id, old, new in filter(None, changes):
+        app.state.audit.append(org_entry(org_id, "plan.changed", "billing",
+                                         {"from": old, "to": new,
+                                          "event": context.payload["event"]}, "stripe"))
+    return result
+
+
+APPLY_BILLING_EVENT = PROCESS_EVENT._replace(run=apply_billing,
+                                             description="applies one stored billing event")
 
 
 def checkout_json(row):
@@ -474,21 +496,20 @@ def start_checkout(request, org):
 
 @app.post("/webhooks/stripe", public=True, body_limit=512 * 1024,
           request_schema={"type": "object", "required": ["id", "type", "created", "data"]},
-          responses={200: "Verified and stored (or stored before: a duplicate), and applied",
+          response_schema=ACK_SCHEMA,
+          responses={200: "Verified and stored (or stored before: a duplicate); applied "
+                          "afterwards by a worker",
                      400: "No, a stale or a wrong Stripe-Signature; or not an event. Nothing "
                           "is stored."})
 def receive_stripe_event(request):
-    """Stripe's webhook: a verified billing event changes an org's plan"""
+    """Stripe's webhook: a verified billing event is stored, queued and acknowledged"""
     state = request.app.state
     verify_signature(request.header("Stripe-Signature"), request.body, state.webhook_secrets,
                      state.tolerance)
     event = parse_event(request.body)
     row, first = store_event(state.db, event, request.body)
-    change = process_billing_event(state.db, row["id"])   # a duplicate finds it done: None
-    if change is not None:
-        org_id, old, new = change
-        record(request, org_id, "plan.changed", "billing",
-               {"from": old, "to": new, "event": event["id"]}, actor="stripe")
+    if first or row["status"] == "received":   # a redelivery queues what a crash left unqueued
+        queue_event(state.queue, row["id"], row["replays"])
     return {"received": True, "id": row["id"], "duplicate": not first}
 
 
@@ -597,6 +618,7 @@ def main(argv=None):
     add_webhook_arguments(parser)
     parser.add_argument("--audit-key", help="the HMAC key the audit log's checkpoints are signed "
                         "with (default: made once, kept in the database)")
+    add_queue_flags(parser, workers_default=2, workers_min=0)
     args = parser.parse_args(argv)
     check_tenancy_routes(app)   # every route declares its permission, or the server won't start
     db = app.open_database(args, SCHEMA)
@@ -608,6 +630,16 @@ def main(argv=None):
     app.state.limiter = Limiter()
     app.state.webhook_secrets = resolve_secrets(args, db)
     app.state.tolerance = args.tolerance
+    queue = app.state.queue = Queue(db, [APPLY_BILLING_EVENT], lease_s=args.lease_s,
+                                    backoff_s=args.backoff_s, backoff_max_s=args.backoff_max_s)
+    try:
+        queue_waiting_events(queue)
+    except Exception as error:   # a full or locked file: the next delivery of each queues it
+        exit_usage_error(f"cannot queue the received events: {error}")
+    pool = WorkerPool(queue, args.workers, label="billing", poll_s=args.poll_s,
+                      stop_timeout=args.stop_timeout)
+    app.on_listening.append(pool.start)
+    app.shutdown_hooks.append(pool.stop)    # hooks run in reverse: before the database closes
     app.run(args)
 
 

@@ -1,7 +1,8 @@
 """level07/saas_starter.py, black-box: signup makes a personal org; login, refresh, logout; the
 tenancy of multi_tenant served as it is; API keys shown once, stored as a hash and a prefix,
 scoped, revocable, never managing keys, members or billing, usable instead of a user token;
-billing where only the signed Stripe webhook changes the plan (in event order, once per event),
+billing where only the signed Stripe webhook changes the plan (acknowledged at once, applied
+afterwards by a worker of the job queue, in event order, once per event, after a kill -9 too),
 and a downgrade limits without deleting; the audit trail of every security-relevant action,
 readable by admins only, whose hash chain verifies and shows tampering; per-org rate limits by
 plan, shared by users and keys; usage metering; another org's slugs and ids are 404 on every
@@ -10,6 +11,7 @@ and no other org's rows; and the whole journey end to end, signed with Stripe's 
 it is installed.
 """
 import concurrent.futures
+import contextlib
 import hashlib
 import hmac
 import json
@@ -27,7 +29,8 @@ SCRIPT = "level07/saas_starter.py"
 TIMEOUT = 10
 SECRET = "whsec_" + "s" * 32
 PASSWORD = "correct horse battery staple"
-FLAGS = ["--scrypt-n", "1024", "--webhook-secret", SECRET, "--audit-key", "k" * 32]
+FLAGS = ["--scrypt-n", "1024", "--webhook-secret", SECRET, "--audit-key", "k" * 32,
+         "--poll-s", "0.02", "--backoff-s", "0.05"]
 SAAS_TABLES = ("api_keys", "checkouts", "billing", "usage")   # this project's tenant tables
 
 
@@ -126,12 +129,59 @@ def subscription(org_id, status, event_type="customer.subscription.updated", **k
                               "status": status, "metadata": {"org_id": str(org_id)}}, **kw)
 
 
+def wait_until(check, what):
+    """`check()` once it is truthy; a worker applies an event after the webhook's 200. The
+    pause doubles up to half a second: a poll of an org's route spends its rate limit."""
+    deadline, pause = time.monotonic() + TIMEOUT, 0.01
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"still not {what}"
+        time.sleep(pause)
+        pause = min(2 * pause, 0.5)
+    return found
+
+
+def billing_on(account, plan, slug=None):
+    """The org's billing once its plan is `plan`."""
+    def billing():
+        found = expect_json(account.call("GET", f"/orgs/{slug or account.org['slug']}/billing"),
+                            200)
+        return found if found["plan"] == plan else None
+    return wait_until(billing, f"on {plan}")
+
+
+def stored_event(server, event_id):
+    """The event's row and its job's status, read from the database file (this server serves
+    no event list): {"status", "times_applied", "deliveries", "jobs": [statuses]}."""
+    with contextlib.closing(sqlite3.connect(server.db_path)) as db:
+        row = db.execute("SELECT status, times_applied, deliveries FROM webhook_events "
+                         "WHERE id = ?", (event_id,)).fetchone()
+        jobs = [status for status, in db.execute(
+            "SELECT status FROM jobs WHERE json_extract(payload, '$.event') = ?", (event_id,))]
+    return row and {"status": row[0], "times_applied": row[1], "deliveries": row[2],
+                    "jobs": jobs}
+
+
+def job_done(server, event_id):
+    """The stored event once the job that applies it has finished (its audit entry written)."""
+    return wait_until(lambda: (found := stored_event(server, event_id)) and found["jobs"] and
+                      all(status == "succeeded" for status in found["jobs"]) and found,
+                      f"applied: {event_id}")
+
+
+def deliver_applied(server, evt):
+    """Deliver `evt` (a 200) and wait until a worker has applied it."""
+    answer = expect_json(deliver(server, evt), 200)
+    job_done(server, evt["id"])
+    return answer
+
+
 def upgrade(account, slug=None):
-    """Check out pro and deliver the paid checkout: the org is on pro."""
+    """Check out pro and deliver the paid checkout: the org is on pro once it is applied."""
     slug = slug or account.org["slug"]
     checkout = expect_json(account.call("POST", f"/orgs/{slug}/billing/checkout",
                                         json={"plan": "pro"}), 201)
-    expect_json(deliver(account.server, completed(checkout)), 200)
+    deliver_applied(account.server, completed(checkout))
+    assert plan_of(account, slug) == "pro"
     return checkout
 
 
@@ -309,11 +359,11 @@ def test_a_checkout_is_pending_until_the_signed_webhook_arrives(server):
     stale = sign(body, timestamp=int(time.time()) - 301)
     expect_problem(deliver(server, completed(checkout), stale), 400)
     unpaid = completed(checkout, payment_status="unpaid")
-    expect_json(deliver(server, unpaid), 200)
+    deliver_applied(server, unpaid)
     assert plan_of(ann) == "free"
     expect_json(deliver(server, completed(checkout)), 200)
-    billing = expect_json(ann.call("GET", f"/orgs/{slug}/billing"), 200)
-    assert billing["plan"] == "pro" and billing["pending_checkout"] is None
+    billing = billing_on(ann, "pro")
+    assert billing["pending_checkout"] is None
     assert billing["limits"] == {"projects": 100, "members": 50}
     assert billing["subscription"]["id"].startswith("sub_")
     expect_problem(ann.call("POST", f"/orgs/{slug}/billing/checkout", json={"plan": "pro"}), 409)
@@ -333,14 +383,14 @@ def test_subscriptions_find_their_org_by_metadata_and_downgrade_without_deleting
     org_id = ann.org["id"]
     expect_json(deliver(server, subscription(org_id, "active", "customer.subscription.created")),
                 200)
-    assert plan_of(ann) == "pro"
+    billing_on(ann, "pro")
     for i in range(5):                                      # more than free's 3
         expect_json(new_project(ann, f"p{i}"), 201)
-    expect_json(deliver(server, subscription(org_id, "past_due")), 200)
+    deliver_applied(server, subscription(org_id, "past_due"))
     assert plan_of(ann) == "pro"                            # Stripe is still retrying the card
     expect_json(deliver(server, subscription(org_id, "canceled",
                                              "customer.subscription.deleted")), 200)
-    assert plan_of(ann) == "free"
+    billing_on(ann, "free")
     projects = expect_json(ann.call("GET", f"/orgs/{ann.org['slug']}/projects"), 200)["items"]
     assert len(projects) == 5                               # nothing deleted …
     expect_problem(new_project(ann, "sixth"), 402)          # … but no new row over the quota
@@ -350,11 +400,11 @@ def test_subscriptions_find_their_org_by_metadata_and_downgrade_without_deleting
 def test_an_older_event_never_overwrites_a_newer_plan(server):
     ann = Account(server)
     now = int(time.time())
-    expect_json(deliver(server, subscription(ann.org["id"], "canceled", created=now)), 200)
-    expect_json(deliver(server, subscription(ann.org["id"], "active", created=now - 60)), 200)
+    deliver_applied(server, subscription(ann.org["id"], "canceled", created=now))
+    deliver_applied(server, subscription(ann.org["id"], "active", created=now - 60))
     assert plan_of(ann) == "free"
     expect_json(deliver(server, subscription(ann.org["id"], "active", created=now + 1)), 200)
-    assert plan_of(ann) == "pro"
+    billing_on(ann, "pro")
 
 
 def test_an_event_delivered_twice_is_applied_once(server):
@@ -362,9 +412,11 @@ def test_an_event_delivered_twice_is_applied_once(server):
     now = int(time.time())
     up = subscription(ann.org["id"], "active", created=now)
     down = subscription(ann.org["id"], "canceled", created=now)   # the same second
-    assert expect_json(deliver(server, up), 200)["duplicate"] is False
-    expect_json(deliver(server, down), 200)
+    assert deliver_applied(server, up)["duplicate"] is False
+    deliver_applied(server, down)
     assert expect_json(deliver(server, up), 200)["duplicate"] is True   # Stripe retries it
+    assert stored_event(server, up["id"]) == {"status": "processed", "times_applied": 1,
+                                              "deliveries": 2, "jobs": ["succeeded"]}
     assert plan_of(ann) == "free"
     assert [e["metadata"]["to"] for e in audit(ann, action="plan.changed")] == ["pro", "free"]
 
@@ -383,7 +435,83 @@ def test_sixteen_simultaneous_deliveries_of_one_event_change_the_plan_once(serve
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         duplicates = list(pool.map(send, range(16)))
     assert sorted(duplicates) == [False] + [True] * 15
+    assert job_done(server, evt["id"]) == {"status": "processed", "times_applied": 1,
+                                           "deliveries": 16, "jobs": ["succeeded"]}
     assert plan_of(ann) == "pro"
+    assert len(audit(ann, action="plan.changed")) == 1
+
+
+def check_out(account):
+    return expect_json(account.call("POST", f"/orgs/{account.org['slug']}/billing/checkout",
+                                    json={"plan": "pro"}), 201)
+
+
+def restarted(start_server, account, db):
+    """A new server on `db` (with its workers), `account` signed in to it."""
+    account.server = start_server(SCRIPT, *FLAGS, db=db)
+    account.login()
+    return account.server
+
+
+def test_the_webhook_answers_before_applying_and_a_kill_9_then_loses_nothing(
+        start_server, tmp_path):
+    """With no worker, the 200 comes back and nothing is applied yet: the checkout is still
+    pending, the event waits with its job queued. Killed (-9) there, the next start's workers
+    apply it, once."""
+    db = tmp_path / "saas.sqlite3"
+    server = start_server(SCRIPT, *FLAGS, "--workers", "0", db=db)
+    ann = Account(server)
+    checkout = check_out(ann)
+    evt = completed(checkout)
+    assert expect_json(deliver(server, evt), 200) == {"received": True, "id": evt["id"],
+                                                      "duplicate": False}
+    billing = expect_json(ann.call("GET", f"/orgs/{ann.org['slug']}/billing"), 200)
+    assert billing["plan"] == "free" and billing["pending_checkout"]["id"] == checkout["id"]
+    assert stored_event(server, evt["id"]) == {"status": "received", "times_applied": 0,
+                                               "deliveries": 1, "jobs": ["queued"]}
+    server.kill9()
+    server = restarted(start_server, ann, db)
+    assert billing_on(ann, "pro")["pending_checkout"] is None
+    assert expect_json(deliver(server, evt), 200)["duplicate"] is True   # Stripe's retry
+    assert job_done(server, evt["id"]) == {"status": "processed", "times_applied": 1,
+                                           "deliveries": 2, "jobs": ["succeeded"]}
+    assert [e["metadata"]["to"] for e in audit(ann, action="plan.changed")] == ["pro"]
+
+
+def test_an_event_stored_but_never_queued_is_queued_at_the_next_start(start_server, tmp_path):
+    db = tmp_path / "outbox.sqlite3"
+    server = start_server(SCRIPT, *FLAGS, "--workers", "0", db=db)
+    ann = Account(server)
+    evt = completed(check_out(ann))
+    expect_json(deliver(server, evt), 200)
+    server.kill9()
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("DELETE FROM jobs")   # as if the process had died between store and queue
+    server = restarted(start_server, ann, db)
+    billing_on(ann, "pro")
+    assert job_done(server, evt["id"])["times_applied"] == 1
+    assert len(audit(ann, action="plan.changed")) == 1
+
+
+def test_a_failure_to_apply_is_retried_and_the_checkout_stays_pending_meanwhile(
+        start_server, tmp_path):
+    db = tmp_path / "failing.sqlite3"
+    server = start_server(SCRIPT, *FLAGS, "--backoff-s", "0.5", db=db)
+    ann = Account(server)
+    checkout = check_out(ann)
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:   # a fault, injected
+        conn.execute("CREATE TRIGGER broken BEFORE INSERT ON billing "
+                     "BEGIN SELECT RAISE(ABORT, 'the disk is on fire'); END")
+    evt = completed(checkout)
+    expect_json(deliver(server, evt), 200)
+    wait_until(lambda: stored_event(server, evt["id"])["status"] == "failed", "failed")
+    billing = expect_json(ann.call("GET", f"/orgs/{ann.org['slug']}/billing"), 200)
+    assert billing["plan"] == "free" and billing["pending_checkout"]["id"] == checkout["id"]
+    assert expect_json(deliver(server, evt), 200)["duplicate"] is True   # still 200
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("DROP TRIGGER broken")
+    assert billing_on(ann, "pro")["pending_checkout"] is None   # the queue's retry
+    assert job_done(server, evt["id"])["times_applied"] == 1
     assert len(audit(ann, action="plan.changed")) == 1
 
 
@@ -391,7 +519,8 @@ def test_events_naming_no_org_or_another_type_are_acknowledged_and_ignored(serve
     ann = Account(server)
     for evt in (subscription(999999, "active"), event("invoice.paid", {"id": "in_1"}),
                 event("customer.subscription.updated", {"id": "sub_x", "status": "active"})):
-        expect_json(deliver(server, evt), 200)
+        deliver_applied(server, evt)
+        assert stored_event(server, evt["id"])["status"] == "ignored"
     assert plan_of(ann) == "free"
 
 
@@ -631,7 +760,7 @@ def test_end_to_end(start_server):
                          headers={"Content-Type": "application/json",
                                   "Stripe-Signature": stripe_header(payload)})
     expect_json(resp, 200)
-    assert plan_of(owner) == "pro"
+    billing_on(owner, "pro")                        # applied by a worker, after the 200
     expect_json(new_project(owner, "four"), 201)
 
     downgrade = json.dumps(subscription(owner.org["id"], "canceled",
@@ -639,7 +768,9 @@ def test_end_to_end(start_server):
     expect_json(requests.post(server.url + "/webhooks/stripe", data=downgrade.encode(),
                               timeout=TIMEOUT, headers={"Stripe-Signature":
                                                         stripe_header(downgrade)}), 200)
-    assert plan_of(owner) == "free"
+    billing_on(owner, "free")
+    # The audit entry follows the plan's commit: wait for it before auditing anything else.
+    wait_until(lambda: len(audit(owner, action="plan.changed")) == 2, "audited: two plan changes")
     assert len(expect_json(owner.call("GET", f"/orgs/{slug}/projects"), 200)["items"]) == 4
     expect_problem(new_project(owner, "five"), 402)
 
