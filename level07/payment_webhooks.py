@@ -773,6 +773,23 @@ def add_webhook_arguments(parser):
                         f"now, either way (default {DEFAULT_TOLERANCE_S})")
 
 
+def start_event_queue(server, db, args, job_type):
+    """The queue of `server`'s event jobs (`job_type`: `PROCESS_EVENT`, or saas_starter's), set
+    by `add_queue_flags`' flags, every event still waiting queued again; its workers start when
+    the server listens and stop before its database closes."""
+    queue = Queue(db, [job_type], lease_s=args.lease_s, backoff_s=args.backoff_s,
+                  backoff_max_s=args.backoff_max_s)
+    try:
+        queue_waiting_events(queue)
+    except Exception as error:   # a full or locked file: the next delivery of each queues it
+        exit_usage_error(f"cannot queue the received events: {error}")
+    pool = WorkerPool(queue, args.workers, label="processor", poll_s=args.poll_s,
+                      stop_timeout=args.stop_timeout)
+    server.on_listening.append(pool.start)
+    server.shutdown_hooks.append(pool.stop)   # hooks run in reverse: before the database closes
+    return queue
+
+
 def main(argv=None):
     parser = app.arg_parser(database=True)
     add_webhook_arguments(parser)
@@ -783,16 +800,7 @@ def main(argv=None):
     db = app.open_database(args, SCHEMA)
     self_host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(args.host, args.host)
     app.state.settings = Settings(resolve_secrets(args, db), args.tolerance, args.dev, self_host)
-    queue = app.state.queue = Queue(db, [PROCESS_EVENT], lease_s=args.lease_s,
-                                    backoff_s=args.backoff_s, backoff_max_s=args.backoff_max_s)
-    try:
-        queue_waiting_events(queue)
-    except Exception as error:   # a full or locked file: the next delivery of each queues it
-        exit_usage_error(f"cannot queue the received events: {error}")
-    pool = WorkerPool(queue, args.workers, label="processor", poll_s=args.poll_s,
-                      stop_timeout=args.stop_timeout)
-    app.on_listening.append(pool.start)
-    app.shutdown_hooks.append(pool.stop)    # hooks run in reverse: before the database closes
+    app.state.queue = start_event_queue(app, db, args, PROCESS_EVENT)
     app.run(args)
 
 

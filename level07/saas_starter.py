@@ -49,7 +49,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from lib import (App, Conflict, Forbidden, NotFound, created, json_response, no_content,
                  trace_event)
-from lib.app import exit_usage_error
 from lib.listing import list_params, page
 from lib.request import Query, utc_timestamp
 from lib.routing import PAGE
@@ -57,7 +56,7 @@ from lib.validation import Choice, Field, Invalid, Text, body_schema, validate
 from level03.jwt_auth import (CREDENTIALS, NO_STORE, Auth, add_auth_arguments, add_token_routes,
                               authenticate_password, bearer_token, create_account, invalid_token,
                               issue_token_pair, read_me, require_user, token_hash)
-from level05.job_processor import Queue, WorkerPool, add_queue_flags
+from level05.job_processor import add_queue_flags
 from level06.rate_limiter import Limiter, admit, parse_policy
 from level07.audit_log import SCHEMA as AUDIT_SCHEMA
 from level07.audit_log import AuditLog, entry_from_row, kept_secret
@@ -66,9 +65,9 @@ from level07.multi_tenant import (PLANS, SCHEMA as TENANCY_SCHEMA, SIGNED_IN, TE
                                   check_tenancy_routes, create_org, set_plan, tenant_route)
 from level07.payment_webhooks import SCHEMA as WEBHOOK_SCHEMA
 from level07.payment_webhooks import (ACK_SCHEMA, PROCESS_EVENT, add_webhook_arguments,
-                                      parse_event, processing_attempt, queue_event,
-                                      queue_waiting_events, reference, resolve_secrets,
-                                      store_event, verify_signature)
+                                      parse_event, processing_attempt, queue_event, reference,
+                                      resolve_secrets, start_event_queue, store_event,
+                                      verify_signature)
 
 app = App("saas_starter", "The capstone SaaS backend: accounts, organisations, roles, API keys, "
           "billing by Stripe webhook, an audit trail and per-plan rate limits, built by import.",
@@ -630,16 +629,7 @@ def main(argv=None):
     app.state.limiter = Limiter()
     app.state.webhook_secrets = resolve_secrets(args, db)
     app.state.tolerance = args.tolerance
-    queue = app.state.queue = Queue(db, [APPLY_BILLING_EVENT], lease_s=args.lease_s,
-                                    backoff_s=args.backoff_s, backoff_max_s=args.backoff_max_s)
-    try:
-        queue_waiting_events(queue)
-    except Exception as error:   # a full or locked file: the next delivery of each queues it
-        exit_usage_error(f"cannot queue the received events: {error}")
-    pool = WorkerPool(queue, args.workers, label="billing", poll_s=args.poll_s,
-                      stop_timeout=args.stop_timeout)
-    app.on_listening.append(pool.start)
-    app.shutdown_hooks.append(pool.stop)    # hooks run in reverse: before the database closes
+    app.state.queue = start_event_queue(app, db, args, APPLY_BILLING_EVENT)
     app.run(args)
 
 
