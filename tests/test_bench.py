@@ -7,7 +7,10 @@ its check that the stored value equals the increments answered), the same loop c
 successes (redirects, with its check that the link's stats hold every redirect answered), the
 same loop POSTing a JSON body with a bearer token (evaluations, with its probe of the variant), the
 request flows (crud) and the generated documents with the query mix (search, on 2,000 documents);
-and the idle keep-alive connections scenario with a few connections. Only what the run did is
+the idle keep-alive connections scenario with a few connections; levels 04-06's scenarios; and
+level 07's, each with what it checks afterwards (analytics' acknowledged events stored once,
+audit's chain valid over a small built log, payments' deliveries processed once, deploy's reads
+counted by the metrics and the JSON log). Only what the run did is
 asserted — every row measured, no errors, the check passed, every connection answered — never a
 speed or a memory figure. None of them needs the optional uvicorn reference.
 """
@@ -102,12 +105,16 @@ def test_the_later_scenarios_run_and_check_what_they_measured(scenario, options,
     ("payments", [], ["payment_webhooks.py POST /webhooks/stripe"],
      [r"every acknowledged delivery stored and processed once, its payment paid\s+([\d,]+) of \1\s+\1\s+PASS",
       r"time until all are processed, after the last acknowledgement\s+[\d.]+ s"]),
+    ("deploy", [], ["deployment_ready.py GET /notes/{id}, metrics, JSON logs", "notes.py GET /notes/{id}, X-User-Id"],
+     [r"deployment_ready GET /notes/\{id\} ÷ level 02 notes.py's \(Python loadgen\)\s+[\d.]+\s+≥ 0.8",
+      r"reads counted by /metrics and logged as JSON lines\s+([\d,]+) and \1\s+≥ [\d,]+\s+PASS"]),
 ])
 def test_the_level07_scenarios_measure_without_errors_and_find_everything_acknowledged(scenario, options, servers,
                                                                                         lines):
     """Level 07's scenarios (the audit one verifying a log of 2,000 entries built for it): every
     row measured without errors, and what each checks afterwards holds: every acknowledged event
-    stored once, the chain valid, every delivery processed once."""
+    stored once, the chain valid, every delivery processed once, every read counted by the
+    metrics and logged as JSON."""
     output = run_bench(scenario, *options)
     rows = table_rows(output, scenario)
     for server in servers:
