@@ -588,7 +588,8 @@ def main(argv=None):
     app.use(RequestDeadline(values["REQUEST_TIMEOUT_S"]).enforce)
     if values["APP_ENV"] == "development":
         app.get("/debug/sleep", summary="Sleep ?s= seconds (0–60): shows the request deadline",
-                blocking=True, query=[SLEEP])(debug_sleep)
+                blocking=True, query=[SLEEP],
+                responses={503: "No answer within REQUEST_TIMEOUT_S"})(debug_sleep)
 
     def log_start():
         settings = {name.lower(): value for name, value in redacted(values).items()}

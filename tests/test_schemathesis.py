@@ -85,6 +85,13 @@ checks.content_type_conformance.enabled = false
 include-path = "/slow"
 parameters = {{ "query.ms" = 0 }}
 
+# deployment_ready: /debug/sleep sleeps as long as asked, up to 60 s, and past REQUEST_TIMEOUT_S
+# answers the deadline's 503: that is its point. The tester asks for no sleep (the deadline is
+# deployment_ready's own tests).
+[[operations]]
+include-path = "/debug/sleep"
+parameters = {{ "query.s" = 0 }}
+
 # expenses: from ≤ to and min ≤ max relate two parameters, which a schema cannot (a 400).
 [[operations]]
 include-name = ["GET /expenses", "GET /expenses/summary", "GET /expenses/export.csv"]
