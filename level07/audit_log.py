@@ -204,23 +204,28 @@ class AuditLog:
         self.checkpoint_every = checkpoint_every
 
     def append(self, fields):
-        """Chain and store one entry; committed on return. The head is read inside the same
-        IMMEDIATE transaction that writes the next entry: sqlite's write lock is held from the
-        read to the commit, so no other appender, in this process or another, can read the same
-        head in between (and if one somehow did, the seq primary key would refuse its row)."""
+        """Chain and store one entry; committed on return."""
         with self.db.transaction() as conn:
-            row = conn.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
-            seq, prev_hash = (row["seq"] + 1, row["hash"]) if row else (1, GENESIS_HASH)
-            entry = {**fields, "seq": seq, "ts": utc_timestamp(timespec="milliseconds")}
-            entry["hash"] = entry_hash(prev_hash, entry)
-            metadata = entry.get("metadata")
-            conn.execute("INSERT INTO entries (seq, ts, actor, action, target, metadata, ip, "
-                         "prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         (seq, entry["ts"], entry["actor"], entry["action"], entry["target"],
-                          canonical_json(metadata).decode() if metadata is not None else None,
-                          entry.get("ip"), prev_hash, entry["hash"]))
-            if seq % self.checkpoint_every == 0:
-                self._sign(conn, seq, entry["hash"])
+            return self.append_in(conn, fields)
+
+    def append_in(self, conn, fields):
+        """Chain one entry inside the caller's `BEGIN IMMEDIATE` transaction on this log's
+        database, so the entry commits with the change it records, or neither does. The head
+        is read inside that transaction: sqlite's write lock is held from the read to the
+        commit, so no other appender, in this process or another, can read the same head in
+        between (and if one somehow did, the seq primary key would refuse its row)."""
+        row = conn.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev_hash = (row["seq"] + 1, row["hash"]) if row else (1, GENESIS_HASH)
+        entry = {**fields, "seq": seq, "ts": utc_timestamp(timespec="milliseconds")}
+        entry["hash"] = entry_hash(prev_hash, entry)
+        metadata = entry.get("metadata")
+        conn.execute("INSERT INTO entries (seq, ts, actor, action, target, metadata, ip, "
+                     "prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     (seq, entry["ts"], entry["actor"], entry["action"], entry["target"],
+                      canonical_json(metadata).decode() if metadata is not None else None,
+                      entry.get("ip"), prev_hash, entry["hash"]))
+        if seq % self.checkpoint_every == 0:
+            self._sign(conn, seq, entry["hash"])
         return {"seq": seq, "ts": entry["ts"], "hash": entry["hash"], "prev_hash": prev_hash}
 
     def checkpoint(self):

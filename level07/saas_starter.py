@@ -327,21 +327,19 @@ def apply_billing_event(conn, event):
 def apply_billing(context):
     """The job: payment_webhooks' processing of one stored event (once however often the job
     runs; an error is recorded on the event and the queue retries it with backoff), judged by
-    `apply_billing_event`. A plan change goes to the audit trail once it is committed: the
-    log takes its own write transaction (to chain without forks), so it cannot share this one."""
-    changes = []
+    `apply_billing_event`. A plan change is chained into the audit trail in the same
+    transaction (`AuditLog.append_in`): the plan and its `plan.changed` entry commit together,
+    so a crash between them cannot leave a change the trail does not show."""
 
     def judge(conn, event):
         status, outcome, change = apply_billing_event(conn, event)
-        changes.append(change)
+        if change is not None:
+            org_id, old, new = change
+            app.state.audit.append_in(conn, org_entry(org_id, "plan.changed", "billing", {
+                "from": old, "to": new, "event": context.payload["event"]}, "stripe"))
         return status, outcome
 
-    result = processing_attempt(context, judge)
-    for org_id, old, new in filter(None, changes):
-        app.state.audit.append(org_entry(org_id, "plan.changed", "billing",
-                                         {"from": old, "to": new,
-                                          "event": context.payload["event"]}, "stripe"))
-    return result
+    return processing_attempt(context, judge)
 
 
 APPLY_BILLING_EVENT = PROCESS_EVENT._replace(run=apply_billing,

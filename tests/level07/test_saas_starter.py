@@ -515,6 +515,29 @@ def test_a_failure_to_apply_is_retried_and_the_checkout_stays_pending_meanwhile(
     assert len(audit(ann, action="plan.changed")) == 1
 
 
+def test_a_plan_change_and_its_audit_entry_commit_together(start_server, tmp_path):
+    """When the plan.changed entry cannot be written, the plan does not change either: the two
+    are one transaction, and the queue's retry later stores both, once."""
+    db = tmp_path / "audit-fails.sqlite3"
+    server = start_server(SCRIPT, *FLAGS, "--backoff-s", "0.5", db=db)
+    ann = Account(server)
+    checkout = check_out(ann)
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:   # the audit write fails
+        conn.execute("CREATE TRIGGER audit_broken BEFORE INSERT ON entries "
+                     "WHEN NEW.action = 'plan.changed' "
+                     "BEGIN SELECT RAISE(ABORT, 'the audit disk is on fire'); END")
+    evt = completed(checkout)
+    expect_json(deliver(server, evt), 200)
+    wait_until(lambda: stored_event(server, evt["id"])["status"] == "failed", "failed")
+    assert plan_of(ann) == "free"
+    assert audit(ann, action="plan.changed") == []
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("DROP TRIGGER audit_broken")
+    assert billing_on(ann, "pro")["pending_checkout"] is None
+    assert job_done(server, evt["id"])["times_applied"] == 1
+    assert len(audit(ann, action="plan.changed")) == 1
+
+
 def test_events_naming_no_org_or_another_type_are_acknowledged_and_ignored(server):
     ann = Account(server)
     for evt in (subscription(999999, "active"), event("invoice.paid", {"id": "in_1"}),
