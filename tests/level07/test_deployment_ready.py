@@ -306,6 +306,19 @@ def test_the_client_gets_a_503_when_the_deadline_passes_not_when_the_handler_end
     new_note(server)  # the server goes on serving
 
 
+def test_a_read_is_stopped_at_the_deadline_too(start_server):
+    """Reads run inline, not on a deadline worker: sqlite's progress handler stops the query."""
+    server = start_server(SCRIPT, env={"REQUEST_TIMEOUT_S": "0.001"})
+    with sqlite3.connect(server.db_path) as conn:  # enough rows that a full scan takes a while
+        conn.executemany("INSERT INTO notes (title, body, created_at, updated_at) "
+                         "VALUES (?, ?, '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z')",
+                         ((f"bulk {n}", "text " * 20) for n in range(100_000)))
+    resp = requests.get(server.url + "/notes", params={"q": "matches-nothing"}, timeout=TIMEOUT)
+    problem = expect_problem(resp, 503)
+    assert "REQUEST_TIMEOUT_S" in problem["detail"] and resp.headers["Retry-After"]
+    expect(requests.get(server.url + "/livez", timeout=TIMEOUT), 200)
+
+
 def test_debug_routes_exist_only_in_development(start_server):
     server = start_server(SCRIPT, env=PRODUCTION)
     expect_problem(requests.get(server.url + "/debug/sleep?s=0", timeout=TIMEOUT), 404)
