@@ -83,7 +83,7 @@ from level02.notes import (NOTE_FIELDS, PINNED, SERVER_OWNED, SORT, SORTS, SQLIT
 
 app = App("deployment_ready", "Level 02's notes, made ready for production: validated config, "
           "probes, migrations, JSON logs, metrics, graceful shutdown.", port=8030)
-metrics = add_metrics(app)
+add_metrics(app)  # GET /metrics, and every request counted and timed
 
 MIGRATIONS = Path(__file__).resolve().parent / "deployment_ready_migrations"
 
@@ -268,6 +268,10 @@ def statements(sql):
         yield pending  # comments (a no-op), or an unterminated statement sqlite will refuse
 
 
+
+class MigrationError(Exception):
+    """A recorded migration whose file no longer matches what was applied."""
+
 def apply_migrations(db, migrations):
     """Apply each migration not yet recorded; returns the names applied. `BEGIN IMMEDIATE`
     takes the write lock before the check, so a second process starting at the same moment
@@ -289,10 +293,6 @@ def apply_migrations(db, migrations):
                                                  migration.checksum, timestamp()))
         applied.append(migration.name)
     return applied
-
-
-class MigrationError(Exception):
-    pass
 
 
 def pending_migrations(db, migrations):
