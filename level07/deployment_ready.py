@@ -270,7 +270,7 @@ def statements(sql):
 
 
 class MigrationError(Exception):
-    """A recorded migration whose file no longer matches what was applied."""
+    """A migration that failed (and was rolled back), or whose file changed after it ran."""
 
 def apply_migrations(db, migrations):
     """Apply each migration not yet recorded; returns the names applied. `BEGIN IMMEDIATE`
@@ -286,8 +286,12 @@ def apply_migrations(db, migrations):
                     raise MigrationError(f"{migration.name} was changed after it was applied "
                                          f"(as {row['name']}); add a new migration instead")
                 continue
-            for statement in statements(migration.sql):
-                conn.execute(statement)
+            try:
+                for statement in statements(migration.sql):
+                    conn.execute(statement)
+            except sqlite3.Error as error:
+                raise MigrationError(f"{migration.name} failed, nothing of it was applied: "
+                                     f"{error}") from None
             conn.execute("INSERT INTO schema_migrations (version, name, checksum, applied_at) "
                          "VALUES (?, ?, ?, ?)", (migration.version, migration.name,
                                                  migration.checksum, timestamp()))
@@ -610,8 +614,8 @@ def main(argv=None):
     db = app.open_database(args, MIGRATIONS_TABLE)
     try:
         applied = apply_migrations(db, migrations)
-    except (MigrationError, sqlite3.Error) as err:
-        exit_usage_error(f"migration failed, nothing of it applied: {err}")
+    except (MigrationError, sqlite3.Error) as err:  # sqlite3.Error: the lock never came
+        exit_usage_error(f"migrations: {err}")
     app.state.db, app.state.migrations = db, migrations
     app.state.checks = [*readiness_checks(db, DEFAULT_MIN_FREE_MB),
                         Check("migrations", require_migrated)]

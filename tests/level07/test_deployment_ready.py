@@ -465,6 +465,36 @@ def test_a_migration_changed_after_it_ran_stops_the_start(start_server, tmp_path
     assert "listening on" not in done.stdout and "Traceback" not in done.stderr
 
 
+def test_a_failing_migration_is_rolled_back_whole_and_stops_the_start(tmp_path):
+    """A copy of the app (as the image holds it) with a third migration whose second
+    statement fails: its first statement is undone too, and nothing is recorded for it."""
+    app_dir = image_contents(tmp_path / "app")
+    (app_dir / "level07/deployment_ready_migrations/0003_half_done.sql").write_text(
+        "CREATE TABLE half_done (x INTEGER);\nINSERT INTO no_such_table VALUES (1);\n")
+    db = tmp_path / "db.sqlite3"
+    done = subprocess.run([sys.executable, "level07/deployment_ready.py", "--port", "0",
+                           "--db", str(db)], cwd=app_dir, capture_output=True, text=True,
+                          timeout=20, env=clean_env(), stdin=subprocess.DEVNULL)
+    assert done.returncode == 2 and "0003_half_done.sql" in done.stderr, done.stderr
+    assert "listening on" not in done.stdout and "Traceback" not in done.stderr
+    assert [v for v, _, _ in recorded(db)] == [1, 2]
+    assert ("table", "half_done") not in schema(db) and ("table", "notes") in schema(db)
+
+
+def test_a_migrations_folder_in_disorder_is_a_config_error(tmp_path):
+    app_dir = image_contents(tmp_path / "app")
+    folder = app_dir / "level07/deployment_ready_migrations"
+    (folder / "0002_again.sql").write_text("SELECT 1;\n")
+    (folder / "later.sql").write_text("SELECT 1;\n")
+    done = subprocess.run([sys.executable, "level07/deployment_ready.py", "--check-config"],
+                          cwd=app_dir, capture_output=True, text=True, timeout=20,
+                          env=clean_env(), stdin=subprocess.DEVNULL)
+    assert done.returncode == 2
+    errors = config_errors(done)
+    assert any("0002_again.sql" in line and "version 2" in line for line in errors), errors
+    assert any("later.sql" in line for line in errors), errors
+
+
 # --------------------------------------------------------------------------------------------
 # Logs
 
@@ -682,10 +712,8 @@ def test_the_dockerfile_runs_as_a_user_and_checks_health_with_the_stdlib():
     assert float(env["SHUTDOWN_GRACE_S"]) < 10, "docker stop sends SIGKILL after 10 s"
 
 
-def test_the_image_contents_suffice_and_its_healthcheck_works(tmp_path, start_server):
-    """What the Dockerfile COPYs, alone in a folder, is a server that starts with the image's
-    settings, and the HEALTHCHECK command passes against it (and fails with nothing there)."""
-    app_dir = tmp_path / "app"
+def image_contents(app_dir):
+    """What the Dockerfile COPYs, copied into `app_dir` as the image would hold it."""
     for kind, arguments in dockerfile_instructions():
         if kind == "COPY":
             *sources, target = arguments.split()
@@ -696,6 +724,13 @@ def test_the_image_contents_suffice_and_its_healthcheck_works(tmp_path, start_se
                 else:
                     (app_dir / target).mkdir(parents=True, exist_ok=True)
                     shutil.copy(ROOT / source, app_dir / target)
+    return app_dir
+
+
+def test_the_image_contents_suffice_and_its_healthcheck_works(tmp_path, start_server):
+    """What the Dockerfile COPYs, alone in a folder, is a server that starts with the image's
+    settings, and the HEALTHCHECK command passes against it (and fails with nothing there)."""
+    app_dir = image_contents(tmp_path / "app")
     env = {**docker_env(), "SECRET_KEY": SECRET, "HOST": "127.0.0.1",
            "DATABASE_PATH": str(tmp_path / "data" / "db.sqlite3")}
     proc = subprocess.Popen([sys.executable, "level07/deployment_ready.py", "--port", "0"],
