@@ -588,6 +588,9 @@ def arg_parser():
                              "migrations folder, print it redacted, exit 0 if valid, else 2")
     # A flag left out must not hide its variable: unset, so read_settings can tell.
     parser.set_defaults(**{s.dest: None for s in SETTINGS if s.dest})
+    parser.epilog = ("Settings come from the environment: "
+                     + ", ".join(s.variable for s in SETTINGS)
+                     + "; a flag overrides its variable (level07/deployment_ready.md).")
     return parser
 
 
