@@ -26,8 +26,9 @@ ENV APP_ENV=production \
     PYTHONUNBUFFERED=1
 
 # A user of its own, no login, no home; numeric so that Kubernetes' runAsNonRoot can check it.
-RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin app \
-    && mkdir /data && chown app:app /data
+RUN groupadd --system --gid 10001 app \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin app \
+    && mkdir /data && chown 10001:10001 /data
 
 WORKDIR /app
 # Only what the server imports, root-owned and so read-only to the app user.
