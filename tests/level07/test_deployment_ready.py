@@ -89,20 +89,32 @@ def server(start_server_module):
 # Configuration
 
 
-def test_every_bad_setting_is_named_on_its_own_line_and_nothing_listens(tmp_path):
-    port = free_port()
+def test_every_bad_setting_is_named_on_its_own_line(tmp_path):
     done = run(env={"PORT": "eighty", "HOST": "not a host!", "DATABASE_PATH": str(tmp_path),
                     "LOG_LEVEL": "loud", "LOG_FORMAT": "xml", "APP_ENV": "staging",
                     "SHUTDOWN_GRACE_S": "-1", "REQUEST_TIMEOUT_S": "0"})
     assert done.returncode == 2, done.stderr
     errors = config_errors(done)
-    named = [line.split(":")[0].removeprefix("config error").strip() for line in errors]
     assert len(errors) == 8, done.stderr
     for variable in VARIABLES - {"SECRET_KEY"}:
         assert any(line.startswith(f"config error: {variable}") for line in errors), \
-            (variable, named, done.stderr)
+            (variable, done.stderr)
     assert "listening on" not in done.stdout and "Traceback" not in done.stderr
-    assert refuses_connections("127.0.0.1", port)
+
+
+def test_the_config_is_checked_before_the_port_and_the_database_are_touched(tmp_path):
+    """The port is taken and the database folder missing: had the server bound the port or
+    opened the database first, that is what it would report (or make)."""
+    db = tmp_path / "not-yet" / "db.sqlite3"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        done = run(env={"PORT": str(taken.getsockname()[1]), "DATABASE_PATH": str(db),
+                        "LOG_LEVEL": "loud"})
+    assert done.returncode == 2
+    assert [line.split(":")[1].strip() for line in config_errors(done)] == ["LOG_LEVEL"]
+    assert "cannot listen" not in done.stderr, done.stderr
+    assert not db.parent.exists()
 
 
 def test_a_flag_error_is_argparse_usage_and_exit_2():
@@ -145,7 +157,7 @@ def test_check_config_prints_the_redacted_config_and_touches_nothing(tmp_path):
     assert not db.parent.exists(), "--check-config made the database folder"
 
 
-def test_flags_override_the_environment(start_server, tmp_path):
+def test_flags_override_the_environment(start_server):
     # The environment says: a bad port, text logs, production; the flags say otherwise.
     server = start_server(SCRIPT, "--log-format", "json", "--app-env", "development",
                           env={"PORT": "not-a-port", "LOG_FORMAT": "text", **PRODUCTION})
@@ -455,7 +467,7 @@ def test_the_check_and_the_apply_share_one_lock(tmp_path):
     assert [v for v, _, _ in recorded(db)] == sorted(file_checksums())
 
 
-def test_a_migration_changed_after_it_ran_stops_the_start(start_server, tmp_path):
+def test_a_migration_changed_after_it_ran_stops_the_start(start_server):
     server = start_server(SCRIPT)
     server.stop()
     with sqlite3.connect(server.db_path) as conn:
@@ -654,7 +666,7 @@ def test_pages_follow_signed_cursors_and_a_forged_one_is_a_400(server):
         assert problem["errors"][0]["field"] == "cursor"
 
 
-def test_replicas_sharing_a_secret_accept_each_others_cursors(start_server, tmp_path):
+def test_replicas_sharing_a_secret_accept_each_others_cursors(start_server):
     shared = {"SECRET_KEY": SECRET}
     one = start_server(SCRIPT, env=shared)
     two = start_server(SCRIPT, env=shared, db=one.db_path)
@@ -727,7 +739,7 @@ def image_contents(app_dir):
     return app_dir
 
 
-def test_the_image_contents_suffice_and_its_healthcheck_works(tmp_path, start_server):
+def test_the_image_contents_suffice_and_its_healthcheck_works(tmp_path):
     """What the Dockerfile COPYs, alone in a folder, is a server that starts with the image's
     settings, and the HEALTHCHECK command passes against it (and fails with nothing there)."""
     app_dir = image_contents(tmp_path / "app")
@@ -791,7 +803,7 @@ def test_the_systemd_unit_is_sandboxed_and_waits_longer_than_the_grace():
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                     reason="systemd-analyze is not installed")
-def test_systemd_analyze_verifies_the_unit(tmp_path):
+def test_systemd_analyze_verifies_the_unit():
     done = subprocess.run(["systemd-analyze", "verify", str(UNIT)], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0 and not done.stderr.strip() and not done.stdout.strip(), \
