@@ -51,20 +51,23 @@ def access_line(request, response, duration_ms):
     level = "error" if status >= 500 else "warning" if status >= 400 else "info"
     if LEVELS[level] < app.log_threshold:
         return
-    sent = 0 if request.method == "HEAD" else response.size
     fields = {"request_id": request.request_id, "method": request.method, "path": request.path,
-              "status": status, "duration_ms": round(duration_ms, 2), "bytes": sent,
-              "client": request.client[0]}
-    stamp = utc_timestamp()
-    message = (f"{request.client[0]} {request.method} {printable(request.path)} {status} "
-               f"{sent}B {duration_ms:.2f}ms id={request.request_id}")
+              "status": status, "duration_ms": round(duration_ms, 2),
+              "bytes": 0 if request.method == "HEAD" else response.size, "client": request.client[0]}
     if app.log_json:
         write(app, level, f"{request.method} {request.path} {status}", fields)
     else:
-        write_stderr(f"{stamp} {message}\n")
+        write_stderr(f"{utc_timestamp()} {access_text(fields)}\n")
     if app.log_shipper is not None:
-        app.log_shipper.ship({"ts": stamp, "service": app.name, "message": message, "level": level,
-                              "trace_id": request.request_id, "fields": fields})
+        app.log_shipper.ship({"ts": utc_timestamp(), "service": app.name, "level": level,
+                              "message": access_text(fields), "trace_id": request.request_id,
+                              "fields": fields})
+
+
+def access_text(fields):
+    """The access line as text: client, method, path, status, bytes, duration, request id."""
+    return (f"{fields['client']} {fields['method']} {printable(fields['path'])} {fields['status']} "
+            f"{fields['bytes']}B {fields['duration_ms']:.2f}ms id={fields['request_id']}")
 
 
 class LogShipper:

@@ -149,7 +149,7 @@ def add_metrics(app):
         finally:
             in_flight.inc(amount=-1)
             method = request.method if request.method in METHODS else "other"
-            route = request.route.pattern if request.route is not None else "unmatched"
+            route = request.route.path if request.route is not None else "unmatched"
             requests.inc(method, route, str(status))
             durations.observe(time.perf_counter() - started, method, route)
 

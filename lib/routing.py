@@ -108,6 +108,8 @@ class Route:
         self.tags = tags
         self.meta = meta
         self.params = [(m.group(1), m.group(2) or "str") for m in _PARAM.finditer(pattern)]
+        # As OpenAPI and metrics name it, `/notes/{id}`: the converter (`{id:int}`) is ours alone.
+        self.path = _PARAM.sub(lambda m: "{" + m.group(1) + "}", pattern)
         self.regex = None
         if self.params:
             parts, last = [], 0
@@ -206,9 +208,7 @@ class Router:
                 success.setdefault("content", {route.media_type: {"schema": route.response_schema}})
             responses["default"] = {"description": "Problem details (RFC 9457)", "content": problem}
             operation["responses"] = responses
-            # OpenAPI names a parameter `{id}`: the converter (`{id:int}`) is ours alone.
-            path = _PARAM.sub(lambda m: "{" + m.group(1) + "}", route.pattern)
-            paths.setdefault(path, {})[route.method.lower()] = operation
+            paths.setdefault(route.path, {})[route.method.lower()] = operation
         return {
             "openapi": "3.1.0",
             "info": {"title": title, "description": description, "version": version},

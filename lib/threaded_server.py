@@ -157,7 +157,8 @@ class ThreadedServer(ThreadingHTTPServer):
         self.app.begin_draining()
         if self.shutdown_delay:
             time.sleep(self.shutdown_delay)
-        self.shutdown()  # stop accepting
+        self.shutdown()  # stop accepting …
+        self.socket.close()  # … and refuse: an open listener would complete handshakes unserved
         deadline = time.monotonic() + self.drain_timeout
         while time.monotonic() < deadline:
             with self.lock:
