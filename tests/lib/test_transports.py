@@ -189,6 +189,40 @@ def test_a_taken_over_connection_hears_of_the_drain_and_may_finish_within_it(sta
     assert "seconds" in outcome, outcome  # exited 0 within server.stop's bound
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_once_draining_new_connections_are_refused_while_in_flight_requests_finish(
+        start_server, transport):
+    """SIGTERM stops accepting: a new connection is refused at once (a listener left open would
+    let the kernel complete handshakes nobody serves), and the request in flight still gets its
+    answer."""
+    server = start_server(APP, "--server", transport, "--drain-timeout", "10")
+    outcome = {}
+
+    def stop():  # SIGTERM, then wait for exit status 0 (server.stop asserts it)
+        try:
+            outcome["seconds"] = server.stop(signal.SIGTERM, timeout=15)
+        except AssertionError as error:
+            outcome["error"] = error
+
+    stopper = threading.Thread(target=stop)
+    with RawConnection(server.host, server.port) as slow:
+        slow.send(request_bytes("GET", "/sleep?ms=3000"))
+        time.sleep(0.2)  # the sleeper's request is read before the signal
+        stopper.start()
+        deadline = time.monotonic() + 2
+        refused = False
+        while not refused and time.monotonic() < deadline:
+            try:
+                socket.create_connection((server.host, server.port), timeout=1).close()
+                time.sleep(0.05)
+            except ConnectionRefusedError:
+                refused = True
+        assert refused, "the listener still completes new connections while draining"
+        assert slow.read_response(timeout=10).status == 200
+    stopper.join(timeout=20)
+    assert "seconds" in outcome, outcome  # exited 0
+
+
 def test_head_of_a_stream_gets_its_access_log_line(start_server):
     """A HEAD answer to a streamed route is sent whole, without its body: the stream's
     end-of-answer work (the access log line) must still happen."""
