@@ -79,9 +79,10 @@ class AsyncioServer:
         deadline = time.monotonic() + self.drain_timeout
         while self.connections and time.monotonic() < deadline:
             for conn, writer in list(self.connections.items()):
-                # idle between requests; one a protocol took over has no deadline: it closes
-                # itself (a WebSocket's closing handshake), within the drain timeout
-                if conn.state == State.IDLE and conn.deadline is not None:
+                # idle between requests, its last answer all sent; one a protocol took over
+                # has no deadline: it closes itself (a WebSocket's closing handshake)
+                if conn.state == State.IDLE and conn.deadline is not None \
+                        and not writer.transport.get_write_buffer_size():
                     writer.transport.abort()
             await asyncio.sleep(0.02)
         for writer in list(self.connections.values()):

@@ -51,7 +51,11 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             while True:
                 event = conn.next_event()
                 if event is NEED_DATA:
-                    conn.receive_data(sock.recv(READ_SIZE))
+                    if conn.state == State.IDLE:  # its answers all sent: the drain may close it
+                        server.between_requests.add(sock)
+                    data = sock.recv(READ_SIZE)
+                    server.between_requests.discard(sock)
+                    conn.receive_data(data)
                 elif event is CLOSE:
                     break
                 elif isinstance(event, bytes):
@@ -128,6 +132,7 @@ class ThreadedServer(ThreadingHTTPServer):
         self.drain_timeout = args.drain_timeout
         self.max_connections = args.max_connections
         self.connections = {}     # socket → its Connection, for the drain
+        self.between_requests = set()  # sockets waiting for a next request, nothing in flight
         self.lock = threading.Lock()
 
     def track(self, sock, conn):
@@ -141,6 +146,7 @@ class ThreadedServer(ThreadingHTTPServer):
     def untrack(self, sock):
         with self.lock:
             self.connections.pop(sock, None)
+        self.between_requests.discard(sock)
 
     def handle_error(self, request, client_address):
         pass  # errors are answered and logged inside the handler; never print a traceback here
@@ -166,7 +172,7 @@ class ThreadedServer(ThreadingHTTPServer):
             if not connections:
                 break
             for sock, conn in connections:
-                if conn.state == State.IDLE:
+                if sock in self.between_requests:
                     shut(sock)
             time.sleep(0.02)
         self.server_close()

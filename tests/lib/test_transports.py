@@ -223,6 +223,41 @@ def test_once_draining_new_connections_are_refused_while_in_flight_requests_fini
     assert "seconds" in outcome, outcome  # exited 0
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_answer_still_being_sent_when_the_drain_begins_arrives_whole(start_server, transport):
+    """The drain closes connections idle between requests, and only those: an answer the
+    connection has finished with but the client is still taking (16 MiB, read slowly) is sent
+    to its last byte before the connection is closed."""
+    server = start_server(APP, "--server", transport, "--drain-timeout", "20")
+    outcome = {}
+
+    def stop():
+        try:
+            outcome["seconds"] = server.stop(signal.SIGTERM, timeout=30)
+        except AssertionError as error:
+            outcome["error"] = error
+
+    stopper = threading.Thread(target=stop)
+    expected = 4 * 1024 * 1024 * 4
+    with socket.create_connection((server.host, server.port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(request_bytes("GET", "/big?times=4"))
+        received = sock.recv(65536)
+        stopper.start()
+        time.sleep(0.5)  # the drain's sweeps (every 20 ms) run while the answer is on its way
+        sock.settimeout(10)
+        while True:
+            piece = sock.recv(1 << 20)
+            if not piece:
+                break
+            received += piece
+    stopper.join(timeout=40)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert len(body) == expected, f"{len(body)} of {expected} bytes arrived"
+    assert "seconds" in outcome, outcome
+
+
 def test_head_of_a_stream_gets_its_access_log_line(start_server):
     """A HEAD answer to a streamed route is sent whole, without its body: the stream's
     end-of-answer work (the access log line) must still happen."""
