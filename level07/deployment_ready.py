@@ -20,7 +20,8 @@ on-call engineer rely on:
   processes starting on one database at once, exactly one applies each migration. A migration
   edited after it ran somewhere is refused (its checksum differs).
 - Logs as JSON lines on stderr (`LOG_FORMAT=json`) and Prometheus metrics at `/metrics`: lib's
-  `--log-format` and `lib.metrics`, which every server has; this one turns them on.
+  `--log-format`, which every server has, and `lib.metrics`' `add_metrics(app)`, which any
+  server can call; this one turns both on.
 - Graceful shutdown on SIGTERM (lib's runner): readiness turns 503 at once, the listener stops,
   the requests in flight finish within SHUTDOWN_GRACE_S, exit 0. REQUEST_TIMEOUT_S may not
   exceed the grace, so every request in flight gets its answer.
