@@ -118,7 +118,7 @@ class AsyncioServer:
             while True:
                 event = conn.next_event()
                 if event is NEED_DATA:
-                    if conn.sink is not None and hasattr(conn.sink, "wait_for_room"):
+                    if conn.state == State.BODY and hasattr(conn.sink, "wait_for_room"):
                         await conn.sink.wait_for_room()  # back-pressure (connection.py)
                     conn.receive_data(await reader.read(READ_SIZE))
                 elif event is CLOSE:
