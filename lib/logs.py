@@ -46,28 +46,32 @@ def write_stderr(text):
 def access_line(request, response, duration_ms):
     """The request's access line, and with `--log-to` the same record shipped to a collector.
     The query string is left out: it may carry tokens (a reset link's `?token=`)."""
-    app = request.app
-    status = response.status
+    app, status = request.app, response.status
     level = "error" if status >= 500 else "warning" if status >= 400 else "info"
     if LEVELS[level] < app.log_threshold:
         return
-    fields = {"request_id": request.request_id, "method": request.method, "path": request.path,
-              "status": status, "duration_ms": round(duration_ms, 2),
-              "bytes": 0 if request.method == "HEAD" else response.size, "client": request.client[0]}
+    sent = 0 if request.method == "HEAD" else response.size
     if app.log_json:
-        write(app, level, f"{request.method} {request.path} {status}", fields)
+        write(app, level, f"{request.method} {request.path} {status}",
+              access_fields(request, status, sent, duration_ms))
     else:
-        write_stderr(f"{utc_timestamp()} {access_text(fields)}\n")
+        write_stderr(f"{utc_timestamp()} {access_text(request, status, sent, duration_ms)}\n")
     if app.log_shipper is not None:
         app.log_shipper.ship({"ts": utc_timestamp(), "service": app.name, "level": level,
-                              "message": access_text(fields), "trace_id": request.request_id,
-                              "fields": fields})
+                              "message": access_text(request, status, sent, duration_ms),
+                              "trace_id": request.request_id,
+                              "fields": access_fields(request, status, sent, duration_ms)})
 
 
-def access_text(fields):
-    """The access line as text: client, method, path, status, bytes, duration, request id."""
-    return (f"{fields['client']} {fields['method']} {printable(fields['path'])} {fields['status']} "
-            f"{fields['bytes']}B {fields['duration_ms']:.2f}ms id={fields['request_id']}")
+def access_text(request, status, sent, duration_ms):
+    return (f"{request.client[0]} {request.method} {printable(request.path)} {status} {sent}B "
+            f"{duration_ms:.2f}ms id={request.request_id}")
+
+
+def access_fields(request, status, sent, duration_ms):
+    return {"request_id": request.request_id, "method": request.method, "path": request.path,
+            "status": status, "duration_ms": round(duration_ms, 2), "bytes": sent,
+            "client": request.client[0]}
 
 
 class LogShipper:
