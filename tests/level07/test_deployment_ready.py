@@ -379,6 +379,27 @@ AT_THE_GATE = ("import os, sys; os.read(0, 1); "
                "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
 
 
+def all_listen_then_stop(procs, tmp_path):
+    """Each process announces it listens, then SIGTERM stops each with exit status 0."""
+    lines = [proc.stdout.readline().decode() for proc in procs]
+    assert all(line.startswith("listening on http://") for line in lines), \
+        (lines, [(tmp_path / f"stderr{n}.log").read_text()[-1500:] for n in range(len(procs))])
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    assert [proc.wait(timeout=15) for proc in procs] == [0] * len(procs)
+
+
+def reap(procs):
+    """Whatever still runs is killed, and the pipes closed: a failing test leaves nothing."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
 def test_processes_starting_together_apply_each_migration_once(tmp_path):
     db = tmp_path / "shared.sqlite3"
     procs = []
@@ -392,19 +413,9 @@ def test_processes_starting_together_apply_each_migration_once(tmp_path):
         for proc in procs:
             proc.stdin.write(b"g")
             proc.stdin.flush()
-        lines = [proc.stdout.readline().decode() for proc in procs]
-        assert all(line.startswith("listening on http://") for line in lines), \
-            (lines, [(tmp_path / f"stderr{n}.log").read_text() for n in range(4)])
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        assert [proc.wait(timeout=15) for proc in procs] == [0] * 4
+        all_listen_then_stop(procs, tmp_path)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            proc.stdin.close()
-            proc.stdout.close()
+        reap(procs)
     assert [(v, n, c) for v, n, c in recorded(db)] == \
         [(v, *file_checksums()[v]) for v in sorted(file_checksums())]
     applied = [re.search(r"applied=(\[.*?\])", (tmp_path / f"stderr{n}.log").read_text())[1]
@@ -452,18 +463,9 @@ def test_the_check_and_the_apply_share_one_lock(tmp_path):
         time.sleep(1)  # no signal for "now waiting for the lock": they are milliseconds from it
         holder.execute("COMMIT")
         holder.close()
-        lines = [proc.stdout.readline().decode() for proc in procs]
-        assert all(line.startswith("listening on http://") for line in lines), \
-            (lines, [(tmp_path / f"stderr{n}.log").read_text()[-1500:] for n in range(4)])
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        assert [proc.wait(timeout=15) for proc in procs] == [0] * 4
+        all_listen_then_stop(procs, tmp_path)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            proc.stdout.close()
+        reap(procs)
     assert [v for v, _, _ in recorded(db)] == sorted(file_checksums())
 
 

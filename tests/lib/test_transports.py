@@ -160,20 +160,26 @@ def test_a_switched_protocol_gets_the_connection_after_its_answer(start_server):
         assert conn.read_response().status == 200
 
 
+def stopping(server, timeout):
+    """A thread that sends SIGTERM and waits for the exit (`server.stop` asserts status 0), and
+    what it found: `{"seconds": …}`, or `{"error": …}`. Start it when the test is ready."""
+    outcome = {}
+
+    def stop():
+        try:
+            outcome["seconds"] = server.stop(signal.SIGTERM, timeout=timeout)
+        except AssertionError as error:
+            outcome["error"] = error
+
+    return threading.Thread(target=stop), outcome
+
+
 def test_a_taken_over_connection_hears_of_the_drain_and_may_finish_within_it(start_server):
     """SIGTERM: the app's `on_draining` hooks run while the connection is open (a WebSocket's
     1001 Close), and the connection is not cut like an idle keep-alive one: its protocol gets
     up to --drain-timeout to end (the closing handshake), then the server exits 0."""
     server = start_server(APP, "--drain-timeout", "5")
-    outcome = {}
-
-    def stop():  # SIGTERM, then wait for exit status 0 (server.stop asserts it)
-        try:
-            outcome["seconds"] = server.stop(signal.SIGTERM, timeout=10)
-        except AssertionError as error:
-            outcome["error"] = error
-
-    stopper = threading.Thread(target=stop)
+    stopper, outcome = stopping(server, timeout=10)
     with RawConnection(server.host, server.port) as conn:
         conn.send(request_bytes("GET", "/upgrade"))
         assert conn.read_response().status == 101
@@ -196,15 +202,7 @@ def test_once_draining_new_connections_are_refused_while_in_flight_requests_fini
     let the kernel complete handshakes nobody serves), and the request in flight still gets its
     answer."""
     server = start_server(APP, "--server", transport, "--drain-timeout", "10")
-    outcome = {}
-
-    def stop():  # SIGTERM, then wait for exit status 0 (server.stop asserts it)
-        try:
-            outcome["seconds"] = server.stop(signal.SIGTERM, timeout=15)
-        except AssertionError as error:
-            outcome["error"] = error
-
-    stopper = threading.Thread(target=stop)
+    stopper, outcome = stopping(server, timeout=15)
     with RawConnection(server.host, server.port) as slow:
         slow.send(request_bytes("GET", "/sleep?ms=3000"))
         time.sleep(0.2)  # the sleeper's request is read before the signal
@@ -229,15 +227,7 @@ def test_an_answer_still_being_sent_when_the_drain_begins_arrives_whole(start_se
     connection has finished with but the client is still taking (16 MiB, read slowly) is sent
     to its last byte before the connection is closed."""
     server = start_server(APP, "--server", transport, "--drain-timeout", "20")
-    outcome = {}
-
-    def stop():
-        try:
-            outcome["seconds"] = server.stop(signal.SIGTERM, timeout=30)
-        except AssertionError as error:
-            outcome["error"] = error
-
-    stopper = threading.Thread(target=stop)
+    stopper, outcome = stopping(server, timeout=30)
     expected = 4 * 1024 * 1024 * 4
     with socket.create_connection((server.host, server.port)) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
