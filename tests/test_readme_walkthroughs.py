@@ -80,7 +80,12 @@ curl() {{
         return 97;;
     esac
   done
-  command curl -sS -w '%{{stderr}}\n{HTTP_MARK} %{{http_code}}\n' "$@"
+  # curl writes its -w text in several writes; held and printed at once, the status line
+  # cannot be split by a pipe's reader (`| tee`) writing the body to the same output.
+  local err rc=0
+  {{ err=$(command curl -sS -w '%{{stderr}}\n{HTTP_MARK} %{{http_code}}\n' "$@" 2>&1 1>&3 3>&-) || rc=$?; }} 3>&1
+  printf '%s\n' "$err" >&2
+  return $rc
 }}
 """
 
